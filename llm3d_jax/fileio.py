@@ -1,0 +1,87 @@
+"""Safe file I/O shared by every stage: atomic writes, pickle-free reads, one-line input errors.
+
+Every command line wraps its `main` with `cli_main`, so bad input ends as one line on stderr
+(`error: <file>: <problem>`) and exit status 1, never a traceback and never a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+
+class InputError(Exception):
+    """Bad user input. `str(err)` is the one-line message, naming the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def cli_main(main: Callable[[], Any]) -> None:
+    """Runs `main()`; an `InputError` becomes one line on stderr and exit status 1."""
+    try:
+        code = main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
+    """`np.savez` to a temp file in the same folder, then rename: no partial file on failure."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic(path, write)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def load_npz(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """Reads a whole .npz without pickle; a missing file, a corrupt file or a missing key is an InputError."""
+    if not os.path.exists(path):
+        raise InputError(path, "file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            out = {k: data[k] for k in data.files}
+    except Exception as err:  # zipfile/ValueError/OSError: all mean the file is unreadable
+        raise InputError(path, f"not a readable .npz file ({type(err).__name__}: {err})") from None
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise InputError(path, f"missing keys {missing}")
+    return out
