@@ -1,0 +1,27 @@
+"""Evaluation metrics: caption/QA text scores, exact match variants, 3D grounding."""
+
+from llm3d_jax.evaluate.answers import (
+    SQA3D_QUESTION_TYPES,
+    answer_metrics,
+    em_by_question_type,
+    exact_match,
+    normalize_answer,
+    refined_exact_match,
+    sqa3d_question_type,
+)
+from llm3d_jax.evaluate.captions import CAPTION_METRIC_NAMES, caption_metrics
+from llm3d_jax.evaluate.grounding import box_iou, grounding_metrics
+
+__all__ = [
+    "CAPTION_METRIC_NAMES",
+    "SQA3D_QUESTION_TYPES",
+    "answer_metrics",
+    "box_iou",
+    "caption_metrics",
+    "em_by_question_type",
+    "exact_match",
+    "grounding_metrics",
+    "normalize_answer",
+    "refined_exact_match",
+    "sqa3d_question_type",
+]

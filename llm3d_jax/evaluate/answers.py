@@ -1,0 +1,107 @@
+"""Exact-match scores for short answers (ScanQA / SQA3D conventions).
+
+EM: the prediction equals one of the answers (surrounding whitespace ignored).
+Refined EM: after `normalize_answer` (lowercase, punctuation stripped, numbers written as words,
+articles dropped), one string with its spaces removed contains the other. An empty normalised
+prediction only matches an empty answer: a plain substring test would count "" as contained in
+every answer.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+# SQA3D reports accuracy by the question's first word.
+SQA3D_QUESTION_TYPES = ("what", "is", "how", "can", "which", "others")
+
+
+def number_to_words(n: int) -> str:
+    """0..999 as English words ("42" -> "forty two"); larger numbers stay digits."""
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + ("" if ones == 0 else " " + _ONES[ones])
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return _ONES[hundreds] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
+    return str(n)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation -> space, digits -> words, articles dropped, single spaces."""
+    words = []
+    for word in _PUNCT.sub(" ", text.lower()).split():
+        if word in _ARTICLES:
+            continue
+        words.append(number_to_words(int(word)) if word.isdigit() else word)
+    return " ".join(words)
+
+
+def exact_match(pred: str, answers: list[str]) -> bool:
+    pred = pred.strip()
+    return any(pred == a.strip() for a in answers)
+
+
+def refined_exact_match(pred: str, answers: list[str]) -> bool:
+    p = normalize_answer(pred).replace(" ", "")
+    for answer in answers:
+        a = normalize_answer(answer).replace(" ", "")
+        if p == a or (p and a and (p in a or a in p)):
+            return True
+    return False
+
+
+def answer_metrics(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
+    """{"EM", "EM-refined"} x100; `preds` and `refs` must hold the same ids."""
+    check_ids(preds, refs)
+    n = max(len(preds), 1)
+    em = sum(exact_match(preds[k], refs[k]) for k in preds)
+    refined = sum(refined_exact_match(preds[k], refs[k]) for k in preds)
+    return {"EM": 100.0 * em / n, "EM-refined": 100.0 * refined / n}
+
+
+def sqa3d_question_type(question: str) -> str:
+    """SQA3D's question type: the first word when it is one of what/is/how/can/which, else others."""
+    words = _PUNCT.sub(" ", question.lower()).split()
+    first = words[0] if words else ""
+    return first if first in SQA3D_QUESTION_TYPES[:-1] else "others"
+
+
+def em_by_question_type(
+    preds: dict[str, str], refs: dict[str, list[str]], question_types: dict[str, str]
+) -> dict[str, float]:
+    """EM x100 per question type (keys `EM/<type>`, only types that occur) and overall `EM`.
+
+    `question_types` maps each id to its type, e.g. `sqa3d_question_type(question)`.
+    """
+    check_ids(preds, refs)
+    hits: dict[str, list[bool]] = {}
+    for key, pred in preds.items():
+        if key not in question_types:
+            raise ValueError(f"no question type for id {key!r}")
+        hits.setdefault(question_types[key], []).append(exact_match(pred, refs[key]))
+    out = {f"EM/{t}": 100.0 * sum(h) / len(h) for t, h in sorted(hits.items())}
+    out["EM"] = 100.0 * sum(sum(h) for h in hits.values()) / max(len(preds), 1)
+    return out
+
+
+def check_ids(preds: dict[str, str], refs: dict[str, list[str]]) -> None:
+    missing = [k for k in preds if k not in refs]
+    if missing:
+        raise ValueError(f"{len(missing)} predictions have no references, e.g. {missing[:3]}")
+    unanswered = [k for k in refs if k not in preds]
+    if unanswered:
+        raise ValueError(f"{len(unanswered)} ids have no prediction, e.g. {unanswered[:3]}")
+    empty = [k for k in preds if not refs[k]]
+    if empty:
+        raise ValueError(f"{len(empty)} ids have an empty reference list, e.g. {empty[:3]}")
