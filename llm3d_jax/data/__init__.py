@@ -1,0 +1,1 @@
+"""Input pipeline: TFDS (ArrayRecord) -> grain -> global jax.Arrays. (entry points being written)"""
