@@ -1,0 +1,97 @@
+"""What trains (a regex table over parameter paths) and how (optax AdamW, warmup + cosine).
+
+Params are split into two pytrees: `trainable` (the optimizer's whole world: it has state only
+for these and gradients are taken only with respect to these) and `frozen` (the base weights,
+never updated, never checkpointed). `merge` puts them back together for `module.apply`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import optax
+from flax import traverse_util
+
+from llm3d_jax.fileio import InputError
+
+
+def param_paths(params) -> list[str]:
+    """'/'-joined paths of every leaf, e.g. 'qformer/layer_0/attention/query/kernel'."""
+    return ["/".join(k) for k in traverse_util.flatten_dict(params)]
+
+
+def check_trainable_patterns(params, patterns: Sequence[str]) -> None:
+    """Every pattern must match at least one parameter path (a typo must not silently freeze)."""
+    paths = param_paths(params)
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise InputError(None, f"config.trainable: bad regex {pattern!r} ({err})") from None
+        if not any(regex.fullmatch(p) for p in paths):
+            raise InputError(
+                None,
+                f"config.trainable: {pattern!r} matches no parameter "
+                f"(paths look like {paths[0]!r})",
+            )
+
+
+def split_trainable(params, patterns: Sequence[str]):
+    """-> (trainable, frozen): nested dicts holding the leaves whose path fullmatches a pattern,
+    and the rest. Either may be empty."""
+    regexes = [re.compile(p) for p in patterns]
+    trainable, frozen = {}, {}
+    for key, leaf in traverse_util.flatten_dict(params).items():
+        path = "/".join(key)
+        (trainable if any(r.fullmatch(path) for r in regexes) else frozen)[key] = leaf
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge(trainable, frozen):
+    """Inverse of `split_trainable`."""
+    flat = traverse_util.flatten_dict(frozen)
+    flat.update(traverse_util.flatten_dict(trainable))
+    return traverse_util.unflatten_dict(flat)
+
+
+def weight_decay_mask(params):
+    """Decay matrices and embeddings only; biases, norm scales (all 1-D) are not decayed."""
+    return traverse_util.unflatten_dict(
+        {k: v.ndim >= 2 for k, v in traverse_util.flatten_dict(params).items()}
+    )
+
+
+def make_schedule(
+    *, lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine down to `min_lr` at `total_steps`."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=min_lr,
+    )
+
+
+def make_optimizer(
+    trainable,
+    schedule: optax.Schedule,
+    *,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    grad_clip: float,
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with decoupled weight decay on matrices only.
+
+    `trainable` (arrays or ShapeDtypeStructs) gives the tree the weight-decay mask is built on.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(
+            schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask(trainable)
+        ),
+    )

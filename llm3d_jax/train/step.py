@@ -1,0 +1,140 @@
+"""Train state, the answer-token loss, and the train / eval step functions (pure, jit-able).
+
+A batch is a dict with `features` [B,N,D], `voxels` [B,N,3], `point_mask` [B,N], `prompt_ids`,
+`prompt_mask` [B,Lp], `answer_ids`, `answer_mask` [B,La]; the model returns logits [B,La,V] with
+`logits[:, t]` scoring `answer_ids[:, t]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from llm3d_jax.train import optimizer, sharding
+
+MODEL_INPUTS = (
+    "features",
+    "voxels",
+    "point_mask",
+    "prompt_ids",
+    "prompt_mask",
+    "answer_ids",
+    "answer_mask",
+)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (frozen base weights live outside it)."""
+
+    step: jax.Array  # int32 []
+    params: Any  # trainable params only
+    opt_state: Any
+
+
+def answer_loss_sums(logits, answer_ids, answer_mask):
+    """-> (sum of cross-entropy, number of correct argmax tokens, number of tokens) over the
+    masked answer tokens. Sums (not means) so that microbatches add up exactly."""
+    logits = logits.astype(jnp.float32)
+    mask = answer_mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, answer_ids)
+    correct = (jnp.argmax(logits, axis=-1) == answer_ids).astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)
+
+
+def _model_inputs(batch):
+    return {k: batch[k] for k in MODEL_INPUTS}
+
+
+def make_train_step(
+    module: nn.Module, tx: optax.GradientTransformation, schedule, microbatches: int
+):
+    """-> train_step(state, frozen, batch, rng) -> (state, metrics).
+
+    Gradients are taken only with respect to `state.params`; with `microbatches > 1` the batch is
+    split into that many interleaved slices (rows m, m+M, ...: every slice stays spread over all
+    data-parallel devices), gradients are summed in fp32 by a `lax.scan`, and the result equals
+    the full-batch gradient of the mean token loss.
+    """
+
+    def sums_fn(params, frozen, batch, rng):
+        logits = module.apply(
+            {"params": optimizer.merge(params, frozen)},
+            **_model_inputs(batch),
+            deterministic=False,
+            rngs={"dropout": rng},
+        )
+        return answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"])
+
+    def train_step(state: TrainState, frozen, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        total_tokens = jnp.maximum(jnp.sum(batch["answer_mask"].astype(jnp.float32)), 1.0)
+
+        def micro_grads(params, micro, micro_rng):
+            def scaled_loss(p):
+                ce, correct, count = sums_fn(p, frozen, micro, micro_rng)
+                return ce / total_tokens, (ce, correct, count)
+
+            return jax.grad(scaled_loss, has_aux=True)(params)
+
+        with nn.logical_axis_rules(sharding.RULES):
+            if microbatches == 1:
+                grads, (ce, correct, count) = micro_grads(state.params, batch, rng)
+            else:
+                micro_batch = jax.tree.map(
+                    lambda x: jax.lax.with_sharding_constraint(
+                        x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
+                            0, 1
+                        ),
+                        P(None, ("data", "fsdp")),
+                    ),
+                    batch,
+                )
+
+                def body(carry, xs):
+                    micro, index = xs
+                    g, sums = micro_grads(state.params, micro, jax.random.fold_in(rng, index))
+                    carry = jax.tree.map(jnp.add, carry, (g, sums))
+                    return carry, None
+
+                zeros = (
+                    jax.tree.map(jnp.zeros_like, state.params),
+                    (jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+                )
+                (grads, (ce, correct, count)), _ = jax.lax.scan(
+                    body, zeros, (micro_batch, jnp.arange(microbatches))
+                )
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ce / jnp.maximum(count, 1.0),
+            "accuracy": correct / jnp.maximum(count, 1.0),
+            "answer_tokens": count,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(module: nn.Module):
+    """-> eval_step(params, frozen, batch) -> (ce sum, correct sum, token count), no dropout."""
+
+    def eval_step(params, frozen, batch):
+        with nn.logical_axis_rules(sharding.RULES):
+            logits = module.apply(
+                {"params": optimizer.merge(params, frozen)},
+                **_model_inputs(batch),
+                deterministic=True,
+            )
+        return answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"])
+
+    return eval_step
