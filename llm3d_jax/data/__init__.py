@@ -1,1 +1,35 @@
-"""Input pipeline: TFDS (ArrayRecord) -> grain -> global jax.Arrays. (entry points being written)"""
+"""Input pipeline: TFDS ArrayRecord (`python -m data_pipeline.tfds`) -> grain -> global jax.Arrays.
+
+Entry points (all keyword options also accepted from a config's `data` ConfigDict via `**`):
+
+    make_train_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
+                        datasets="synthetic", num_points=5000, prompt_len=64, answer_len=40,
+                        loc_bins=256, features_dtype="float32", prompt_templates=None,
+                        read_threads=4, process_index=None, process_count=None) -> BatchIterator
+    make_eval_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
+                       datasets="synthetic", split="validation", epochs=1, <same shape options>)
+
+- `data_dir`: the TFDS_DIR written by `python -m data_pipeline.tfds`.
+- `tokenizer`: a HF tokenizer object or a local tokenizer directory; it gains `<loc0..B-1>`
+  (idempotent, `llm3d_jax.tokens.add_location_tokens`); `BatchIterator.loc_offset` is the id of
+  `<loc0>`, the model's `loc_offset`.
+- `mesh`: a `jax.sharding.Mesh`; batches come back as global jax.Arrays sharded over the mesh's
+  ('data', 'fsdp') axes along the batch dimension (`jax.make_array_from_process_local_data`).
+  `mesh=None`: this host's numpy rows (tests, benchmarks).
+- `batch_size`: GLOBAL batch size, divided evenly over the processes.
+- `datasets`: builder configs with mixture weights, "scanqa:2,sqa3d:1" (a str, dict or list);
+  eval uses the first.
+- `prompt_templates`: {task: template with `{prompt}`} overriding the datasets' defaults.
+- `process_index` / `process_count`: default `jax.process_index()` / `jax.process_count()`.
+
+`next(it)` -> {"features" [B,N,D] float32|bfloat16, "voxels" int32 [B,N,3], "point_mask" bool
+[B,N], "prompt_ids" int32 [B,Lp], "prompt_mask" bool [B,Lp], "answer_ids" int32 [B,La] (ends with
+eos; the model shifts it right for the T5 decoder), "answer_mask" bool [B,La]}: exactly the
+model's keywords. `it.last_metadata`: this host's rows' {id, scene_id, dataset, task, prompt,
+answers, object_ids, grid_origin, grid_voxel, valid}. `it.get_state()` / `it.set_state(s)`:
+JSON-able, exact resume; `it.reset()`: back to the start.
+"""
+
+from llm3d_jax.data.pipeline import BatchIterator, make_eval_iterator, make_train_iterator
+
+__all__ = ["BatchIterator", "make_eval_iterator", "make_train_iterator"]
