@@ -1,0 +1,274 @@
+"""Chat backends for the prompting procedures: an OpenAI-compatible HTTP client and an offline one.
+
+Both take a batch of `ChatRequest`s and return, per request, the validated value or a `ChatError`
+(never raising for one bad request), so a procedure's code is the same for either backend.
+
+`ChatClient` speaks the chat-completions protocol (`POST {base_url}/chat/completions`) of OpenAI
+and of local servers (vLLM, llama.cpp, ollama) with the standard library only:
+- the API key is read from the environment variable named in the config (default
+  `OPENAI_API_KEY`), sent only in the Authorization header, and scrubbed from every error message;
+  without it no Authorization header is sent (local servers);
+- per-request timeout; bounded retries with exponential backoff (honouring Retry-After) on 429,
+  5xx, timeouts, connection errors, malformed response bodies and content that fails validation;
+  other 4xx fail at once;
+- bounded concurrency with a thread pool;
+- an on-disk cache `cache_dir/<hh>/<sha256 of the request>.json`, written atomically as soon as
+  a response validates, so a crashed or repeated run re-sends only what never finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from llm3d_jax.fileio import write_text_atomic
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-3.5-turbo"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    max_retries: int = 4  # attempts = 1 + max_retries
+    backoff_s: float = 1.0  # first wait; doubles per retry
+    max_backoff_s: float = 30.0
+    concurrency: int = 4
+    cache_dir: str | None = None
+    max_tokens: int = 1024
+    json_mode: bool = (
+        False  # send response_format {"type": "json_object"} (not every server has it)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion: OpenAI-style `messages` (content may be a list of parts, e.g. images)."""
+
+    messages: tuple[dict, ...]
+    temperature: float = 0.0
+    expect_json: bool = True
+
+
+class ChatError(Exception):
+    """A request that did not produce a valid answer after the allowed attempts."""
+
+
+def parse_json_content(text: str) -> Any:
+    """The JSON value in a model reply, tolerating a ```json fence or text around one object."""
+    body = text.strip()
+    if body.startswith("```"):
+        body = body.split("\n", 1)[1] if "\n" in body else body[3:]
+        body = body.rsplit("```", 1)[0]
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError:
+        start, end = body.find("{"), body.rfind("}")
+        if 0 <= start < end:
+            try:
+                return json.loads(body[start : end + 1])
+            except json.JSONDecodeError:
+                pass
+    raise ValueError(f"reply is not JSON: {text[:120]!r}")
+
+
+def _check(request: ChatRequest, content: str, validate: Callable | None) -> Any:
+    value = parse_json_content(content) if request.expect_json else content
+    return validate(value) if validate is not None else value
+
+
+def _run_batch(work: Callable[[int], Any], n: int, concurrency: int, desc: str | None) -> list[Any]:
+    results: list[Any] = [None] * n
+    bar = tqdm(total=n, desc=desc, unit="req", leave=False, disable=desc is None)
+    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
+        futures = {pool.submit(work, i): i for i in range(n)}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update()
+    bar.close()
+    return results
+
+
+class ChatClient:
+    """OpenAI-compatible chat completions over HTTP (see the module docstring)."""
+
+    def __init__(self, config: ChatConfig, sleep: Callable[[float], None] = time.sleep):
+        self.config = config
+        self._sleep = sleep
+        self._key = os.environ.get(config.api_key_env) or None
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"ChatClient(base_url={self.config.base_url!r}, model={self.config.model!r})"
+
+    def _body(self, request: ChatRequest) -> dict:
+        body = {
+            "model": self.config.model,
+            "messages": list(request.messages),
+            "temperature": request.temperature,
+            "max_tokens": self.config.max_tokens,
+        }
+        if self.config.json_mode and request.expect_json:
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    def cache_key(self, request: ChatRequest) -> str:
+        """sha256 of everything that determines the reply: server, model and request body."""
+        blob = json.dumps([self.config.base_url.rstrip("/"), self._body(request)], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def _cache_path(self, key: str) -> str | None:
+        if not self.config.cache_dir:
+            return None
+        return os.path.join(self.config.cache_dir, key[:2], key + ".json")
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _post(self, body: dict) -> str:
+        """One HTTP attempt -> the reply content; raises _Retry or ChatError."""
+        url = self.config.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as err:
+            detail = self._scrub(err.read()[:200].decode("utf-8", "replace"))
+            message = f"HTTP {err.code} from {url}: {detail}"
+            if err.code in RETRY_STATUS or err.code >= 500:
+                raise _Retry(message, _retry_after(err.headers.get("Retry-After"))) from None
+            raise ChatError(message) from None
+        except TimeoutError as err:
+            raise _Retry(f"timeout after {self.config.timeout_s} s ({err})") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            raise _Retry(self._scrub(f"connection to {url} failed: {err}")) from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
+            raise _Retry(f"malformed response body from {url}: {raw[:120]!r}") from None
+        if not isinstance(content, str):
+            raise _Retry(f"response content is not text: {content!r:.120}")
+        return content
+
+    def complete(self, request: ChatRequest, validate: Callable | None = None) -> Any:
+        """The validated reply of one request (from the cache when present); ChatError when it fails.
+
+        `validate(value)` gets the parsed JSON (or the text when `expect_json` is False) and
+        returns what to keep or raises ValueError; invalid replies are retried and never cached.
+        """
+        key = self.cache_key(request)
+        path = self._cache_path(key)
+        if path and os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return _check(request, json.load(f)["content"], validate)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # an unreadable or no longer valid cache entry is fetched again
+        body = self._body(request)
+        last, wait = "no attempt", None
+        for attempt in range(self.config.max_retries + 1):
+            if attempt:
+                self._sleep(
+                    min(
+                        self.config.max_backoff_s,
+                        wait or self.config.backoff_s * 2 ** (attempt - 1),
+                    )
+                )
+            wait = None
+            try:
+                content = self._post(body)
+                value = _check(request, content, validate)
+            except _Retry as err:
+                last, wait = str(err), err.retry_after
+                continue
+            except ValueError as err:
+                last = f"invalid reply: {err}"
+                continue
+            if path:
+                write_text_atomic(
+                    path, json.dumps({"model": self.config.model, "content": content})
+                )
+            return value
+        raise ChatError(f"{last} (gave up after {self.config.max_retries + 1} attempts)")
+
+    def complete_many(
+        self,
+        requests: Sequence[ChatRequest],
+        validate: Callable | None = None,
+        desc: str | None = None,
+    ) -> list[Any]:
+        """`complete` for each request, `concurrency` at a time; a failure is its ChatError.
+
+        `validate` is one callable for all requests or a sequence with one per request.
+        """
+        checks = _validators(validate, len(requests))
+
+        def work(i: int) -> Any:
+            try:
+                return self.complete(requests[i], checks[i])
+            except ChatError as err:
+                return err
+
+        return _run_batch(work, len(requests), self.config.concurrency, desc)
+
+
+def _validators(validate, n: int) -> list:
+    if validate is None or callable(validate):
+        return [validate] * n
+    if len(validate) != n:
+        raise ValueError(f"{len(validate)} validators for {n} requests")
+    return list(validate)
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+class OfflineChat:
+    """The deterministic template "LLM": `respond(messages, temperature) -> reply text`.
+
+    Each procedure supplies a responder that reads its own prompts (the scene lines, the
+    dialogue so far) and answers from them, so the offline run goes through the same prompt
+    building, reply parsing and validation as a run against a server.
+    """
+
+    def __init__(self, respond: Callable[[Sequence[dict], float], str]):
+        self.respond = respond
+
+    def complete(self, request: ChatRequest, validate: Callable | None = None) -> Any:
+        try:
+            return _check(request, self.respond(request.messages, request.temperature), validate)
+        except ValueError as err:
+            raise ChatError(f"invalid reply: {err}") from None
+
+    def complete_many(self, requests, validate=None, desc=None) -> list[Any]:
+        out = []
+        for r, check in zip(requests, _validators(validate, len(requests))):
+            try:
+                out.append(self.complete(r, check))
+            except ChatError as err:
+                out.append(err)
+        return out
