@@ -1,0 +1,1 @@
+"""Inference: KV-cached decoding loops, batched jit-compiled generation, exported-model loading."""

@@ -1,0 +1,284 @@
+"""Autoregressive decoding loops over a KV-cached step function: greedy, sampling, beam search.
+
+The loops are family-agnostic: they see the model only through
+
+    step_fn(cache, token_ids [B] int32) -> (logits [B,V], cache)
+
+(`llm3d.decode_step` with the module and params closed over) plus the first-token logits and the
+cache that `llm3d.prefill` returns. Every array in the cache has the batch on axis 0, so beam
+search can expand and reorder it with `jnp.repeat` / `jnp.take`. All loops are pure, run inside
+`jax.lax.while_loop` (leaving early once every row has emitted EOS) and have static output shapes
+[B, max_len]; positions after EOS hold `pad_id`, EOS itself is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Cache = Any
+StepFn = Callable[[Cache, jax.Array], tuple[jax.Array, Cache]]
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode. Hashable: it is a static argument of the jitted generate function.
+
+    strategy: greedy | sample | beam. max_new_tokens: answer tokens including EOS (the released
+    3D-LLM answers with up to 40). Beam search ranks finished beams by
+    `sum log p / length ** length_penalty` (0 = plain log-probability; keeps width 1 == greedy).
+    Sampling draws from softmax(logits / temperature) restricted to the `top_k` best tokens
+    (0 = all) and to the smallest set whose probability reaches `top_p` (1.0 = all).
+    """
+
+    strategy: str = "greedy"
+    max_new_tokens: int = 40
+    eos_id: int = 1
+    pad_id: int = 0
+    num_beams: int = 4
+    length_penalty: float = 0.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if not self.temperature > 0:
+            raise ValueError("temperature must be > 0 (use strategy='greedy' for argmax)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k / top-p (nucleus) set to -inf.
+
+    logits: [B,V] -> [B,V]. top_k = 0 and top_p = 1.0 keep everything; the most likely token is
+    always kept.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token while the probability mass strictly before it is below top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _token_logp(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+
+
+def _sequential_decode(
+    step_fn: StepFn,
+    cache: Cache,
+    logits0: jax.Array,
+    pick: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row per step, chosen by `pick(logits [B,V], step) -> [B]`.
+
+    Returns tokens int32 [B, max_len] and the model log-probability of each row float32 [B].
+    """
+    batch = logits0.shape[0]
+
+    def choose(t, logits, tokens, done, logp):
+        tok = jnp.where(done, pad_id, pick(logits, t).astype(jnp.int32))
+        logp = logp + jnp.where(done, 0.0, _token_logp(logits, tok))
+        return tokens.at[:, t].set(tok), done | (tok == eos_id), logp
+
+    tokens = jnp.full((batch, max_len), pad_id, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    logp = jnp.zeros((batch,), jnp.float32)
+    tokens, done, logp = choose(0, logits0, tokens, done, logp)
+
+    def cond(state):
+        t, _, _, done, _ = state
+        return (t < max_len) & ~jnp.all(done)
+
+    def body(state):
+        t, cache, tokens, done, logp = state
+        logits, cache = step_fn(cache, tokens[:, t - 1])
+        tokens, done, logp = choose(t, logits, tokens, done, logp)
+        return t + 1, cache, tokens, done, logp
+
+    state = (jnp.asarray(1, jnp.int32), cache, tokens, done, logp)
+    _, _, tokens, _, logp = jax.lax.while_loop(cond, body, state)
+    return tokens, logp
+
+
+def greedy_decode(step_fn, cache, logits0, *, max_len: int, eos_id: int, pad_id: int):
+    """Argmax at every step. -> tokens int32 [B, max_len], log-probability float32 [B]."""
+    pick = lambda logits, t: jnp.argmax(logits, axis=-1)
+    return _sequential_decode(
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+    )
+
+
+def sample_decode(
+    step_fn,
+    cache,
+    logits0,
+    rng: jax.Array,
+    *,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+):
+    """Ancestral sampling with temperature and top-k / top-p filtering.
+
+    -> tokens int32 [B, max_len], log-probability under the unfiltered model float32 [B].
+    """
+
+    def pick(logits, t):
+        scaled = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, t), scaled, axis=-1)
+
+    return _sequential_decode(
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+    )
+
+
+def beam_search(
+    step_fn,
+    cache,
+    logits0,
+    *,
+    num_beams: int,
+    max_len: int,
+    eos_id: int,
+    pad_id: int,
+    length_penalty: float = 0.0,
+):
+    """Beam search keeping `num_beams` alive and `num_beams` finished hypotheses per row.
+
+    Each step scores all K x V extensions, takes the best 2K; an EOS extension finishes a
+    hypothesis only when it ranks among the best K (so width 1 is exactly greedy), the best K
+    non-EOS extensions stay alive. Alive hypotheses finish when they reach `max_len`. The loop
+    stops once no alive hypothesis can beat the K-th finished one.
+
+    -> tokens int32 [B, max_len] of the best finished hypothesis and its score float32 [B]
+    (`logp / length ** length_penalty`).
+    """
+    batch, vocab = logits0.shape
+    k = num_beams
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def penalised(logp, length):
+        return logp / jnp.asarray(length, jnp.float32) ** length_penalty
+
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    state = dict(
+        t=jnp.asarray(0, jnp.int32),
+        cache=cache,
+        logits=jnp.repeat(logits0, k, axis=0),
+        alive_seq=jnp.full((batch, k, max_len), pad_id, jnp.int32),
+        # Only beam 0 is real at the start; the copies must not produce duplicate hypotheses.
+        alive_logp=jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0),
+        fin_seq=jnp.full((batch, k, max_len), pad_id, jnp.int32),
+        fin_score=jnp.full((batch, k), neg_inf),
+    )
+
+    def cond(s):
+        # Finished hypotheses only get longer denominators, alive ones only lower log-probs:
+        # the best an alive beam can still reach is its log-prob over the longest length.
+        best_alive = penalised(jnp.max(s["alive_logp"], axis=-1), max_len)
+        worst_kept = s["fin_score"][:, -1]
+        return (s["t"] < max_len) & ~jnp.all(worst_kept >= best_alive)
+
+    def body(s):
+        t = s["t"]
+        logp = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1).reshape(batch, k, vocab)
+        cand = (s["alive_logp"][:, :, None] + logp).reshape(batch, k * vocab)
+        top_logp, top_idx = jax.lax.top_k(cand, 2 * k)  # [B,2K], best first
+        parent = top_idx // vocab
+        tok = (top_idx % vocab).astype(jnp.int32)
+        seqs = jnp.take_along_axis(s["alive_seq"], parent[:, :, None], axis=1)
+        seqs = seqs.at[:, :, t].set(tok)
+        is_eos = tok == eos_id
+
+        finishes = (is_eos & (jnp.arange(2 * k) < k)) | (t == max_len - 1)
+        new_fin = jnp.where(finishes, penalised(top_logp, t + 1), neg_inf)
+        fin_score, fin_idx = jax.lax.top_k(jnp.concatenate([s["fin_score"], new_fin], 1), k)
+        fin_seq = jnp.take_along_axis(
+            jnp.concatenate([s["fin_seq"], seqs], 1), fin_idx[:, :, None], axis=1
+        )
+
+        alive_logp, alive_idx = jax.lax.top_k(jnp.where(is_eos, neg_inf, top_logp), k)
+        alive_seq = jnp.take_along_axis(seqs, alive_idx[:, :, None], axis=1)
+        rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(parent, alive_idx, 1)).reshape(
+            -1
+        )
+        cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), s["cache"])
+
+        def advance(cache):
+            return step_fn(cache, alive_seq[:, :, t].reshape(-1))
+
+        # The last step needs no further logits; skip the model call there.
+        logits, cache = jax.lax.cond(t + 1 < max_len, advance, lambda c: (s["logits"], c), cache)
+        return dict(
+            t=t + 1,
+            cache=cache,
+            logits=logits,
+            alive_seq=alive_seq,
+            alive_logp=alive_logp,
+            fin_seq=fin_seq,
+            fin_score=fin_score,
+        )
+
+    s = jax.lax.while_loop(cond, body, state)
+    return s["fin_seq"][:, 0], s["fin_score"][:, 0]
+
+
+def decode(step_fn, cache, logits0, config: DecodeConfig, rng: jax.Array | None = None):
+    """Dispatches on `config.strategy`. -> tokens int32 [B, max_new_tokens], scores float32 [B]."""
+    common = dict(max_len=config.max_new_tokens, eos_id=config.eos_id, pad_id=config.pad_id)
+    if config.strategy == "greedy":
+        return greedy_decode(step_fn, cache, logits0, **common)
+    if config.strategy == "beam":
+        return beam_search(
+            step_fn,
+            cache,
+            logits0,
+            num_beams=config.num_beams,
+            length_penalty=config.length_penalty,
+            **common,
+        )
+    if rng is None:
+        raise ValueError("strategy='sample' needs an rng key")
+    return sample_decode(
+        step_fn,
+        cache,
+        logits0,
+        rng,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        **common,
+    )
