@@ -120,7 +120,7 @@ def _host_batch(batch_size: int, count: int) -> int:
     return batch_size // count
 
 
-def _preprocess(data_dir, names, tokenizer, loc_bins, prompt_templates, train, **shapes):
+def make_preprocess(data_dir, names, tokenizer, loc_bins, prompt_templates, train, **shapes):
     templates = {}
     for name in names:
         table = dict(dataset_metadata(data_dir, name).get("prompt_templates", {}))
@@ -164,7 +164,7 @@ def make_train_iterator(
         part = part.shuffle(seed=seed * 1000 + k).repeat()
         parts.append(part.map(lambda x, name=name: (name, x, True)))
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in mixture])
-    fn, encoder = _preprocess(
+    fn, encoder = make_preprocess(
         data_dir,
         [n for n, _ in mixture],
         tokenizer,
@@ -219,7 +219,7 @@ def make_eval_iterator(
     ds = grain.MapDataset.source(plan).map(lambda p: (name, join[p[0]], p[1]))
     if epochs != 1:
         ds = ds.repeat(epochs, reseed_each_epoch=False)
-    fn, encoder = _preprocess(
+    fn, encoder = make_preprocess(
         data_dir,
         [name],
         tokenizer,
