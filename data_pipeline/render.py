@@ -132,6 +132,14 @@ def backproject(depth: np.ndarray, K: np.ndarray, cam_to_world: np.ndarray) -> n
     return world.astype(np.float32)
 
 
+def pixel_rays(K: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Camera-frame ray of every pixel, row-major: [H*W,3] = K^-1 [u + 0.5, v + 0.5, 1] (z = 1)."""
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    pixels = np.stack([u, v, np.ones_like(u)], axis=-1).reshape(-1, 3)
+    # einsum, not `@`: a threaded BLAS call on [N,3] x [3,3] fights open3d's threads for the cores.
+    return np.einsum("ij,nj->ni", np.linalg.inv(np.asarray(K, np.float64)), pixels)
+
+
 def _fibonacci_directions(n: int) -> np.ndarray:
     k = np.arange(n) + 0.5
     z = 1 - 2 * k / n
@@ -151,9 +159,8 @@ class Raycaster:
     def __init__(self, scene: Scene):
         scene.validate()
         self.scene = scene
-        self._faces = np.asarray(scene.faces, np.int64)
-        self._colors = np.asarray(scene.colors, np.float32)
-        self._instance = np.asarray(scene.instance, np.int32)
+        self._corner_colors = np.asarray(scene.colors, np.float32)[scene.faces]  # [F,3,3]
+        self._corner_instance = np.asarray(scene.instance, np.int32)[scene.faces]  # [F,3]
         self._rc = o3d.t.geometry.RaycastingScene()
         self._rc.add_triangles(
             o3d.core.Tensor(np.ascontiguousarray(scene.vertices, np.float32)),
@@ -164,29 +171,25 @@ class Raycaster:
         """Rays [N,3] + [N,3] -> t [N] (inf on a miss, in units of the direction's length),
         rgb [N,3] uint8, instance [N] int32, normal [N,3] facing the ray's origin, hit [N] bool."""
         rays = np.concatenate([origins, directions], axis=1).astype(np.float32)
-        out = self._rc.cast_rays(o3d.core.Tensor(rays))
-        t = out["t_hit"].numpy()
+        out = {k: v.numpy() for k, v in self._rc.cast_rays(o3d.core.Tensor(rays)).items()}
+        t = out["t_hit"]
         hit = np.isfinite(t)
-        prim = np.where(hit, out["primitive_ids"].numpy(), 0).astype(np.int64)
-        uv = out["primitive_uvs"].numpy()
+        prim = np.where(hit, out["primitive_ids"], 0)
+        u, v = out["primitive_uvs"].T
         # Barycentric weights of the hit point: p = (1 - u - v) p0 + u p1 + v p2.
-        weights = np.stack([1 - uv[:, 0] - uv[:, 1], uv[:, 0], uv[:, 1]], axis=1)
-        corners = self._faces[prim]  # [N,3]
-        rgb = np.einsum("nk,nkc->nc", weights, self._colors[corners])
+        weights = np.stack([1 - u - v, u, v], axis=1)
+        rgb = (weights[:, :, None] * self._corner_colors[prim]).sum(axis=1)
         # A triangle whose corners disagree belongs to the object of the corner nearest the hit.
-        nearest = corners[np.arange(len(prim)), np.argmax(weights, axis=1)]
-        instance = np.where(hit, self._instance[nearest], -1)
-        normal = out["primitive_normals"].numpy()
-        facing = np.einsum("ni,ni->n", normal, directions) > 0
-        normal = np.where(facing[:, None], -normal, normal) * hit[:, None]
-        rgb = np.where(hit[:, None], np.clip(np.rint(rgb), 0, 255), 0).astype(np.uint8)
-        return {
-            "t": t,
-            "rgb": rgb,
-            "instance": instance.astype(np.int32),
-            "normal": normal,
-            "hit": hit,
-        }
+        nearest = np.argmax(weights, axis=1)[:, None]
+        instance = np.take_along_axis(self._corner_instance[prim], nearest, axis=1)[:, 0]
+        instance = np.where(hit, instance, -1).astype(np.int32)
+        normal = out["primitive_normals"]
+        facing = (normal * rays[:, 3:]).sum(axis=1) > 0
+        normal = np.where(facing[:, None], -normal, normal)
+        normal[~hit] = 0.0
+        # A convex combination of uint8 colours stays within 0..255.
+        rgb = np.where(hit[:, None], np.rint(rgb), 0).astype(np.uint8)
+        return {"t": t, "rgb": rgb, "instance": instance, "normal": normal, "hit": hit}
 
     def camera_problem(self, eye: np.ndarray, clearance: float = TOUCH_DISTANCE) -> str | None:
         """Why a camera at `eye` is inside geometry (None if it is not).
@@ -212,12 +215,9 @@ class Raycaster:
         self, cam_to_world: np.ndarray, K: np.ndarray, width: int, height: int
     ) -> dict[str, np.ndarray]:
         """One view: rgb [H,W,3], depth [H,W], instance [H,W], normals [H,W,3]."""
-        u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
-        pixels = np.stack([u, v, np.ones_like(u)], axis=-1).reshape(-1, 3)
-        d_cam = pixels @ np.linalg.inv(np.asarray(K, np.float64)).T
-        directions = d_cam @ np.asarray(cam_to_world, np.float64)[:3, :3].T
-        origins = np.broadcast_to(np.asarray(cam_to_world, np.float64)[:3, 3], directions.shape)
-        out = self.cast(origins, directions)
+        pose = np.asarray(cam_to_world, np.float64)
+        directions = np.einsum("ij,nj->ni", pose[:3, :3], pixel_rays(K, width, height))
+        out = self.cast(np.broadcast_to(pose[:3, 3], directions.shape), directions)
         # d_cam has z = 1, so t along it is the z-depth.
         depth = np.where(out["hit"], out["t"], 0.0).astype(np.float32)
         return {
