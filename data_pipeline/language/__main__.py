@@ -100,6 +100,12 @@ def parse_args(argv):
     )
     g.add_argument("--max-retries", type=int, default=ChatConfig.max_retries)
     g.add_argument(
+        "--backoff",
+        type=float,
+        default=ChatConfig.backoff_s,
+        help="seconds before the first retry (doubles)",
+    )
+    g.add_argument(
         "--json-mode", action="store_true", help="ask the server for response_format json_object"
     )
     g = p.add_argument_group("importers")
@@ -186,6 +192,7 @@ def make_chat(args, respond, model: str | None = None):
         api_key_env=args.api_key_env,
         timeout_s=args.timeout,
         max_retries=args.max_retries,
+        backoff_s=args.backoff,
         concurrency=args.concurrency,
         cache_dir=args.cache_dir or args.out + ".cache",
         json_mode=args.json_mode,

@@ -210,7 +210,8 @@ def _parse_inventory(text: str, labels: Sequence[str] = ()) -> list[str]:
 
 
 def offline_respond(messages: Sequence[dict], temperature: float) -> str:
-    """The template questioner: list the objects, then ask each one's colour; summarise the facts."""
+    """The template questioner: list the objects, then ask their colours, then their counts;
+    the summary names every (colour, category) pair it was told about."""
     last = messages[-1]["content"]
     if SUMMARY_INSTRUCTION in last:
         facts: dict[str, set[str]] = {}
@@ -235,8 +236,10 @@ def offline_respond(messages: Sequence[dict], temperature: float) -> str:
     ]
     if not asked:
         return json.dumps({"question": FIRST_QUESTION})
-    for label in _parse_inventory(answers[0]):
-        question = f"What color is the {label}?"
+    labels = _parse_inventory(answers[0])
+    for question in [f"What color is the {label}?" for label in labels] + [
+        f"How many {offline.plural(label)} can you see?" for label in labels
+    ]:
         if question not in asked:
             return json.dumps({"question": question})
     return json.dumps({"question": "Is there anything else?"})

@@ -85,7 +85,8 @@ def histogram_png(records: Sequence[dict], path: str | os.PathLike) -> None:
     ax.set_xlabel("answer length (words; a <box>/<pt> counts as one)")
     ax.set_ylabel("answers")
     ax.set_title(f"{len(records)} records, {len({r['scene_id'] for r in records})} scenes")
-    ax.legend(fontsize=8)
+    if records:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
