@@ -2,7 +2,8 @@
 
     /work/torchenv/bin/python tools/make_goldens_vit.py
 
-For tiny random configs of transformers' PyTorch `Blip2VisionModel`, `CLIPVisionModel`, a full
+Also writes the released-3D-LLM-features fixture (tests/goldens/vit/released/, see
+`released_fixture`). For tiny random configs of transformers' PyTorch `Blip2VisionModel`, `CLIPVisionModel`, a full
 `Blip2ForConditionalGeneration` and a full `CLIPModel` it saves the HF directory (config.json +
 model.safetensors) under tests/goldens/vit/<name>/ and, in tests/goldens/vit/outputs.npz, the
 input images (NHWC, already normalised) and each tower's `last_hidden_state`.
@@ -107,6 +108,24 @@ def main() -> None:
         outputs[name] = hidden.numpy()
         print(name, tuple(hidden.shape), float(hidden.abs().mean()))
     np.savez(os.path.join(OUT, "outputs.npz"), **outputs)
+    released_fixture()
+
+
+def released_fixture() -> None:
+    """A tiny scene in the layout of the released 3D-LLM features (for data_pipeline.released):
+    released/features/scene0000_00.pt (torch.save of a [40,16] tensor) and
+    released/voxels/scene0000_00.npy (int64 [40,3] voxel coordinates); row 3 is all zero."""
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(40, 16)).astype(np.float32)
+    features[3] = 0
+    voxels = rng.integers(0, 256, size=(40, 3))
+    for sub in ("features", "voxels"):
+        os.makedirs(os.path.join(OUT, "released", sub), exist_ok=True)
+    torch.save(
+        torch.from_numpy(features), os.path.join(OUT, "released", "features", "scene0000_00.pt")
+    )
+    np.save(os.path.join(OUT, "released", "voxels", "scene0000_00.npy"), voxels)
+    np.savez(os.path.join(OUT, "released", "expected.npz"), features=features, voxels=voxels)
 
 
 if __name__ == "__main__":

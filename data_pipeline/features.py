@@ -1,0 +1,209 @@
+"""Scene feature files: scenes -> views -> pixel-aligned 2D features -> 3D points -> 256^3 grid.
+
+    python -m data_pipeline.features --scenes SCENES --method direct|fusion|neural_field \\
+        --encoder random-vit|random-vit:D|blip2:DIR|clip:DIR --out FEATURES
+
+For each SCENES/<scene_id>.npz it uses SCENES/views/<scene_id>.npz when present (else renders
+`--views` views at `--width` x `--height`), computes ConceptFusion pixel features (masks from the
+instance renders, or from `--masks DIR/<scene_id>.npz`, format in data_pipeline/features2d.py),
+lifts them with the chosen method, voxelises onto the scene's 256^3 grid and writes
+FEATURES/<scene_id>.npz (the scene feature file of shared/DESIGN.md) atomically.
+A scene that fails is reported and skipped (exit status 1 at the end); an output that already
+exists and is valid for the same method and encoder is kept (resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline import features2d
+from data_pipeline.lift import LiftedPoints, validate_views
+from data_pipeline.lift.direct import lift_direct
+from data_pipeline.lift.fusion import lift_fusion
+from data_pipeline.lift.neural_field import FieldConfig, lift_neural_field
+from data_pipeline.lift.voxelize import grid_for_bounds, voxelize
+from data_pipeline.render import Views, render_scene
+from data_pipeline.scenes import Scene
+from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic
+from llm3d_jax.model import vit
+
+FORMAT_VERSION = 1
+METHODS = ("direct", "fusion", "neural_field")
+FEATURE_KEYS = (
+    "points",
+    "features",
+    "voxels",
+    "grid_origin",
+    "grid_voxel",
+    "colors",
+    "instance",
+    "object_ids",
+    "object_labels",
+    "object_boxes",
+    "meta",
+)
+
+
+def load_encoder(spec: str):
+    """`random-vit`, `random-vit:D` (tiny random tower of width D, default 64), `blip2:DIR`,
+    `clip:DIR` -> (module, params)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "random-vit":
+        try:
+            dim = int(arg) if arg else 64
+        except ValueError:
+            raise InputError(
+                None, f"--encoder {spec}: width after random-vit: must be an integer"
+            ) from None
+        if dim < 4 or dim % 4:
+            raise InputError(None, f"--encoder {spec}: width must be a positive multiple of 4")
+        return vit.random_vit(dim)
+    if kind in ("blip2", "clip") and arg:
+        return vit.from_pretrained(arg, kind=kind)
+    raise InputError(None, f"--encoder {spec!r}: expected random-vit[:D], blip2:DIR or clip:DIR")
+
+
+def scene_features(
+    scene: Scene,
+    views: Views,
+    method: str,
+    module,
+    params,
+    masks: list[np.ndarray] | None = None,
+    max_points: int | None = None,
+    field_config: FieldConfig = FieldConfig(),
+    where: str | None = None,
+) -> dict[str, np.ndarray]:
+    """The arrays of one scene feature file (meta not included)."""
+    where = where or scene.scene_id
+    validate_views(views, where, need_depth=method != "neural_field")
+    if masks is None:
+        rgb_only = method == "neural_field"  # the field never reads depth
+        masks = features2d.instance_masks(views.instance, None if rgb_only else views.depth)
+    pixels = features2d.pixel_features(module, params, views.rgb, masks)
+    if not (pixels.mask_ids >= 0).any():
+        raise InputError(where, "no pixel is covered by a mask (nothing to lift)")
+    lo, hi = scene.vertices.min(axis=0), scene.vertices.max(axis=0)
+    if method == "direct":
+        lifted: LiftedPoints = lift_direct(views, pixels, (lo, hi))
+    elif method == "fusion":
+        lifted = lift_fusion(views, pixels, (lo, hi))
+    elif method == "neural_field":
+        lifted, _ = lift_neural_field(views, pixels, (lo, hi), field_config)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    if len(lifted) == 0:
+        raise InputError(where, f"{method} produced no points")
+    origin, voxel = grid_for_bounds(
+        np.minimum(lo, lifted.points.min(axis=0)), np.maximum(hi, lifted.points.max(axis=0))
+    )
+    out = voxelize(lifted, origin, voxel, max_points=max_points)
+    out["object_ids"] = np.array([o.id for o in scene.objects], np.int32)
+    out["object_labels"] = np.array([o.label for o in scene.objects], dtype=np.str_)
+    out["object_boxes"] = np.array([o.box for o in scene.objects], np.float32).reshape(-1, 6)
+    return out
+
+
+def is_valid_output(path: str, method: str, encoder: str) -> bool:
+    """True when `path` is a complete feature file made with this method and encoder."""
+    if not os.path.exists(path):
+        return False
+    try:
+        data = load_npz(path, required=FEATURE_KEYS)
+        meta = json.loads(str(data["meta"]))
+    except (InputError, json.JSONDecodeError):
+        return False
+    n = len(data["points"])
+    return (
+        meta.get("method") == method
+        and meta.get("encoder") == encoder
+        and data["features"].shape[0] == n
+        and data["voxels"].shape == (n, 3)
+        and n > 0
+    )
+
+
+def _load_or_render(scene: Scene, views_dir: str, args) -> tuple[Views, str]:
+    path = os.path.join(views_dir, f"{scene.scene_id}.npz")
+    if os.path.exists(path):
+        return Views.load(path), path
+    views = render_scene(scene, args.views, args.width, args.height, args.seed)
+    return views, f"{scene.scene_id} (rendered views)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenes", required=True, help="folder of <scene_id>.npz scene files")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--encoder", required=True, help="random-vit[:D] | blip2:DIR | clip:DIR")
+    parser.add_argument("--out", required=True, help="folder for <scene_id>.npz feature files")
+    parser.add_argument("--masks", help="folder of <scene_id>.npz mask files (default: instances)")
+    parser.add_argument("--views", type=int, default=8, help="views to render when none exist")
+    parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--height", type=int, default=240)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-points", type=int, help="cap on voxelised points per scene")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.scenes):
+        raise InputError(args.scenes, "scene folder not found")
+    paths = sorted(glob.glob(os.path.join(args.scenes, "*.npz")))
+    if not paths:
+        raise InputError(args.scenes, "no .npz scene files")
+    if args.views < 1 or args.width < 8 or args.height < 8:
+        raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
+    module, params = load_encoder(args.encoder)
+    views_dir = os.path.join(args.scenes, "views")
+    failed, skipped = [], 0
+    bar = tqdm(paths, desc=f"features ({args.method})", unit="scene")
+    for path in bar:
+        scene_id = os.path.splitext(os.path.basename(path))[0]
+        out_path = os.path.join(args.out, f"{scene_id}.npz")
+        if is_valid_output(out_path, args.method, args.encoder):
+            skipped += 1
+            continue
+        try:
+            start = time.perf_counter()
+            scene = Scene.load(path)
+            views, where = _load_or_render(scene, views_dir, args)
+            masks = None
+            if args.masks:
+                mask_path = os.path.join(args.masks, f"{scene.scene_id}.npz")
+                masks = features2d.load_mask_file(mask_path, views.depth.shape)
+            arrays = scene_features(
+                scene, views, args.method, module, params, masks, args.max_points, where=where
+            )
+            meta = {
+                "scene_id": scene.scene_id,
+                "source": scene.meta.get("source", "unknown"),
+                "method": args.method,
+                "encoder": args.encoder,
+                "dim": int(arrays["features"].shape[1]),
+                "num_views": int(len(views.depth)),
+                "format_version": FORMAT_VERSION,
+            }
+            save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
+            bar.set_postfix(points=len(arrays["points"]), s=f"{time.perf_counter() - start:.1f}")
+        except InputError as err:
+            tqdm.write(f"error: {err}", file=sys.stderr)
+            failed.append(scene_id)
+    done = len(paths) - len(failed) - skipped
+    print(
+        f"{done} written, {skipped} already done, {len(failed)} failed"
+        + (f" ({', '.join(failed)})" if failed else "")
+        + f" -> {args.out}"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

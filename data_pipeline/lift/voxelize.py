@@ -1,0 +1,125 @@
+"""Lifted points -> the 256^3 grid of the scene feature file (shared/DESIGN.md).
+
+Grid: origin = the AABB minimum, voxel = largest extent / 256, nudged up by a few float32 ulps
+when needed so that the top face still falls in voxel 255. The invariant every reader relies on,
+`voxels == floor((points - grid_origin) / grid_voxel)`, holds exactly in float32 for every
+stored point (the voxel indices are computed from the stored float32 points at the end).
+
+One output point per occupied voxel: the mean position and colour of its points, the majority
+instance id, and the mean of its points' features, renormalised (features go voxel <- point <-
+table row through one sparse matrix, so no [points, D] array is built). An optional cap keeps a
+seeded random subset of voxels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import sparse
+
+from data_pipeline.lift import LiftedPoints
+
+GRID = 256
+
+
+def grid_for_bounds(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """(origin float32 [3], voxel float32) of the 256^3 cube covering the AABB [lo, hi]."""
+    origin = np.asarray(lo, np.float32)
+    hi = np.asarray(hi, np.float32)
+    extent = float(np.max(hi - origin))
+    voxel = np.float32(max(extent, 1e-6) / GRID)
+    while np.floor((hi - origin) / voxel).max() > GRID - 1:
+        voxel = np.nextafter(voxel, np.float32(np.inf))
+    return origin, voxel
+
+
+def voxel_indices(points: np.ndarray, origin: np.ndarray, voxel: np.float32) -> np.ndarray:
+    """floor((p - origin) / voxel) in float32, as int64 [N,3]."""
+    p = np.asarray(points, np.float32)
+    return np.floor((p - np.asarray(origin, np.float32)) / np.float32(voxel)).astype(np.int64)
+
+
+def _majority(group: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndarray:
+    """Most frequent label per group (ties: the smallest label)."""
+    pairs, counts = np.unique(np.stack([group, labels], axis=1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # by group, count desc, label asc
+    pairs = pairs[order]
+    first = np.ones(len(pairs), bool)
+    first[1:] = pairs[1:, 0] != pairs[:-1, 0]
+    out = np.full(num_groups, -1, np.int64)
+    out[pairs[first, 0]] = pairs[first, 1]
+    return out
+
+
+def voxelize(
+    lifted: LiftedPoints,
+    origin: np.ndarray | None = None,
+    voxel: float | None = None,
+    max_points: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """-> points float32 [N,3], features float16 [N,D] (unit rows), voxels uint8 [N,3],
+    colors uint8 [N,3], instance int32 [N], grid_origin float32 [3], grid_voxel float32 [].
+
+    Without `origin`/`voxel` the grid covers the points' AABB; a given grid must cover them.
+    """
+    if len(lifted) == 0:
+        raise ValueError("no points to voxelize")
+    points = np.asarray(lifted.points, np.float32)
+    if origin is None or voxel is None:
+        origin, voxel = grid_for_bounds(points.min(axis=0), points.max(axis=0))
+    origin, voxel = np.asarray(origin, np.float32), np.float32(voxel)
+    idx = voxel_indices(points, origin, voxel)
+    if idx.min() < 0 or idx.max() > GRID - 1:
+        raise ValueError("points lie outside the 256^3 grid")
+    key = (idx[:, 0] * GRID + idx[:, 1]) * GRID + idx[:, 2]
+    _, group = np.unique(key, return_inverse=True)
+    group = group.reshape(-1)
+    num = int(group.max()) + 1
+    keep_groups = np.arange(num)
+    if max_points is not None and num > max_points:
+        keep_groups = np.sort(np.random.default_rng(seed).choice(num, max_points, replace=False))
+        remap = np.full(num, -1, np.int64)
+        remap[keep_groups] = np.arange(len(keep_groups))
+        group = remap[group]
+        num = len(keep_groups)
+    in_kept = group >= 0
+    g = group[in_kept]
+    count = np.bincount(g, minlength=num).astype(np.float64)
+
+    mean_points = (
+        np.stack([np.bincount(g, points[in_kept, a].astype(np.float64), num) for a in range(3)], 1)
+        / count[:, None]
+    )
+    mean_colors = (
+        np.stack(
+            [np.bincount(g, lifted.colors[in_kept, a].astype(np.float64), num) for a in range(3)], 1
+        )
+        / count[:, None]
+    )
+    instance = _majority(g, lifted.instance[in_kept].astype(np.int64), num)
+
+    # voxel feature = mean over its points of (sum_k w_k row_k / sum_k w_k): one sparse product.
+    weight_sum = np.bincount(lifted.ref_point, lifted.ref_weight, len(points))
+    ref_group = group[lifted.ref_point]
+    ok = ref_group >= 0
+    coef = lifted.ref_weight[ok] / weight_sum[lifted.ref_point[ok]] / count[ref_group[ok]]
+    to_rows = sparse.csr_matrix(
+        (coef, (ref_group[ok], lifted.ref_row[ok])), shape=(num, len(lifted.table))
+    )
+    features = np.asarray(to_rows @ lifted.table, np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+    # A mean lies between its points, so it stays inside the grid; its voxel is recomputed from
+    # the stored float32 value (a mean can round across a cell face).
+    out_points = mean_points.astype(np.float32)
+    voxels = voxel_indices(out_points, origin, voxel)
+    assert voxels.min() >= 0 and voxels.max() <= GRID - 1
+    return {
+        "points": out_points,
+        "features": features.astype(np.float16),
+        "voxels": voxels.astype(np.uint8),
+        "colors": np.clip(np.rint(mean_colors), 0, 255).astype(np.uint8),
+        "instance": instance.astype(np.int32),
+        "grid_origin": origin,
+        "grid_voxel": np.asarray(voxel, np.float32),
+    }
