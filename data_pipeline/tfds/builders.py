@@ -50,11 +50,10 @@ TASKS = (
 )
 
 # `{prompt}` is the record's prompt (location placeholders already in it). Tasks missing from a
-# config's table use "{prompt}". The grain pipeline applies them (llm3d_jax.data).
-_BASE_TEMPLATES = {
-    "qa": "Question: {prompt} Answer:",
-    "grounding": "Give the box of the object described: {prompt}",
-}
+# config's table use "{prompt}": the language stage already writes complete instructions for
+# them ("Where is the red chair?", ScanRefer's "Find the object: ..."). Questions get the
+# BLIP-2 style "Question: ... Answer:" wrapping. The grain pipeline applies them (llm3d_jax.data).
+_BASE_TEMPLATES = {"qa": "Question: {prompt} Answer:"}
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,14 +89,9 @@ CONFIGS = {
             "sqa3d",
             "SQA3D situated questions on ScanNet scenes.",
             ["sqa3d"],
-            qa="Situation and question: {prompt} Answer:",
+            qa="Situation and question: {prompt} Answer:",  # prompt = "<situation> <question>"
         ),
-        _config(
-            "scanrefer",
-            "ScanRefer referring expressions on ScanNet scenes.",
-            ["scanrefer"],
-            grounding="Give the box of the object described: {prompt}",
-        ),
+        _config("scanrefer", "ScanRefer referring expressions on ScanNet scenes.", ["scanrefer"]),
         # The release's prompts are complete instructions ("Human: ... Robot: ..."): no wrapping.
         _config("3dllm", "The 3D-LLM release's language data.", ["3dllm"], qa="{prompt}"),
     ]

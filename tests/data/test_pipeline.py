@@ -212,3 +212,26 @@ def test_bad_arguments(env):
         _train(env, datasets="synthetic:0")
     with pytest.raises(ValueError, match="no split 'test'"):
         _eval(env, split="test")
+
+
+def test_state_through_orbax_grain_handler(env, tmp_path):
+    """The iterator state saved and restored by orbax with grain's per-process handler (the way
+    llm3d_jax.train.checkpoint stores it) resumes the same stream."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    from llm3d_jax.train.checkpoint import IteratorState
+
+    it = _train(env, seed=5)
+    _take(it, 2)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+    manager.save(
+        2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(IteratorState(it)))
+    )
+    manager.wait_until_finished()
+    expected = _take(it, 2)
+    fresh = _train(env, seed=5)
+    manager.restore(
+        2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(IteratorState(fresh)))
+    )
+    _same(expected, _take(fresh, 2))
