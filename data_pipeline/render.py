@@ -161,6 +161,7 @@ class Raycaster:
         self.scene = scene
         self._corner_colors = np.asarray(scene.colors, np.float32)[scene.faces]  # [F,3,3]
         self._corner_instance = np.asarray(scene.instance, np.int32)[scene.faces]  # [F,3]
+        self._bounds = np.stack([scene.vertices.min(axis=0), scene.vertices.max(axis=0)])
         self._rc = o3d.t.geometry.RaycastingScene()
         self._rc.add_triangles(
             o3d.core.Tensor(np.ascontiguousarray(scene.vertices, np.float32)),
@@ -194,7 +195,9 @@ class Raycaster:
     def camera_problem(self, eye: np.ndarray, clearance: float = TOUCH_DISTANCE) -> str | None:
         """Why a camera at `eye` is inside geometry (None if it is not).
 
-        Inside a closed surface, or outside a room, most probe rays hit the back of triangles.
+        Too close to the mesh is touching it. Inside a closed surface most probe rays hit the
+        back of triangles; outside the mesh's bounding box nothing can enclose the camera (and an
+        open mesh seen from behind is no reason to refuse it).
         """
         eye = np.asarray(eye, np.float32).reshape(1, 3)
         distance = float(self._rc.compute_distance(o3d.core.Tensor(eye)).numpy()[0])
@@ -203,6 +206,8 @@ class Raycaster:
             return (
                 f"camera at {where} is {distance:.3f} m from the mesh (inside or touching geometry)"
             )
+        if (eye[0] < self._bounds[0]).any() or (eye[0] > self._bounds[1]).any():
+            return None
         rays = np.concatenate([np.repeat(eye, len(_PROBES), 0), _PROBES], axis=1)
         out = self._rc.cast_rays(o3d.core.Tensor(rays))
         hit = np.isfinite(out["t_hit"].numpy())
@@ -521,16 +526,19 @@ def _colorize_depth(depth: np.ndarray) -> np.ndarray:
     return np.where(valid[..., None], rgb * 255, 0).astype(np.uint8)
 
 
-def _colorize_instance(instance: np.ndarray) -> np.ndarray:
+def _colorize_instance(instance: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """One tab20 colour per object id; structure dark gray, no hit black."""
     import matplotlib
 
     palette = (np.array(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
     rgb = palette[np.mod(instance, len(palette))]
-    return np.where(instance[..., None] >= 0, rgb, 40).astype(np.uint8)
+    rgb = np.where(instance[..., None] >= 0, rgb, 60)
+    return np.where(depth[..., None] > 0, rgb, 0).astype(np.uint8)
 
 
 def contact_sheet_png(views: Views, thumb_width: int = 240) -> bytes:
-    """PNG bytes: one column per view; rows rgb, depth (turbo, black = no hit), instance."""
+    """PNG bytes: one column per view; rows rgb, depth (turbo, black = no hit), instance
+    (a colour per object, dark gray = structure)."""
     v, h, w = views.depth.shape
     tw = min(thumb_width, w)
     th = max(1, round(h * tw / w))
@@ -541,7 +549,7 @@ def contact_sheet_png(views: Views, thumb_width: int = 240) -> bytes:
     rows = [
         ("rgb", views.rgb),
         ("depth", _colorize_depth(views.depth)),
-        ("instance", _colorize_instance(views.instance)),
+        ("instance", _colorize_instance(views.instance, views.depth)),
     ]
     for r, (name, images) in enumerate(rows):
         draw.text((4, title_h + r * th + th // 2 - 6), name, fill=(0, 0, 0))

@@ -2,7 +2,8 @@
 
 PLY is parsed here (ASCII and binary, as ScanNet writes it), so a truncated or corrupt file is a
 precise error rather than a silently partial mesh; .obj and glTF go through open3d (assimp).
-glTF is y-up by specification and is turned z-up: (x, y, z) -> (x, -z, y).
+glTF is y-up by specification and is turned z-up: (x, y, z) -> (x, -z, y). Colours come from the
+vertex colours, else from the textures (sampled at the triangle corners), else uniform gray.
 
 Objects JSON (coordinates in the z-up scene frame):
 
@@ -176,6 +177,42 @@ def read_ply(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 # ---------------------------------------------------------------- any mesh file
+def _texture_colors(mesh: o3d.geometry.TriangleMesh) -> np.ndarray | None:
+    """Vertex colours sampled from the mesh's textures (nearest texel at each triangle corner's
+    uv, averaged over the corners sharing a vertex); None when the mesh has no texture."""
+    faces = np.asarray(mesh.triangles)
+    uvs = np.asarray(mesh.triangle_uvs)
+    textures = [np.asarray(t) for t in mesh.textures]
+    if len(faces) == 0 or len(uvs) != 3 * len(faces) or not any(t.size for t in textures):
+        return None
+    materials = np.asarray(mesh.triangle_material_ids)
+    if len(materials) != len(faces):
+        materials = np.zeros(len(faces), int)
+    corner_rgb = np.full((len(faces), 3, 3), DEFAULT_GRAY, np.float64)
+    uvs = uvs.reshape(-1, 3, 2)
+    for m in np.unique(materials):
+        texture = textures[m] if 0 <= m < len(textures) else np.zeros(0)
+        if texture.size == 0:
+            continue
+        texture = (
+            texture[..., :3] if texture.ndim == 3 else np.repeat(texture[..., None], 3, axis=-1)
+        )
+        if texture.dtype != np.uint8:  # float textures hold 0..1
+            texture = np.clip(np.rint(texture * 255), 0, 255)
+        h, w = texture.shape[:2]
+        uv = uvs[materials == m] % 1.0
+        # Texture v runs upwards, image rows downwards.
+        cols = np.minimum((uv[..., 0] * w).astype(int), w - 1)
+        rows = np.minimum(((1.0 - uv[..., 1]) * h).astype(int), h - 1)
+        corner_rgb[materials == m] = texture[rows, cols]
+    total = np.zeros((len(mesh.vertices), 3))
+    count = np.zeros(len(mesh.vertices))
+    np.add.at(total, faces.ravel(), corner_rgb.reshape(-1, 3))
+    np.add.at(count, faces.ravel(), 1)
+    total[count == 0] = DEFAULT_GRAY
+    return np.clip(np.rint(total / np.maximum(count, 1)[:, None]), 0, 255).astype(np.uint8)
+
+
 def read_mesh(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> vertices float32 [V,3] (z up), faces int32 [F,3], colors uint8 [V,3]. Empty is an error."""
     ext = os.path.splitext(path)[1].lower()
@@ -188,11 +225,10 @@ def read_mesh(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             mesh = o3d.io.read_triangle_mesh(path)
         vertices = np.asarray(mesh.vertices, np.float32)
         faces = np.asarray(mesh.triangles, np.int32)
-        colors = (
-            np.clip(np.rint(np.asarray(mesh.vertex_colors) * 255), 0, 255).astype(np.uint8)
-            if mesh.has_vertex_colors()
-            else None
-        )
+        if mesh.has_vertex_colors():
+            colors = np.clip(np.rint(np.asarray(mesh.vertex_colors) * 255), 0, 255).astype(np.uint8)
+        else:
+            colors = _texture_colors(mesh)
         if ext in (".glb", ".gltf"):
             vertices = (
                 np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)

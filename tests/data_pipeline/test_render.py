@@ -197,9 +197,22 @@ def test_camera_inside_geometry_is_an_error():
         InputError, match=r"synth_0003: view 0: camera at .* (inside|from the mesh)"
     ):
         render.render_views(scene, inside[None], K, 16, 12)
-    outside = render.look_at((-2.0, 1.0, 1.5), (2.0, 1.0, 1.0))  # behind a wall, looking in
-    with pytest.raises(InputError, match="inside geometry"):
-        render.render_views(scene, outside[None], K, 16, 12)
+    # Inside a closed object but clear of its surface: the back-face test catches it.
+    box = Scene(
+        "cube",
+        *synthetic.box((0, 0, 0), (2, 2, 2)),
+        np.zeros((8, 3), np.uint8),
+        np.zeros(8, np.int32),
+        [],
+    )
+    with pytest.raises(
+        InputError, match=r"cube: view 0: camera at \(1.000, 1.000, 1.000\) is inside geometry"
+    ):
+        render.render_views(box, render.look_at((1, 1, 1), (2, 1.5, 1))[None], K, 16, 12)
+    # An open mesh (the bottom face, normal -z) seen from behind, from outside its bounds, is fine.
+    open_mesh = Scene("sheet", box.vertices, box.faces[:2], box.colors, box.instance, [])
+    views = render.render_views(open_mesh, render.look_at((1, 0.5, 3), (1, 1, 0))[None], K, 16, 12)
+    assert (views.depth > 0).any()
     touching = render.look_at((0.005, 1.0, 1.5), (2.0, 1.0, 1.0))
     with pytest.raises(InputError, match="0.005 m from the mesh"):
         render.render_views(scene, touching[None], K, 16, 12)

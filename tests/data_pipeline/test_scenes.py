@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import open3d as o3d
 import pytest
+from PIL import Image
 
 from data_pipeline.scenes import Scene, mesh, scannet, synthetic
 from llm3d_jax.fileio import InputError, cli_main
@@ -304,6 +305,22 @@ def test_ply_polygons_are_fan_triangulated(tmp_path):
     vertices, faces, colors = mesh.read_mesh(str(path))
     np.testing.assert_array_equal(faces, [[0, 1, 2], [0, 2, 3]])
     assert (colors == mesh.DEFAULT_GRAY).all()
+
+
+def test_textured_obj_gets_vertex_colours_from_its_texture(tmp_path):
+    texture = np.zeros((4, 4, 3), np.uint8)
+    texture[:, :2] = [255, 0, 0]  # left half red, right half blue
+    texture[:, 2:] = [0, 0, 255]
+    Image.fromarray(texture).save(tmp_path / "tex.png")
+    (tmp_path / "t.mtl").write_text("newmtl m\nKd 1 1 1\nmap_Kd tex.png\n")
+    (tmp_path / "t.obj").write_text(
+        "mtllib t.mtl\nv 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\n"
+        "vt 0.1 0.5\nvt 0.9 0.5\nvt 0.9 0.5\nvt 0.1 0.5\nusemtl m\nf 1/1 2/2 3/3\nf 1/1 3/3 4/4\n"
+    )
+    scene = mesh.load_mesh_scene(str(tmp_path / "t.obj"))
+    np.testing.assert_array_equal(
+        scene.colors, [[255, 0, 0], [0, 0, 255], [0, 0, 255], [255, 0, 0]]
+    )
 
 
 def test_mesh_objects_json(tmp_path):
