@@ -21,6 +21,7 @@ that is unique; other objects are never the subject of a referring question.
 from __future__ import annotations
 
 import heapq
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -137,32 +138,42 @@ def rests_on(a: np.ndarray, b: np.ndarray) -> bool:
     return abs(a[2] - b[5]) <= ON_TOLERANCE and b[0] <= c[0] <= b[3] and b[1] <= c[1] <= b[4]
 
 
+def _xy_centre(box) -> tuple[float, float]:
+    return (float(box[0]) + float(box[3])) / 2, (float(box[1]) + float(box[4])) / 2
+
+
 def side_offset(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> float:
     """Signed distance (m) of c from the line a->b in the xy plane; positive = left of a facing b."""
-    pa, pb, pc = centre(a)[:2], centre(b)[:2], centre(c)[:2]
-    f = pb - pa
-    n = np.linalg.norm(f)
+    (ax, ay), (bx, by), (cx, cy) = _xy_centre(a), _xy_centre(b), _xy_centre(c)
+    fx, fy = bx - ax, by - ay
+    n = math.hypot(fx, fy)
     if n < 1e-6:
         return 0.0
-    v = pc - pa
-    return float((f[0] * v[1] - f[1] * v[0]) / n)
+    return (fx * (cy - ay) - fy * (cx - ax)) / n
 
 
 def segment_position(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[float, float]:
     """(t, distance): projection parameter of c's xy centre on segment a->b and its distance."""
-    pa, pb, pc = centre(a)[:2], centre(b)[:2], centre(c)[:2]
-    f = pb - pa
-    t = float(np.dot(pc - pa, f) / max(np.dot(f, f), 1e-9))
-    return t, float(np.linalg.norm(pc - (pa + np.clip(t, 0, 1) * f)))
+    (ax, ay), (bx, by), (cx, cy) = _xy_centre(a), _xy_centre(b), _xy_centre(c)
+    fx, fy = bx - ax, by - ay
+    t = ((cx - ax) * fx + (cy - ay) * fy) / max(fx * fx + fy * fy, 1e-9)
+    k = min(max(t, 0.0), 1.0)
+    return t, math.hypot(cx - (ax + k * fx), cy - (ay + k * fy))
 
 
 def is_between(a, b, c) -> bool:
-    t, d = segment_position(a, b, c)
-    return 0.2 <= t <= 0.8 and d <= 0.5
+    return _strictly_between(*segment_position(a, b, c))
 
 
 def clearly_not_between(a, b, c) -> bool:
-    t, d = segment_position(a, b, c)
+    return _clearly_not_between(*segment_position(a, b, c))
+
+
+def _strictly_between(t: float, d: float) -> bool:
+    return 0.2 <= t <= 0.8 and d <= 0.5
+
+
+def _clearly_not_between(t: float, d: float) -> bool:
     return t < -0.1 or t > 1.1 or d > 1.2
 
 
@@ -473,9 +484,13 @@ def _qa_between(facts: Facts, rng) -> list:
     which, yes, no = [], [], []
     for i, a in enumerate(named):
         for b in named[i + 1 :]:
-            others = [c for c in facts.objects if c.id not in (a.id, b.id)]
-            strict = [c for c in others if is_between(a.box, b.box, c.box)]
-            loose = [c for c in others if not clearly_not_between(a.box, b.box, c.box)]
+            others = [
+                (c, segment_position(a.box, b.box, c.box))
+                for c in facts.objects
+                if c.id not in (a.id, b.id)
+            ]
+            strict = [c for c, td in others if _strictly_between(*td)]
+            loose = [c for c, td in others if not _clearly_not_between(*td)]
             pair = f"the {facts.names[a.id]} and the {facts.names[b.id]}"
             if len(strict) == 1 and len(loose) == 1:
                 c = strict[0]
@@ -487,13 +502,13 @@ def _qa_between(facts: Facts, rng) -> list:
                         "between",
                     )
                 )
-            for c in others:
+            for c, td in others:
                 if c.id not in facts.names:
                     continue
                 q = f"Is the {facts.names[c.id]} between {pair}?"
-                if is_between(a.box, b.box, c.box):
+                if _strictly_between(*td):
                     yes.append((q, "yes", [a.id, b.id, c.id], "between_yn"))
-                elif clearly_not_between(a.box, b.box, c.box):
+                elif _clearly_not_between(*td):
                     no.append((q, "no", [a.id, b.id, c.id], "between_yn"))
     return sample(rng, which, 2) + _balanced(rng, yes, no, 2)
 
@@ -680,14 +695,12 @@ def _nearest_free(free: np.ndarray, xs, ys, point) -> tuple[int, int] | None:
 
 
 def _line_free(free, xs, ys, p, q) -> bool:
+    """Whether every grid cell under the straight segment p -> q (sampled every 2.5 cm) is free."""
     n = max(2, int(np.ceil(np.hypot(q[0] - p[0], q[1] - p[1]) / (NAV_CELL / 4))) + 1)
-    for t in np.linspace(0, 1, n):
-        x, y = p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])
-        i = int(np.clip(np.round((x - xs[0]) / NAV_CELL), 0, len(xs) - 1))
-        j = int(np.clip(np.round((y - ys[0]) / NAV_CELL), 0, len(ys) - 1))
-        if not free[i, j]:
-            return False
-    return True
+    t = np.linspace(0, 1, n)
+    i = np.clip(np.round((p[0] + t * (q[0] - p[0]) - xs[0]) / NAV_CELL), 0, len(xs) - 1).astype(int)
+    j = np.clip(np.round((p[1] + t * (q[1] - p[1]) - ys[0]) / NAV_CELL), 0, len(ys) - 1).astype(int)
+    return bool(free[i, j].all())
 
 
 def plan_path(facts: Facts, a: Obj, b: Obj) -> list[tuple[float, float]] | None:
@@ -703,7 +716,8 @@ def plan_path(facts: Facts, a: Obj, b: Obj) -> list[tuple[float, float]] | None:
     goal = _nearest_free(free, xs, ys, centre(b.box))
     if start is None or goal is None:
         return None
-    steps = [(di, dj) for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj]
+    steps = [(di, dj, math.hypot(di, dj)) for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj]
+    grid, nx, ny = free.tolist(), free.shape[0], free.shape[1]
     best = {start: 0.0}
     parent = {start: None}
     heap = [(0.0, start)]
@@ -711,16 +725,17 @@ def plan_path(facts: Facts, a: Obj, b: Obj) -> list[tuple[float, float]] | None:
         _, cell = heapq.heappop(heap)
         if cell == goal:
             break
-        for di, dj in steps:
-            nxt = (cell[0] + di, cell[1] + dj)
-            if not (0 <= nxt[0] < free.shape[0] and 0 <= nxt[1] < free.shape[1]) or not free[nxt]:
+        ci, cj = cell
+        for di, dj, step in steps:
+            ni, nj = ci + di, cj + dj
+            if not (0 <= ni < nx and 0 <= nj < ny) or not grid[ni][nj]:
                 continue
-            if di and dj and not (free[cell[0] + di, cell[1]] and free[cell[0], cell[1] + dj]):
+            if di and dj and not (grid[ni][cj] and grid[ci][nj]):
                 continue  # no corner cutting
-            cost = best[cell] + np.hypot(di, dj)
-            if cost < best.get(nxt, np.inf):
-                best[nxt], parent[nxt] = cost, cell
-                heapq.heappush(heap, (cost + np.hypot(goal[0] - nxt[0], goal[1] - nxt[1]), nxt))
+            cost = best[cell] + step
+            if cost < best.get((ni, nj), math.inf):
+                best[(ni, nj)], parent[(ni, nj)] = cost, cell
+                heapq.heappush(heap, (cost + math.hypot(goal[0] - ni, goal[1] - nj), (ni, nj)))
     if goal not in parent:
         return None
     cells = [goal]
