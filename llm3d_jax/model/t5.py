@@ -1,0 +1,591 @@
+"""T5 v1.0 and v1.1 / FlanT5 encoder-decoder (HF `T5ForConditionalGeneration` numerics).
+
+- T5 LayerNorm: RMS norm, scale only, statistics in float32.
+- Attention: no 1/sqrt(d) scaling (folded into the init), relative position bias computed by the
+  first layer of each stack and shared by all its layers (bidirectional buckets in the encoder,
+  causal in the decoder), no bias on cross-attention. No biases anywhere.
+- FFN: `relu` (v1.0) or gated `gelu_new` (tanh approximation, v1.1 / FlanT5).
+- Head: tied to `shared` (v1.0; the decoder output is rescaled by d_model**-0.5 first) or an untied
+  `lm_head` (v1.1 / FlanT5).
+- Location tokens (docs/architecture.md "Location tokens in the model"): with `loc_bins > 0` the
+  effective embedding table is `concat(shared[:loc_offset], loc_embed)` and the logits are
+  `concat(base_logits[..., :loc_offset], loc_logits)`, so token id == logits column; `loc_embed`
+  (and `loc_head` when untied) are separate parameters that can train while `shared` stays frozen.
+
+Decoding: `init_cache` + `decode_step` keep an explicit cache pytree in which every array has the
+batch on axis 0 (beam search can reorder it with `jnp.take(..., axis=0)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm3d_jax.fileio import InputError
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu_new": partial(jax.nn.gelu, approximate=True),  # HF "gelu_new": tanh approximation
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    activation: str = "relu"  # a key of ACTIVATIONS
+    gated: bool = False  # v1.1 / FlanT5: act(wi_0 x) * wi_1 x
+    tie_word_embeddings: bool = True  # head = shared.T (v1.0) vs a separate lm_head (v1.1)
+    scale_decoder_outputs: bool = True  # multiply by d_model**-0.5 before the head (tied v1.0)
+    decoder_start_token_id: int = 0
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    loc_offset: int = 0  # id of <loc0>; = vocab_size when no tokenizer says otherwise
+    loc_bins: int = 0  # number of location tokens; 0: a plain T5
+    dtype: str = "float32"  # compute dtype; params are always float32
+    remat: bool = False  # rematerialise each block in the backward pass
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown T5 activation {self.activation!r}")
+        if self.loc_bins and not 0 < self.loc_offset <= self.vocab_size:
+            raise ValueError(
+                f"loc_offset {self.loc_offset} must be in 1..vocab_size ({self.vocab_size})"
+            )
+
+    @property
+    def num_logits(self) -> int:
+        """Width of the logits (and the id space): base tokens then location tokens."""
+        return self.loc_offset + self.loc_bins if self.loc_bins else self.vocab_size
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def tiny(cls, **overrides) -> T5Config:
+        """A FlanT5-shaped model small enough for unit tests and the CPU demo."""
+        base = dict(
+            vocab_size=128,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.1,
+            activation="gelu_new",
+            gated=True,
+            tie_word_embeddings=False,
+            scale_decoder_outputs=False,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def flan_t5_xl(cls, **overrides) -> T5Config:
+        """google/flan-t5-xl shapes (the LLM of the released 3D-LLM)."""
+        base = dict(
+            vocab_size=32128,
+            d_model=2048,
+            d_kv=64,
+            d_ff=5120,
+            num_layers=24,
+            num_decoder_layers=24,
+            num_heads=32,
+            activation="gelu_new",
+            gated=True,
+            tie_word_embeddings=False,
+            scale_decoder_outputs=False,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, config: dict, **overrides) -> T5Config:
+        """From a HF T5 config.json dict (v1.0 `relu`, v1.1/FlanT5 `gated-gelu`)."""
+        proj = config.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+            raise ValueError(f"unsupported feed_forward_proj {proj!r}")
+        activation = "gelu_new" if proj == "gated-gelu" else parts[-1]
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported T5 activation {activation!r} (feed_forward_proj {proj!r})"
+            )
+        tie = bool(config.get("tie_word_embeddings", True))
+        num_layers = int(config.get("num_layers", 6))
+        kwargs = dict(
+            vocab_size=int(config.get("vocab_size", 32128)),
+            d_model=int(config.get("d_model", 512)),
+            d_kv=int(config.get("d_kv", 64)),
+            d_ff=int(config.get("d_ff", 2048)),
+            num_layers=num_layers,
+            num_decoder_layers=int(config.get("num_decoder_layers") or num_layers),
+            num_heads=int(config.get("num_heads", 8)),
+            relative_attention_num_buckets=int(config.get("relative_attention_num_buckets", 32)),
+            relative_attention_max_distance=int(config.get("relative_attention_max_distance", 128)),
+            dropout_rate=float(config.get("dropout_rate", 0.1)),
+            layer_norm_epsilon=float(config.get("layer_norm_epsilon", 1e-6)),
+            activation=activation,
+            gated=len(parts) == 2,
+            tie_word_embeddings=tie,
+            # transformers >= 5 writes this flag; older configs imply it from the tying.
+            scale_decoder_outputs=bool(config.get("scale_decoder_outputs", tie)),
+            decoder_start_token_id=int(config.get("decoder_start_token_id") or 0),
+            pad_token_id=int(config.get("pad_token_id") or 0),
+            eos_token_id=int(config.get("eos_token_id") or 1),
+            loc_offset=int(config.get("vocab_size", 32128)),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _param_init(std: float, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def relative_position_buckets(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """int32 buckets of `key_pos - query_pos` exactly as HF/Mesh-TF (float32 log, truncation).
+
+    Computed with numpy at trace time: positions are static, and this keeps the buckets at the
+    float32 boundaries identical to the PyTorch reference (checked against a golden table).
+    """
+    rel = np.asarray(relative_position, np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    with np.errstate(divide="ignore"):
+        scaled = (
+            np.log(rel.astype(np.float32) / np.float32(max_exact))
+            / np.float32(math.log(max_distance / max_exact))
+            * np.float32(num_buckets - max_exact)
+        )
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return (buckets + np.where(is_small, rel, large)).astype(np.int32)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm with a scale and no bias. [..., d] -> [..., d] in the compute dtype."""
+
+    epsilon: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],)
+        )
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(self.dtype)
+        return scale.astype(self.dtype) * y
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without scaling or biases.
+
+    key_value: [B,Lk,d] -> k, v [B,Lk,H,dk];  __call__: x [B,Lq,d], k, v, bias [B|1,H,Lq,Lk] or
+    None, mask bool [B,1|H,Lq,Lk] -> [B,Lq,d].
+    """
+
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        inner = c.num_heads * c.d_kv
+        dense = partial(nn.Dense, use_bias=False, dtype=c.compute_dtype, param_dtype=jnp.float32)
+        self.q = dense(
+            inner, kernel_init=_param_init((c.d_model * c.d_kv) ** -0.5, ("embed", "heads"))
+        )
+        self.k = dense(inner, kernel_init=_param_init(c.d_model**-0.5, ("embed", "heads")))
+        self.v = dense(inner, kernel_init=_param_init(c.d_model**-0.5, ("embed", "heads")))
+        self.o = dense(c.d_model, kernel_init=_param_init(inner**-0.5, ("heads", "embed")))
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def _split(self, x):
+        return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
+
+    def key_value(self, x):
+        return self._split(self.k(x)), self._split(self.v(x))
+
+    def __call__(self, x, k, v, bias, mask, deterministic: bool):
+        q = self._split(self.q(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            scores = scores + bias.astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1)
+        weights = self.dropout(weights, deterministic=deterministic).astype(
+            self.config.compute_dtype
+        )
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.o(out.reshape(*out.shape[:2], -1))
+
+
+class T5MLP(nn.Module):
+    """[B,L,d] -> [B,L,d]: wo(act(wi x)) or wo(act(wi_0 x) * wi_1 x)."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        c = self.config
+        dense = partial(nn.Dense, use_bias=False, dtype=c.compute_dtype, param_dtype=jnp.float32)
+        act = ACTIVATIONS[c.activation]
+        wi_init = _param_init(c.d_model**-0.5, ("embed", "mlp"))
+        if c.gated:
+            h = act(dense(c.d_ff, kernel_init=wi_init, name="wi_0")(x))
+            h = h * dense(c.d_ff, kernel_init=wi_init, name="wi_1")(x)
+        else:
+            h = act(dense(c.d_ff, kernel_init=wi_init, name="wi")(x))
+        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+        return dense(c.d_model, kernel_init=_param_init(c.d_ff**-0.5, ("mlp", "embed")), name="wo")(
+            h
+        )
+
+
+class T5Block(nn.Module):
+    """One encoder block (self-attn, FFN) or decoder block (self-attn, cross-attn, FFN).
+
+    __call__: x [B,L,d], bias [1,H,L,L], mask bool [B,1,L,L], encoded [B,Le,d] | None,
+    encoder_mask bool [B,1,1,Le] | None -> [B,L,d].
+    """
+
+    config: T5Config
+    is_decoder: bool
+
+    def setup(self):
+        c = self.config
+        norm = partial(T5LayerNorm, c.layer_norm_epsilon, c.compute_dtype)
+        self.self_attn_norm = norm()
+        self.self_attn = T5Attention(c)
+        if self.is_decoder:
+            self.cross_attn_norm = norm()
+            self.cross_attn = T5Attention(c)
+        self.mlp_norm = norm()
+        self.mlp = T5MLP(c)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool):
+        h = self.self_attn_norm(x)
+        k, v = self.self_attn.key_value(h)
+        x = x + self.dropout(self.self_attn(h, k, v, bias, mask, deterministic), deterministic)
+        if self.is_decoder:
+            ck, cv = self.cross_attn.key_value(encoded)
+            x = x + self._cross(x, ck, cv, encoder_mask, deterministic)
+        return x + self._mlp(x, deterministic)
+
+    def _cross(self, x, ck, cv, encoder_mask, deterministic):
+        h = self.cross_attn_norm(x)
+        return self.dropout(
+            self.cross_attn(h, ck, cv, None, encoder_mask, deterministic), deterministic
+        )
+
+    def _mlp(self, x, deterministic):
+        return self.dropout(self.mlp(self.mlp_norm(x), deterministic), deterministic)
+
+    def cross_key_value(self, encoded):
+        """encoded [B,Le,d] -> cross-attention k, v [B,Le,H,dk] (computed once per generation)."""
+        return self.cross_attn.key_value(encoded)
+
+    def step(self, x, bias, mask, layer_cache, write, encoder_mask):
+        """One decoding position. x [B,1,d]; layer_cache k/v [B,Lmax,H,dk], cross_k/cross_v
+        [B,Le,H,dk]; write bool [B,Lmax] (the slot of this position) -> x [B,1,d], new cache."""
+        h = self.self_attn_norm(x)
+        k_new, v_new = self.self_attn.key_value(h)
+        slot = write[:, :, None, None]
+        k = jnp.where(slot, k_new.astype(layer_cache["k"].dtype), layer_cache["k"])
+        v = jnp.where(slot, v_new.astype(layer_cache["v"].dtype), layer_cache["v"])
+        x = x + self.self_attn(h, k, v, bias, mask, True)
+        x = x + self._cross(x, layer_cache["cross_k"], layer_cache["cross_v"], encoder_mask, True)
+        x = x + self._mlp(x, True)
+        return x, dict(layer_cache, k=k, v=v)
+
+
+class T5Stack(nn.Module):
+    """Encoder (bidirectional) or decoder (causal, cross-attending) stack on embeddings.
+
+    __call__: x [B,L,d], mask [B,L], encoded [B,Le,d] | None, encoder_mask [B,Le] | None
+    -> [B,L,d] after the final norm.
+    """
+
+    config: T5Config
+    is_decoder: bool
+
+    def setup(self):
+        c = self.config
+        self.relpos_bias = self.param(
+            "relpos_bias",
+            _param_init(c.d_model**-0.5, ("relpos", None)),
+            (c.relative_attention_num_buckets, c.num_heads),
+        )
+        num = c.num_decoder_layers if self.is_decoder else c.num_layers
+        # deterministic (argument 6, counting self) selects dropout: static under remat.
+        block = nn.remat(T5Block, static_argnums=(6,)) if c.remat else T5Block
+        self.block = [block(c, self.is_decoder) for _ in range(num)]
+        self.final_norm = T5LayerNorm(c.layer_norm_epsilon, c.compute_dtype)
+        self.dropout = nn.Dropout(c.dropout_rate)
+
+    def _bias(self, buckets):
+        """buckets int [..., Lq, Lk] -> bias [..., H, Lq, Lk] in float32."""
+        return jnp.moveaxis(jnp.take(self.relpos_bias, buckets, axis=0), -1, -3)
+
+    def _buckets(self, relative_position):
+        c = self.config
+        return relative_position_buckets(
+            relative_position,
+            bidirectional=not self.is_decoder,
+            num_buckets=c.relative_attention_num_buckets,
+            max_distance=c.relative_attention_max_distance,
+        )
+
+    def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool):
+        length = x.shape[1]
+        positions = np.arange(length)
+        bias = self._bias(self._buckets(positions[None, :] - positions[:, None]))[None]
+        mask = mask.astype(bool)
+        attn_mask = mask[:, None, None, :]
+        if self.is_decoder:
+            attn_mask = attn_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            encoder_mask = encoder_mask.astype(bool)[:, None, None, :]
+        x = self.dropout(x, deterministic)
+        for block in self.block:
+            x = block(x, bias, attn_mask, encoded, encoder_mask, deterministic)
+        return self.dropout(self.final_norm(x), deterministic)
+
+    def init_cache(self, encoded, encoder_mask, max_decode_len: int) -> dict:
+        c = self.config
+        batch = encoded.shape[0]
+        layers = []
+        for block in self.block:
+            ck, cv = block.cross_key_value(encoded)
+            empty = jnp.zeros((batch, max_decode_len, c.num_heads, c.d_kv), c.compute_dtype)
+            layers.append(dict(k=empty, v=empty, cross_k=ck, cross_v=cv))
+        return dict(
+            index=jnp.zeros((batch,), jnp.int32),
+            encoder_mask=encoder_mask.astype(bool),
+            layers=tuple(layers),
+        )
+
+    def step(self, x, cache):
+        """x [B,1,d] embedded token at position cache['index'] -> ([B,1,d], new cache)."""
+        max_len = cache["layers"][0]["k"].shape[1]
+        index = cache["index"]
+        keys = jnp.arange(max_len)
+        # Bucket table over every possible key - query offset; indexed with the traced position.
+        offsets = np.arange(-(max_len - 1), max_len)
+        table = jnp.asarray(self._buckets(offsets))
+        buckets = table[keys[None, :] - index[:, None] + max_len - 1]  # [B, Lmax]
+        bias = self._bias(buckets[:, None, :])  # [B, H, 1, Lmax]
+        mask = (keys[None, :] <= index[:, None])[:, None, None, :]
+        write = keys[None, :] == index[:, None]
+        encoder_mask = cache["encoder_mask"][:, None, None, :]
+        layers = []
+        for block, layer_cache in zip(self.block, cache["layers"]):
+            x, layer_cache = block.step(x, bias, mask, layer_cache, write, encoder_mask)
+            layers.append(layer_cache)
+        x = self.final_norm(x)
+        return x, dict(cache, index=index + 1, layers=tuple(layers))
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder with optional location-token rows.
+
+    __call__(input_ids | inputs_embeds [B,Le(,d)], attention_mask [B,Le], decoder_input_ids
+    [B,Ld], decoder_attention_mask [B,Ld]) -> logits float32 [B,Ld,num_logits].
+    """
+
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        self.shared = self.param(
+            "shared", _param_init(1.0, ("vocab", "embed")), (c.vocab_size, c.d_model)
+        )
+        if c.loc_bins:
+            # Small tables: replicated (None) rather than split over the vocab axis.
+            self.loc_embed = self.param(
+                "loc_embed", _param_init(1.0, (None, "embed")), (c.loc_bins, c.d_model)
+            )
+        if not c.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                _param_init(c.d_model**-0.5, ("embed", "vocab")),
+                (c.d_model, c.vocab_size),
+            )
+            if c.loc_bins:
+                self.loc_head = self.param(
+                    "loc_head",
+                    _param_init(c.d_model**-0.5, ("embed", None)),
+                    (c.d_model, c.loc_bins),
+                )
+        self.encoder = T5Stack(c, is_decoder=False)
+        self.decoder = T5Stack(c, is_decoder=True)
+
+    def embed(self, ids):
+        """ids int [B,L] (base ids below loc_offset, location ids after) -> [B,L,d]."""
+        c = self.config
+        if not c.loc_bins:
+            x = jnp.take(self.shared, ids, axis=0)
+        else:
+            is_loc = ids >= c.loc_offset
+            base = jnp.take(self.shared, jnp.where(is_loc, 0, ids), axis=0)
+            loc = jnp.take(self.loc_embed, jnp.clip(ids - c.loc_offset, 0, c.loc_bins - 1), axis=0)
+            x = jnp.where(is_loc[..., None], loc, base)
+        return x.astype(c.compute_dtype)
+
+    def logits(self, h):
+        """Decoder output [..., d] -> float32 logits [..., num_logits]."""
+        c = self.config
+        if c.scale_decoder_outputs:
+            h = h * (c.d_model**-0.5)
+        h = h.astype(c.compute_dtype)
+        project = partial(jnp.einsum, preferred_element_type=jnp.float32)
+        if c.tie_word_embeddings:
+            base = project("...d,vd->...v", h, self.shared.astype(c.compute_dtype))
+        else:
+            base = project("...d,dv->...v", h, self.lm_head.astype(c.compute_dtype))
+        if not c.loc_bins:
+            return base
+        if c.tie_word_embeddings:
+            loc = project("...d,vd->...v", h, self.loc_embed.astype(c.compute_dtype))
+        else:
+            loc = project("...d,dv->...v", h, self.loc_head.astype(c.compute_dtype))
+        return jnp.concatenate([base[..., : c.loc_offset], loc], axis=-1)
+
+    def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, deterministic=True):
+        """-> encoder output [B,Le,d]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        x = x.astype(self.config.compute_dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones(x.shape[:2], bool)
+        return self.encoder(x, attention_mask, None, None, deterministic)
+
+    def decode(
+        self,
+        encoded,
+        encoder_mask,
+        decoder_input_ids,
+        decoder_attention_mask=None,
+        deterministic=True,
+    ):
+        """Teacher-forced decoder: -> logits [B,Ld,num_logits]."""
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones(decoder_input_ids.shape, bool)
+        x = self.embed(decoder_input_ids)
+        h = self.decoder(x, decoder_attention_mask, encoded, encoder_mask, deterministic)
+        return self.logits(h)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        inputs_embeds=None,
+        deterministic: bool = True,
+    ):
+        encoded = self.encode(input_ids, attention_mask, inputs_embeds, deterministic)
+        if attention_mask is None:
+            attention_mask = jnp.ones(encoded.shape[:2], bool)
+        return self.decode(
+            encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic
+        )
+
+    def init_cache(self, encoded, encoder_mask, max_decode_len: int) -> dict:
+        """Decoding cache: index [B], encoder_mask [B,Le], per layer k/v [B,Lmax,H,dk] and the
+        cross-attention k/v [B,Le,H,dk]."""
+        return self.decoder.init_cache(encoded, encoder_mask, max_decode_len)
+
+    def decode_step(self, cache, token_ids):
+        """token_ids int [B] at position cache['index'] -> (logits [B,num_logits], new cache)."""
+        x = self.embed(token_ids[:, None])
+        h, cache = self.decoder.step(x, cache)
+        return self.logits(h[:, 0]), cache
+
+
+def shift_right(ids, start_token_id: int = 0):
+    """Decoder inputs for teacher forcing: [start, ids[:, :-1]] ([B,L] -> [B,L])."""
+    start = jnp.full((ids.shape[0], 1), start_token_id, ids.dtype)
+    return jnp.concatenate([start, ids[:, :-1]], axis=1)
+
+
+def abstract_params(module: nn.Module, **inputs) -> dict:
+    """ShapeDtypeStruct tree of `module`'s params (no memory, no compute)."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
+    return nn.unbox(shapes)["params"]
+
+
+def init_location_rows(base: np.ndarray, bins: int, seed: int = 0) -> np.ndarray:
+    """New rows [bins, d] for location tokens: the mean of `base` rows [V, d] plus a little
+    per-dimension noise (10% of the rows' std), so the new tokens start in-distribution and
+    distinct from each other."""
+    base = np.asarray(base, np.float32)
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((bins, base.shape[1])).astype(np.float32)
+    return base.mean(0) + 0.1 * base.std(0) * noise
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    loc_bins: int = 0,
+    loc_offset: int | None = None,
+    dtype: str = "float32",
+) -> tuple[T5, dict]:
+    """(module, params) from a local HF T5 / FlanT5 directory (config.json + safetensors).
+
+    With `loc_bins > 0` the model gains location-token rows (ids loc_offset.., default
+    loc_offset = vocab_size), initialised by `init_location_rows`.
+    """
+    from llm3d_jax.convert.hf import read_hf_dir
+    from llm3d_jax.convert.t5 import t5_params
+
+    config, tensors = read_hf_dir(path)
+    arch = config.get("architectures") or ["T5ForConditionalGeneration"]
+    if config.get("model_type") not in (None, "t5") or arch[0] != "T5ForConditionalGeneration":
+        raise InputError(
+            os.path.join(os.fspath(path), "config.json"),
+            f"unsupported architecture {arch[0]} (model_type {config.get('model_type')}); "
+            "expected T5ForConditionalGeneration",
+        )
+    return t5_params(
+        config,
+        tensors,
+        source=os.fspath(path),
+        loc_bins=loc_bins,
+        loc_offset=loc_offset,
+        dtype=dtype,
+    )
