@@ -81,7 +81,12 @@ def parse_args(argv):
         "--num-views", type=int, default=4, help="chatcaptioner: views asked about per scene"
     )
     g.add_argument("--rounds", type=int, default=3, help="chatcaptioner: questions per view")
-    g.add_argument("--to-task", default="qa", help="revision: task to rewrite into")
+    g.add_argument(
+        "--to-task",
+        default="qa",
+        choices=sorted({t for _, t in revision.REWRITES}),
+        help="revision: task to rewrite into",
+    )
     g.add_argument(
         "--input",
         help="revision: records to rewrite (default: each scene's template captions); import: the dataset file",
@@ -122,7 +127,12 @@ def parse_args(argv):
     g.add_argument(
         "--task", default="qa", choices=TASKS, help="3dllm: task of the imported records"
     )
-    g.add_argument("--split", default="train", help="import: meta.split of every imported record")
+    g.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "val"),
+        help="import: meta.split of every imported record",
+    )
     args = p.parse_args(argv)
     if not args.out.endswith(".jsonl"):
         raise InputError(args.out, "--out must name a .jsonl file")
@@ -441,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dataset:
         return import_dataset(args)
     args.procedure = args.procedure or ("offline" if args.backend == "offline" else "boxes_demo")
+    if args.procedure == "offline" and args.backend == "openai":
+        raise InputError(
+            None,
+            "--procedure offline uses no LLM; drop --backend openai or pick a prompting procedure",
+        )
     return generate(args)
 
 

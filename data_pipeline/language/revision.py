@@ -3,8 +3,8 @@
 Supported rewrites: captions into QA (questions the description answers) and dense captions into
 QA about the located object (its category and colour, keeping its `<box>` in the question). The
 LLM sees only the annotation, never the scene, so every new answer is a fact the annotation
-states. New records keep the scene, object ids and split of their source and point to it with
-`meta.revised_from`.
+states. New records keep the scene and object ids of their source and point to it with
+`meta.revised_from` (the command line assigns splits by scene afterwards).
 """
 
 from __future__ import annotations
