@@ -183,6 +183,19 @@ def test_revision_and_chatcaptioner_from_the_command_line(scenes, tmp_path):
             ["--scenes", "{scenes}", "--val-fraction", "1.5", "--out", "{tmp}/r.jsonl"],
             "error: --val-fraction must be in [0, 1), got 1.5",
         ),
+        (
+            [
+                "--scenes",
+                "{scenes}",
+                "--backend",
+                "openai",
+                "--procedure",
+                "offline",
+                "--out",
+                "{tmp}/r.jsonl",
+            ],
+            "error: --procedure offline uses no LLM",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_errors(scenes, tmp_path, args, message):
