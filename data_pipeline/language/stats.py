@@ -74,8 +74,9 @@ def histogram_png(records: Sequence[dict], path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     bottom = np.zeros(len(edges) - 1)
     labels = [
-        f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])
+        f"{lo}" if hi - lo == 1 else f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-2], edges[1:-1])
     ]
+    labels.append(f"{edges[-2]}+")
     for task in TASKS:
         if not lengths[task]:
             continue
