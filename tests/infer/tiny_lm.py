@@ -1,8 +1,10 @@
 """A tiny decoder-only stand-in with the generation interface of `llm3d_jax.model.llm3d`.
 
 Tests only: the decoding loops are checked against it independently of the real model. Sequence
-= [prompt (padded, masked); answer]; one causal attention layer with learned positions; the
-masked mean of the point features is added to every position so the scene matters.
+= [prompt (right-padded, masked); answer]; one causal attention layer with learned positions; the
+masked mean of the point features is added to every position so the scene matters. Like a real
+decoder-only LLM with right-padded prompts, answer positions continue after the last real prompt
+token and the first answer token is scored there, so trailing prompt padding changes nothing.
 
     module.apply({"params": p}, features, voxels, point_mask, prompt_ids, prompt_mask,
                  answer_ids, answer_mask, deterministic=True) -> logits [B,La,V]
@@ -62,17 +64,26 @@ class TinyLM(nn.Module):
     ):
         del voxels, answer_mask, deterministic
         lp, la = prompt_ids.shape[1], answer_ids.shape[1]
+        n = jnp.sum(prompt_mask, 1).astype(jnp.int32)  # real prompt tokens per row
         ids = jnp.concatenate([prompt_ids, answer_ids], 1)
-        h = self.hidden(ids, jnp.arange(lp + la), self.scene_vector(features, point_mask))
+        positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(lp), (len(n), lp)), n[:, None] + jnp.arange(la)], 1
+        )
+        h = self.hidden(ids, positions, self.scene_vector(features, point_mask))
         valid = jnp.concatenate([prompt_mask.astype(bool), jnp.ones_like(answer_ids, bool)], 1)
         causal = jnp.tril(jnp.ones((lp + la, lp + la), bool))
         logits = self.attend(h, self.k(h), self.v(h), causal[None] & valid[:, None, :])
-        return logits[:, lp - 1 : lp - 1 + la]
+        # Answer token t is scored at the previous token: the last real prompt token for t = 0.
+        where = jnp.concatenate(
+            [n[:, None] - 1, lp + jnp.arange(la - 1)[None].repeat(len(n), 0)], 1
+        )
+        return jnp.take_along_axis(logits, where[:, :, None], 1)
 
     def prefill(self, features, point_mask, prompt_ids, prompt_mask, max_decode_len):
         b, lp = prompt_ids.shape
+        n = jnp.sum(prompt_mask, 1).astype(jnp.int32)
         scene = self.scene_vector(features, point_mask)
-        h = self.hidden(prompt_ids, jnp.arange(lp), scene)
+        h = self.hidden(prompt_ids, jnp.broadcast_to(jnp.arange(lp), (b, lp)), scene)
         size = lp + max_decode_len
         pad = ((0, 0), (0, max_decode_len), (0, 0))
         keys, values = jnp.pad(self.k(h), pad), jnp.pad(self.v(h), pad)
@@ -80,21 +91,33 @@ class TinyLM(nn.Module):
         causal = jnp.tril(jnp.ones((lp, size), bool))
         logits = self.attend(h, keys, values, causal[None] & valid[:, None, :])
         cache = dict(
-            scene=scene, keys=keys, values=values, valid=valid, index=jnp.full((b,), lp, jnp.int32)
+            scene=scene,
+            keys=keys,
+            values=values,
+            valid=valid,
+            index=jnp.full((b,), lp, jnp.int32),
+            position=n,
         )
-        return cache, logits[:, -1]
+        return cache, jnp.take_along_axis(logits, (n - 1)[:, None, None], 1)[:, 0]
 
     def decode_step(self, cache, token_ids):
         b = token_ids.shape[0]
         index = cache["index"]
-        h = self.hidden(token_ids[:, None], index[:, None], cache["scene"])  # [B,1,W]
+        h = self.hidden(token_ids[:, None], cache["position"][:, None], cache["scene"])  # [B,1,W]
         rows = jnp.arange(b)
         keys = cache["keys"].at[rows, index].set(self.k(h)[:, 0])
         values = cache["values"].at[rows, index].set(self.v(h)[:, 0])
         valid = cache["valid"].at[rows, index].set(True)
         visible = valid & (jnp.arange(valid.shape[1])[None] <= index[:, None])
         logits = self.attend(h, keys, values, visible[:, None, :])
-        cache = dict(scene=cache["scene"], keys=keys, values=values, valid=valid, index=index + 1)
+        cache = dict(
+            scene=cache["scene"],
+            keys=keys,
+            values=values,
+            valid=valid,
+            index=index + 1,
+            position=cache["position"] + 1,
+        )
         return logits[:, 0], cache
 
 
