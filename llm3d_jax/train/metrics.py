@@ -64,7 +64,7 @@ def _attention_flops(q_len, kv_len, width):
 
 def _t5_flops(t5, enc_len, dec_len):
     inner = t5.num_heads * t5.d_kv
-    ffn_mats = 3 if t5.is_gated_act else 2
+    ffn_mats = 3 if t5.gated else 2
     enc_layer = (
         2 * enc_len * 4 * t5.d_model * inner
         + _attention_flops(enc_len, enc_len, inner)
@@ -78,7 +78,7 @@ def _t5_flops(t5, enc_len, dec_len):
         + _attention_flops(dec_len, enc_len, inner)
         + 2 * dec_len * ffn_mats * t5.d_model * t5.d_ff
     )
-    lm_head = 2 * dec_len * t5.d_model * t5.vocab_size
+    lm_head = 2 * dec_len * t5.d_model * t5.num_logits
     return t5.num_layers * enc_layer + t5.num_decoder_layers * dec_layer + lm_head
 
 
@@ -94,17 +94,30 @@ def _qformer_flops(qf, num_queries, num_points):
     return qf.num_hidden_layers * per_layer + num_cross * cross
 
 
-def llm3d_flops(cfg, num_points: int, prompt_len: int, answer_len: int) -> float:
-    """Training FLOPs of one example: 3 x the forward matmul FLOPs (forward, and a backward pass
-    of twice that), the usual MFU convention, counted for the whole model whether frozen or not.
-    `cfg` is an `LLM3DConfig` with a T5 LLM."""
-    q = cfg.num_query_tokens
+def llm3d_flops(qformer, t5, num_points: int, prompt_len: int, answer_len: int) -> float:
+    """Training FLOPs of one example of a Q-Former + T5 3D-LLM (`QFormerConfig`, `T5Config`):
+    3 x the forward matmul FLOPs (a backward pass costs twice the forward), the usual MFU
+    convention, counted for the whole model whether a weight is frozen or not."""
+    q = qformer.num_query_tokens
     forward = (
-        _qformer_flops(cfg.qformer, q, num_points)
-        + 2 * q * cfg.qformer.hidden_size * cfg.llm.d_model
-        + _t5_flops(cfg.llm, q + prompt_len, answer_len)
+        _qformer_flops(qformer, q, num_points)
+        + 2 * q * qformer.hidden_size * t5.d_model
+        + _t5_flops(t5, q + prompt_len, answer_len)
     )
     return 3.0 * forward
+
+
+def format_memory(stats) -> str:
+    """XLA's `compiled.memory_analysis()` in GiB (None on backends that do not report it)."""
+    if stats is None:
+        return "not reported by this backend"
+    gib = 1 << 30
+    return (
+        f"arguments {stats.argument_size_in_bytes / gib:.3f} GiB, "
+        f"outputs {stats.output_size_in_bytes / gib:.3f} GiB, "
+        f"temporaries {stats.temp_size_in_bytes / gib:.3f} GiB, "
+        f"aliased (donated) {stats.alias_size_in_bytes / gib:.3f} GiB"
+    )
 
 
 class MetricWriter:

@@ -84,3 +84,6 @@ class SyntheticBatches:
 
     def set_state(self, state: dict) -> None:
         self.index = int(state["index"])
+
+    def reset(self) -> None:
+        self.index = 0

@@ -1,0 +1,56 @@
+"""Demo: a tiny random-init 3D-LLM trained on the demo data on a laptop CPU in a few minutes.
+
+    python experiments/train.py --config experiments/configs/demo.py --workdir RUN \
+        --config.data_dir=demo_out/tfds
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 300
+    c.batch_size = 8
+    c.microbatches = 1  # gradient accumulation: batch_size / microbatches rows per pass
+    c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1: all remaining devices
+
+    c.data_source = "tfds"  # "tfds" (data_dir from python -m data_pipeline.tfds) or "synthetic"
+    c.data_dir = "demo_out/tfds"
+    c.tokenizer = "demo_out/tokenizer"  # HF tokenizer directory for the random-init model
+    c.data = ml_collections.ConfigDict(
+        dict(
+            datasets="synthetic",
+            num_points=256,
+            prompt_len=32,
+            answer_len=24,
+            features_dtype="float32",
+        )
+    )
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""  # a BLIP-2 / exported model directory; "" = random init of `preset`
+    c.model.preset = "tiny"  # an LLM3DConfig constructor
+    c.model.dtype = "float32"  # compute dtype; params stay float32
+    c.model.remat = False
+    c.trainable = ()  # regexes over parameter paths; () = the model's default table
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=20,
+            b1=0.9,
+            b2=0.999,
+            weight_decay=0.05,
+            grad_clip=1.0,
+        )
+    )
+
+    c.log_every = 10
+    c.eval_every = 100  # 0: no validation
+    c.eval_steps = 2
+    c.eval_batch_size = 8
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    return c
