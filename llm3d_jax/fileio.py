@@ -60,6 +60,14 @@ def save_npz_atomic(path: str | os.PathLike, **arrays: Any) -> None:
     _atomic(path, write)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
