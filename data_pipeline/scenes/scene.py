@@ -60,10 +60,6 @@ class Scene:
     objects: list[SceneObject]
     meta: dict = dataclasses.field(default_factory=dict)
 
-    def face_instance(self) -> np.ndarray:
-        """int32 [F]: object id of each triangle, taken from its first vertex."""
-        return self.instance[self.faces[:, 0]]
-
     def save(self, directory: str | os.PathLike) -> str:
         """Writes `<directory>/<scene_id>.npz` atomically and byte-deterministically."""
         arrays = {
