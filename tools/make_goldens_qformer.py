@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from transformers import (
     AutoTokenizer,
     BertModel,
@@ -32,6 +34,32 @@ from transformers import (
 )
 
 SENTENCES = ["A brown wooden chair stands next to the white table.", "Where is the lamp?"]
+
+
+def save_blip2(model, path: str) -> None:
+    """save_pretrained, plus an untied FlanT5-style `lm_head` (transformers 5 builds the T5 head
+    tied and would not write it; released BLIP-2 FlanT5 checkpoints carry their own)."""
+    model.save_pretrained(path)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for k in (
+        "language_model.encoder.embed_tokens.weight",
+        "language_model.decoder.embed_tokens.weight",
+    ):
+        state.pop(k, None)
+    d_model = state["language_model.shared.weight"].shape[1]
+    state["language_model.lm_head.weight"] = (
+        torch.randn(
+            state["language_model.shared.weight"].shape, generator=torch.Generator().manual_seed(3)
+        )
+        * d_model**-0.5
+    )
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"]["tie_word_embeddings"] = False
+    config["text_config"].pop("scale_decoder_outputs", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def blip2_tiny(out: str) -> None:
@@ -79,7 +107,7 @@ def blip2_tiny(out: str) -> None:
                     p.copy_(1.0 + 0.2 * torch.randn_like(p))
                 else:
                     p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(os.path.join(out, "blip2_tiny"))
+    save_blip2(model, os.path.join(out, "blip2_tiny"))
 
     states = torch.randn(2, 10, 24)
     mask = torch.ones(2, 10, dtype=torch.long)

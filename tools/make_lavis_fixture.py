@@ -9,6 +9,8 @@ Files:
                               Parameters; the .npz holds the same numbers (bf16 as float32).
   unsafe.pth                  a checkpoint whose "config" is an `argparse.Namespace` (a non-tensor
                               pickle global, as some training scripts save): must be refused.
+  lavis_tiny_io.npz           inputs and the reference 3D-LLM forward (Q-Former output, logits)
+                              with those weights, computed by transformers' modules
   lavis_tiny.pth / .npz       the released 3D-LLM layout (`Qformer.bert.*`, `query_tokens`,
                               `t5_proj.*`, `t5_model.*`; trainable weights only, wrapped in
                               `{"model": ..., "optimizer": ..., "epoch": ...}`) for a tiny model
@@ -24,6 +26,7 @@ import os
 
 import numpy as np
 import torch
+from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 
 def tensors_fixture(out: str) -> None:
@@ -124,6 +127,74 @@ def lavis_fixture(out: str, base_dir: str) -> None:
         loc_bins=np.int32(LOC_BINS),
         **{k: v.numpy() for k, v in state.items()},
     )
+    np.savez(os.path.join(out, "lavis_tiny_io.npz"), **reference_forward(base_dir, state))
+
+
+def position_embedding(voxels: np.ndarray, dim: int) -> np.ndarray:
+    """The released code's table (positional_encodings.PositionalEncoding1D), 3 axes, 0-padded."""
+    from positional_encodings.torch_encodings import PositionalEncoding1D
+
+    c = dim // 3
+    table = PositionalEncoding1D(c)(torch.zeros(1, 256, c))[0].numpy()
+    pe = np.concatenate([table[voxels[..., i]] for i in range(3)], axis=-1)
+    return np.pad(pe, [(0, 0)] * (pe.ndim - 1) + [(0, dim - 3 * c)]).astype(np.float32)
+
+
+def reference_forward(base_dir: str, state: dict) -> dict[str, np.ndarray]:
+    """The released 3D-LLM forward with the fixture's weights, in transformers' modules:
+    features + 0.01 pe -> Q-Former -> t5_proj -> T5 (exact-GELU FFN, as LAVIS sets
+    `dense_act_fn = "gelu"`; vocabulary resized to len(tokenizer) + <loc> rows) -> logits."""
+    config = Blip2Config.from_pretrained(base_dir)
+    config.text_config.dense_act_fn = "gelu"
+    model = Blip2ForConditionalGeneration.from_pretrained(base_dir, config=config).eval()
+    model.language_model.resize_token_embeddings(LOC_OFFSET + LOC_BINS)
+    hf_state = {k: state[lavis_name(k)] for k in model.state_dict() if lavis_name(k) in state}
+    result = model.load_state_dict(hf_state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    with torch.no_grad():
+        model.language_model.shared.weight.copy_(state["t5_model.shared.weight"])
+        model.language_model.lm_head.weight.copy_(state["t5_model.lm_head.weight"])
+
+    rng = np.random.default_rng(5)
+    b, n, lp, la, dim = 2, 10, 5, 6, config.qformer_config.encoder_hidden_size
+    point_mask = np.ones((b, n), np.int64)
+    point_mask[1, 6:] = 0
+    prompt_mask = np.ones((b, lp), np.int64)
+    prompt_mask[1, 3:] = 0
+    answer_mask = np.ones((b, la), np.int64)
+    answer_mask[0, 5:] = 0
+    io = dict(
+        features=rng.standard_normal((b, n, dim)).astype(np.float32),
+        voxels=rng.integers(0, 256, (b, n, 3)).astype(np.int32),
+        point_mask=point_mask,
+        prompt_ids=rng.integers(2, LOC_OFFSET, (b, lp)) * prompt_mask,
+        prompt_mask=prompt_mask,
+        # answers mix words and location tokens (ids LOC_OFFSET..), as grounding answers do
+        answer_ids=rng.integers(2, LOC_OFFSET + LOC_BINS, (b, la)) * answer_mask,
+        answer_mask=answer_mask,
+    )
+    t = {k: torch.from_numpy(v) for k, v in io.items()}
+    states = torch.from_numpy(io["features"] + 0.01 * position_embedding(io["voxels"], dim))
+    with torch.no_grad():
+        queries = model.qformer(
+            query_embeds=model.query_tokens.expand(b, -1, -1),
+            encoder_hidden_states=states,
+            encoder_attention_mask=t["point_mask"],
+        ).last_hidden_state
+        projected = model.language_projection(queries)
+        lm = model.language_model
+        embeds = torch.cat([projected, lm.get_input_embeddings()(t["prompt_ids"])], dim=1)
+        mask = torch.cat([torch.ones(b, projected.shape[1], dtype=torch.long), t["prompt_mask"]], 1)
+        decoder_ids = torch.cat([torch.zeros(b, 1, dtype=torch.long), t["answer_ids"][:, :-1]], 1)
+        logits = lm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            decoder_input_ids=decoder_ids,
+            decoder_attention_mask=t["answer_mask"],
+        ).logits
+    io["query_output"] = queries.numpy()
+    io["logits"] = logits.numpy()
+    return io
 
 
 def main() -> None:
