@@ -9,6 +9,10 @@ renderer casts exactly those rays (with d_cam's z = 1, the hit distance is the z
 
 writes VIEWS/<scene_id>.npz (the `Views` file of docs/architecture.md) and VIEWS/<scene_id>.png
 (contact sheet: rgb, depth and instance rows). A scene that fails is reported and skipped.
+
+    python -m data_pipeline.render --rgbd FRAMES --out VIEWS [--scene-id ID --align SCENE.txt --frame-step N]
+
+turns a real RGB-D sequence in ScanNet's export layout into the same views file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import open3d as o3d
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data_pipeline.scenes.scannet import read_axis_alignment
 from data_pipeline.scenes.scene import Scene, write_bytes_atomic
 from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic
 
@@ -603,7 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scenes", required=True, help="folder of scene .npz files (or one file)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scenes", help="folder of scene .npz files (or one file)")
+    source.add_argument(
+        "--rgbd", help="a ScanNet RGB-D export (color/ depth/ pose/ intrinsic/) to turn into views"
+    )
     parser.add_argument(
         "--out", required=True, help="folder for <scene_id>.npz views and .png sheets"
     )
@@ -617,9 +626,26 @@ def main(argv: list[str] | None = None) -> int:
         "--cameras",
         help='JSON [{"eye": [x,y,z], "target": [x,y,z]}, ...]: render these instead of sampling',
     )
+    parser.add_argument("--scene-id", help="--rgbd: scene id (default: the folder name)")
+    parser.add_argument("--align", help="--rgbd: the scan's <scene_id>.txt with its axisAlignment")
+    parser.add_argument("--frame-step", type=int, default=1, help="--rgbd: keep every n-th frame")
     args = parser.parse_args(argv)
-    if args.views < 1 or args.width < 2 or args.height < 2:
-        raise InputError(None, "--views must be >= 1 and --width/--height >= 2")
+    if args.views < 1 or args.width < 2 or args.height < 2 or args.frame_step < 1:
+        raise InputError(None, "--views, --frame-step must be >= 1 and --width/--height >= 2")
+    if args.rgbd:
+        align = read_axis_alignment(args.align) if args.align else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            views = read_scannet_frames(
+                args.rgbd, args.scene_id, args.frame_step, axis_alignment=align
+            )
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        sheet = contact_sheet_png(views)
+        views.save(args.out)
+        write_bytes_atomic(os.path.join(args.out, f"{views.scene_id}.png"), sheet)
+        print(f"wrote {len(views.depth)} frames of {views.scene_id} into {args.out}")
+        return 0
     if os.path.isdir(args.scenes):
         paths = sorted(glob.glob(os.path.join(args.scenes, "*.npz")))
     elif os.path.isfile(args.scenes):

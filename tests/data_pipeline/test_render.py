@@ -259,6 +259,23 @@ def test_scannet_rgbd_frames_read_as_views():
     assert np.abs(views.rgb[chair].astype(int) - [200, 40, 40]).mean() < 40
 
 
+def test_render_cli_rgbd_frames(tmp_path, capsys):
+    frames, txt = os.path.join(FIXTURE, "frames"), os.path.join(FIXTURE, "scene0000_00.txt")
+    argv = ["--rgbd", frames, "--scene-id", "scene0000_00", "--align", txt, "--out", str(tmp_path)]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0 and "wrote 2 frames" in out
+    assert (
+        err == f"warning: {os.path.join(frames, 'pose', '2.txt')}: non-finite pose, frame skipped\n"
+    )
+    views = render.Views.load(tmp_path / "scene0000_00.npz")
+    with pytest.warns(UserWarning, match="non-finite pose"):
+        expected = render.read_scannet_frames(
+            frames, axis_alignment=scannet.read_axis_alignment(txt)
+        )
+    np.testing.assert_array_equal(views.cam_to_world, expected.cam_to_world)
+    assert (tmp_path / "scene0000_00.png").exists()
+
+
 def test_scannet_frames_bad_input(tmp_path):
     with pytest.raises(InputError, match="no depth/"):
         render.read_scannet_frames(str(tmp_path))
