@@ -275,8 +275,8 @@ def room_cameras(raycaster: Raycaster, num_views: int, rng: np.random.Generator)
     """[V,4,4] cameras at eye height inside the room, each looking at an object (cycled in random order).
 
     Cameras stay `SAMPLED_CLEARANCE` away from every surface and outside every object; a
-    camera is kept only if its central ray sees the object it looks at (after many failed
-    tries, any free camera looking towards the object is kept).
+    camera is kept only if 4 of 5 rays around the middle of its view hit the object it looks at
+    (after many failed tries, any free camera looking towards the object is kept).
     """
     scene = raycaster.scene
     room = np.array(
@@ -348,7 +348,9 @@ def orbit_cameras(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """[V,4,4] cameras on a circle around `box` (an AABB [6]), 15 to 40 degrees above it, the whole
-    box in view; in a room, a camera that would sit in geometry moves closer."""
+    box in view; in a room, a camera that would sit in geometry or outside the room moves closer."""
+    room = raycaster.scene.meta.get("room")
+    room_lo, room_hi = (np.array(room[:3]), np.array(room[3:])) if room else (-np.inf, np.inf)
     centre = (box[:3] + box[3:]) / 2
     radius = max(float(np.linalg.norm(box[3:] - box[:3])) / 2, 1e-3)
     half_fov = min(np.arctan(width / 2 / K[0, 0]), np.arctan(height / 2 / K[1, 1]))
@@ -357,21 +359,24 @@ def orbit_cameras(
     for view in range(num_views):
         azimuth = 2 * np.pi * (view + rng.uniform(-0.2, 0.2)) / num_views
         elevation = np.radians(rng.uniform(15, 40))
-        d = distance
         pose = None
-        while d > 1.2 * radius:
-            offset = np.array(
-                [
-                    np.cos(elevation) * np.cos(azimuth),
-                    np.cos(elevation) * np.sin(azimuth),
-                    np.sin(elevation),
-                ]
+        # Blocked (a wall, a shelf next to the object): come closer, then turn a little, then
+        # look from higher up.
+        candidates = (
+            (d, azimuth + turn, lift)
+            for d in distance * 0.85 ** np.arange(10)
+            if d > 1.05 * radius
+            for turn in np.pi / 8 * np.array([0, 1, -1, 2, -2])
+            for lift in (elevation, np.radians(60))
+        )
+        for d, az, el in candidates:
+            eye = centre + d * np.array(
+                [np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)]
             )
-            eye = centre + d * offset
-            if raycaster.camera_problem(eye, min(SAMPLED_CLEARANCE, 0.2 * d)) is None:
+            in_room = np.all((eye > room_lo) & (eye < room_hi))
+            if in_room and raycaster.camera_problem(eye, min(SAMPLED_CLEARANCE, 0.2 * d)) is None:
                 pose = look_at(eye, centre)
                 break
-            d *= 0.85
         if pose is None:
             raise InputError(
                 raycaster.scene.scene_id, f"no free camera position for orbit view {view}"
