@@ -90,25 +90,40 @@ class TextEncoder:
         return [*cut_outside_runs(self._ids(text), max_len - 1, self.is_loc), self.eos_id]
 
 
-def sample_points(scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32):
-    """-> features `dtype` [P,D], voxels int32 [P,3], mask bool [P] with P = num_points.
-
-    More points than `num_points`: a random subset (rng is seeded per example); fewer: all of
-    them, zero-padded, mask False on the padding. Features are converted from the stored fp16 in
-    the same pass that gathers or pads them (at 5000 x 1408 the copies are the cost).
-    """
-    stored = scene["features"]
-    n = len(stored)
-    features = np.zeros((num_points, stored.shape[1]), dtype)
-    voxels = np.zeros((num_points, 3), np.int32)
+def choose_points(n: int, num_points: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted rows of a random subset when the scene has more than `num_points`, else None (all
+    rows, zero-padded). `rng` is seeded per example, so the subset is reproducible."""
     if n > num_points:
-        keep = np.sort(rng.choice(n, num_points, replace=False))
-        features[:] = stored[keep]
+        return np.sort(rng.choice(n, num_points, replace=False))
+    return None
+
+
+def fill_points(scene: dict, keep: np.ndarray | None, features, voxels) -> np.ndarray:
+    """Writes the chosen points into `features` [P,D] / `voxels` [P,3] (any dtypes, converted in
+    the same pass: at 5000 x 1408 the copies are the cost) and returns the mask bool [P]."""
+    num_points = len(features)
+    if keep is not None:
+        features[:] = scene["features"][keep]
         voxels[:] = scene["voxels"][keep]
-        return features, voxels, np.ones(num_points, bool)
-    features[:n] = stored
+        return np.ones(num_points, bool)
+    n = len(scene["features"])
+    features[:n] = scene["features"]
+    features[n:] = 0
     voxels[:n] = scene["voxels"]
-    return features, voxels, np.arange(num_points) < n
+    voxels[n:] = 0
+    return np.arange(num_points) < n
+
+
+def sample_points(scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32):
+    """-> features `dtype` [P,D], voxels int32 [P,3], mask bool [P] for one scene (P = num_points).
+
+    More points than `num_points`: a random subset; fewer: all of them, zero-padded, mask False
+    on the padding. (The pipeline does the same per batch row, in `Preprocess.collate`.)
+    """
+    features = np.empty((num_points, scene["features"].shape[1]), dtype)
+    voxels = np.empty((num_points, 3), np.int32)
+    keep = choose_points(len(scene["features"]), num_points, rng)
+    return features, voxels, fill_points(scene, keep, features, voxels)
 
 
 @dataclass(frozen=True)
@@ -138,13 +153,9 @@ class Preprocess:
             tokens.placeholders_to_tokens(answer, origin, voxel, self.encoder.loc_bins),
             self.answer_len,
         )
-        features, voxels, point_mask = sample_points(
-            scene, self.num_points, rng, self.features_dtype
-        )
         return {
-            "features": features,
-            "voxels": voxels,
-            "point_mask": point_mask,
+            # Points are gathered straight into the batch array by `collate`: no per-example copy.
+            "points": (scene, choose_points(len(scene["features"]), self.num_points, rng)),
             "prompt_ids": _pad(prompt_ids, self.prompt_len, self.encoder.pad_id),
             "prompt_mask": np.arange(self.prompt_len) < len(prompt_ids),
             "answer_ids": _pad(answer_ids, self.answer_len, self.encoder.pad_id),
@@ -164,14 +175,22 @@ class Preprocess:
             },
         }
 
+    def collate(self, examples: list[dict]) -> tuple[dict, list[dict]]:
+        """Examples -> (host arrays {key: [b, ...]}, metadata list in row order)."""
+        b, dim = len(examples), examples[0]["points"][0]["features"].shape[1]
+        features = np.empty((b, self.num_points, dim), self.features_dtype)
+        voxels = np.empty((b, self.num_points, 3), np.int32)
+        point_mask = np.stack(
+            [fill_points(*e["points"], features[i], voxels[i]) for i, e in enumerate(examples)]
+        )
+        arrays = {"features": features, "voxels": voxels, "point_mask": point_mask}
+        arrays.update(
+            {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS if k not in arrays}
+        )
+        return arrays, [e["meta"] for e in examples]
+
 
 def _pad(ids: list[int], length: int, pad_id: int) -> np.ndarray:
     out = np.full(length, pad_id, np.int32)
     out[: len(ids)] = ids
     return out
-
-
-def collate(examples: list[dict]) -> tuple[dict, list[dict]]:
-    """Examples -> (host arrays {key: [b, ...]}, metadata list in row order)."""
-    arrays = {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS}
-    return arrays, [e["meta"] for e in examples]

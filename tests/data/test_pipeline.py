@@ -200,6 +200,11 @@ def test_global_arrays_on_mesh_and_bfloat16(env):
         assert v.sharding.spec[0] == ("data", "fsdp") and len(v.sharding.device_set) == 8
         np.testing.assert_array_equal(np.asarray(v), host[k])
     assert batch["features"].dtype == ml_dtypes.bfloat16
+    # float16: the stored values, unconverted; float32 holds exactly the same numbers.
+    half = _take(_train(env, batch_size=8, features_dtype="float16"), 1)[0][0]["features"]
+    full = _take(_train(env, batch_size=8), 1)[0][0]["features"]
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half.astype(np.float32), full)
 
 
 def test_bad_arguments(env):
