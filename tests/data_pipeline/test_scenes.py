@@ -141,6 +141,7 @@ def test_scene_file_bad_input(tmp_path):
 def test_scannet_fixture_boxes_are_the_hand_computed_aligned_boxes():
     scene = scannet.load_scannet_scene(FIXTURE)
     assert scene.scene_id == "scene0000_00" and scene.meta["source"] == "scannet"
+    assert scene.meta["scene_type"] == "Living room / Lounge"
     assert [(o.id, o.label) for o in scene.objects] == [
         (0, "chair"),
         (1, "table"),
@@ -169,6 +170,24 @@ def test_scannet_without_axis_alignment_warns_and_uses_identity(tmp_path):
     assert scene.meta["axis_aligned"] is False
 
 
+def test_scannet_test_split_scan_without_annotations(tmp_path):
+    scan = _copy_fixture(tmp_path)
+    for name in (
+        "scene0000_00.aggregation.json",
+        "scene0000_00_vh_clean_2.0.010000.segs.json",
+        "scene0000_00.txt",
+    ):
+        (scan / name).unlink()
+    with pytest.warns(UserWarning) as caught:
+        scene = scannet.load_scannet_scene(str(scan))
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [
+        f"{scan / 'scene0000_00.aggregation.json'}: file not found: the scene has no objects",
+        f"{scan / 'scene0000_00.txt'}: no axisAlignment: using identity",
+    ]
+    assert scene.objects == [] and (scene.instance == -1).all() and len(scene.faces) == 50
+
+
 def test_scannet_bad_inputs(tmp_path):
     scan = _copy_fixture(tmp_path)
     agg_path = scan / "scene0000_00.aggregation.json"
@@ -186,7 +205,7 @@ def test_scannet_bad_inputs(tmp_path):
     segs["segIndices"] = segs["segIndices"][:-3]
     segs_path.write_text(json.dumps(segs))
     with pytest.raises(
-        InputError, match="segs.json: segIndices has 33 entries, the mesh .* has 36 vertices"
+        InputError, match="segs.json: segIndices has 33 entries, the mesh has 36 vertices"
     ):
         scannet.load_scannet_scene(str(scan))
 
@@ -294,6 +313,22 @@ def test_mesh_files_read_as_scenes(tmp_path):
         np.testing.assert_allclose(
             scene.objects[0].box, [*expected.min(0), *expected.max(0)], atol=1e-6
         )
+
+
+def test_ply_big_endian_doubles_and_float_colours(tmp_path):
+    vertices, faces, colors = _tetra()
+    header = (
+        "ply\nformat binary_big_endian 1.0\nelement vertex 4\nproperty double x\nproperty double y\n"
+        "property double z\nproperty float red\nproperty float green\nproperty float blue\n"
+        "element face 4\nproperty list uchar uint vertex_indices\nend_header\n"
+    )
+    body = b"".join(struct.pack(">dddfff", *p, *(c / 255)) for p, c in zip(vertices, colors))
+    body += b"".join(struct.pack(">BIII", 3, *f) for f in faces)
+    (tmp_path / "be.ply").write_bytes(header.encode() + body)
+    got_v, got_f, got_c = mesh.read_ply(str(tmp_path / "be.ply"))
+    np.testing.assert_array_equal(got_v, vertices)
+    np.testing.assert_array_equal(got_f, faces)
+    np.testing.assert_array_equal(got_c, colors)
 
 
 def test_ply_polygons_are_fan_triangulated(tmp_path):
