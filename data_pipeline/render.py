@@ -184,13 +184,13 @@ class Raycaster:
         u, v = out["primitive_uvs"].T
         # Barycentric weights of the hit point: p = (1 - u - v) p0 + u p1 + v p2.
         weights = np.stack([1 - u - v, u, v], axis=1)
-        rgb = (weights[:, :, None] * self._corner_colors[prim]).sum(axis=1)
+        rgb = np.einsum("nk,nkc->nc", weights, self._corner_colors[prim])
         # A triangle whose corners disagree belongs to the object of the corner nearest the hit.
         nearest = np.argmax(weights, axis=1)[:, None]
         instance = np.take_along_axis(self._corner_instance[prim], nearest, axis=1)[:, 0]
         instance = np.where(hit, instance, -1).astype(np.int32)
         normal = out["primitive_normals"]
-        facing = (normal * rays[:, 3:]).sum(axis=1) > 0
+        facing = np.einsum("ni,ni->n", normal, rays[:, 3:]) > 0
         normal = np.where(facing[:, None], -normal, normal)
         normal[~hit] = 0.0
         # A convex combination of uint8 colours stays within 0..255.
