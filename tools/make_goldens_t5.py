@@ -82,10 +82,19 @@ def run(model_dir: str, io: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return dict(io, logits=logits.astype(np.float32), generated=generated.astype(np.int64))
 
 
+def perturb_norms(model: torch.nn.Module) -> None:
+    """HF initialises every T5 LayerNorm to ones: perturb them so a wrong mapping shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+
+
 def make_v10(path: str) -> None:
     torch.manual_seed(0)
     config = T5Config(**TINY, feed_forward_proj="relu", tie_word_embeddings=True, dropout_rate=0.1)
     model = T5ForConditionalGeneration(config)
+    perturb_norms(model)
     model.save_pretrained(path)
 
 
@@ -95,6 +104,7 @@ def make_flan(path: str) -> None:
         **TINY, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1
     )
     model = T5ForConditionalGeneration(config)
+    perturb_norms(model)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     # transformers 5 builds T5 with the head tied; FlanT5 checkpoints carry their own lm_head.
     state["lm_head.weight"] = (

@@ -539,7 +539,8 @@ class T5(nn.Module):
 
 def shift_right(ids, start_token_id: int = 0):
     """Decoder inputs for teacher forcing: [start, ids[:, :-1]] ([B,L] -> [B,L])."""
-    start = jnp.full((ids.shape[0], 1), start_token_id, ids.dtype)
+    ids = jnp.asarray(ids, jnp.int32)
+    start = jnp.full((ids.shape[0], 1), start_token_id, jnp.int32)
     return jnp.concatenate([start, ids[:, :-1]], axis=1)
 
 

@@ -1,0 +1,301 @@
+"""3D-LLM: point features -> 3D position embedding -> Q-Former -> projection -> T5 / FlanT5.
+
+    features [B,N,D] + voxels [B,N,3] --posembed--> [B,N,D] --qformer(point_mask)--> [B,Q,H]
+    --proj--> [B,Q,d_model];  T5 encoder input = [queries; embed(prompt_ids)] with mask
+    [ones(Q); prompt_mask];  decoder input = answer_ids shifted right (start token 0), decoder
+    mask = answer_mask  ->  logits [B,La,V] where logits[:, t] scores answer_ids[:, t].
+
+Parameters: `qformer/...` (with `qformer/query_tokens`), `proj/{kernel,bias}`, `llm/...` (T5,
+with the location-token rows `llm/loc_embed` and, for an untied head, `llm/loc_head`).
+`TRAINABLE` is the default table of what trains (as the released 3D-LLM: Q-Former, queries,
+projection, location-token rows; the LLM stays frozen).
+
+Generation (family-agnostic; the cache is a pytree whose every array has the batch on axis 0):
+    cache, logits0 = prefill(module, params, features=..., voxels=..., point_mask=...,
+                             prompt_ids=..., prompt_mask=..., max_decode_len=L)
+    logits, cache = decode_step(module, params, cache, token_ids)      # [B] -> [B,V]
+`prefill` feeds the decoder start token, so `logits0` scores the first answer token and the
+cache has room for L decoder inputs: it can produce L answer tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
+from llm3d_jax.model.qformer import QFormer, QFormerConfig
+from llm3d_jax.model.t5 import T5, T5Config, shift_right
+
+# Regexes (fullmatch over "/"-joined param paths) of what trains by default.
+TRAINABLE = (
+    r"qformer/.*",  # the whole Q-Former, query tokens included
+    r"proj/.*",
+    r"llm/loc_(?:embed|head)",  # location-token rows; the base vocabulary stays frozen
+)
+
+# A directory written by tools/export.py (llm3d_jax.infer.exported) carries this file.
+EXPORTED_CONFIG = "llm3d_config.json"
+
+DEFAULT_LOC_BINS = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LLM3DConfig:
+    qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
+    llm: T5Config = dataclasses.field(
+        default_factory=lambda: T5Config.flan_t5_xl(loc_offset=32100, loc_bins=DEFAULT_LOC_BINS)
+    )
+    feature_dim: int = 1408  # D of the point features
+    posembed_mode: str = "add"  # add | concat | none
+    posembed_scale: float = 0.01
+    num_points: int = 5000  # points per scene the data pipeline samples or pads to
+
+    def __post_init__(self):
+        if self.posembed_mode not in MODES:
+            raise ValueError(f"posembed_mode {self.posembed_mode!r} is not one of {MODES}")
+        width = output_dim(self.posembed_mode, self.feature_dim)
+        if width != self.qformer.encoder_hidden_size:
+            raise ValueError(
+                f"Q-Former encoder width {self.qformer.encoder_hidden_size} != {width} "
+                f"(features {self.feature_dim}, posembed {self.posembed_mode})"
+            )
+
+    @classmethod
+    def flan_t5_xl(cls) -> LLM3DConfig:
+        """The released 3D-LLM shapes: BLIP-2 Q-Former (768 x 12, 32 queries, 1408-d points),
+        FlanT5-XL, 256 location tokens after the 32100 FlanT5 tokens."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides) -> LLM3DConfig:
+        """Tests and the CPU demo: 64-d points (the `random-vit` width), 8 queries, tiny FlanT5
+        with 512 base tokens and 256 location tokens."""
+        base = cls(
+            qformer=QFormerConfig.tiny(encoder_hidden_size=64),
+            llm=T5Config.tiny(vocab_size=512, loc_offset=512, loc_bins=DEFAULT_LOC_BINS),
+            feature_dim=64,
+            num_points=256,
+        )
+        return with_overrides(base, **overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LLM3DConfig:
+        d = dict(d)
+        return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=T5Config(**d.pop("llm")), **d)
+
+
+def with_overrides(
+    config: LLM3DConfig,
+    *,
+    dtype: str | None = None,
+    remat: bool | None = None,
+    feature_dim: int | None = None,
+    vocab_size: int | None = None,
+    loc_offset: int | None = None,
+    loc_bins: int | None = None,
+    **fields,
+) -> LLM3DConfig:
+    """A copy with common knobs changed in every sub-config they touch.
+
+    dtype: compute dtype of the Q-Former and the LLM; remat: per LLM block; feature_dim: also
+    the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
+    other keywords are top-level fields (posembed_mode, posembed_scale, num_points).
+    """
+    qformer, llm = config.qformer, config.llm
+    if dtype is not None:
+        qformer = dataclasses.replace(qformer, dtype=dtype)
+        llm = dataclasses.replace(llm, dtype=dtype)
+    if remat is not None:
+        llm = dataclasses.replace(llm, remat=remat)
+    if vocab_size is not None:
+        llm = dataclasses.replace(
+            llm, vocab_size=vocab_size, loc_offset=vocab_size if loc_offset is None else loc_offset
+        )
+    elif loc_offset is not None:
+        llm = dataclasses.replace(llm, loc_offset=loc_offset)
+    if loc_bins is not None:
+        llm = dataclasses.replace(llm, loc_bins=loc_bins)
+    feature_dim = config.feature_dim if feature_dim is None else feature_dim
+    mode = fields.get("posembed_mode", config.posembed_mode)
+    qformer = dataclasses.replace(qformer, encoder_hidden_size=output_dim(mode, feature_dim))
+    return dataclasses.replace(config, qformer=qformer, llm=llm, feature_dim=feature_dim, **fields)
+
+
+class LLM3D(nn.Module):
+    """features [B,N,D] float, voxels [B,N,3] int, point_mask [B,N], prompt_ids / prompt_mask
+    [B,Lp], answer_ids / answer_mask [B,La] -> logits float32 [B,La,V] (teacher forcing)."""
+
+    config: LLM3DConfig
+
+    def setup(self):
+        c = self.config
+        self.posembed = PositionEmbedding3D(c.posembed_mode, c.posembed_scale)
+        self.qformer = QFormer(c.qformer)
+        self.proj = nn.Dense(
+            c.llm.d_model,
+            dtype=c.llm.compute_dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.qformer.initializer_range), (None, "embed")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        )
+        self.llm = T5(c.llm)
+
+    def query_embeds(self, features, voxels, point_mask, deterministic=True):
+        """-> projected queries [B,Q,d_model]: the 3D scene as the LLM sees it."""
+        points = self.posembed(features, voxels)
+        return self.proj(self.qformer(points, point_mask, deterministic))
+
+    def encode(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
+        """-> (LLM encoder output [B,Q+Lp,d_model], its mask bool [B,Q+Lp])."""
+        queries = self.query_embeds(features, voxels, point_mask, deterministic)
+        dtype = self.config.llm.compute_dtype
+        embeds = jnp.concatenate([queries.astype(dtype), self.llm.embed(prompt_ids)], axis=1)
+        mask = jnp.concatenate(
+            [jnp.ones(queries.shape[:2], bool), prompt_mask.astype(bool)], axis=1
+        )
+        encoded = self.llm.encode(
+            inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic
+        )
+        return encoded, mask
+
+    def __call__(
+        self,
+        features,
+        voxels,
+        point_mask,
+        prompt_ids,
+        prompt_mask,
+        answer_ids,
+        answer_mask,
+        deterministic: bool = True,
+    ):
+        encoded, mask = self.encode(
+            features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
+        )
+        decoder_input_ids = shift_right(answer_ids, self.config.llm.decoder_start_token_id)
+        return self.llm.decode(encoded, mask, decoder_input_ids, answer_mask, deterministic)
+
+    def prefill(self, features, voxels, point_mask, prompt_ids, prompt_mask, max_decode_len: int):
+        encoded, mask = self.encode(features, voxels, point_mask, prompt_ids, prompt_mask)
+        cache = self.llm.init_cache(encoded, mask, max_decode_len)
+        start = jnp.full((encoded.shape[0],), self.config.llm.decoder_start_token_id, jnp.int32)
+        logits, cache = self.llm.decode_step(cache, start)
+        return cache, logits
+
+    def decode_step(self, cache, token_ids):
+        return self.llm.decode_step(cache, token_ids)
+
+
+def prefill(
+    module: LLM3D,
+    params,
+    *,
+    features,
+    voxels,
+    point_mask,
+    prompt_ids,
+    prompt_mask,
+    max_decode_len: int,
+):
+    """-> (cache, logits0 [B,V]): logits0 scores the first answer token."""
+    return module.apply(
+        {"params": params},
+        features,
+        voxels,
+        point_mask,
+        prompt_ids,
+        prompt_mask,
+        max_decode_len,
+        method=LLM3D.prefill,
+    )
+
+
+def decode_step(module: LLM3D, params, cache, token_ids):
+    """token_ids int32 [B] (the previous answer token) -> (logits [B,V], cache)."""
+    return module.apply({"params": params}, cache, token_ids, method=LLM3D.decode_step)
+
+
+def answer_loss(logits, answer_ids, answer_mask):
+    """-> (mean cross-entropy, token accuracy) over the answer tokens where answer_mask is set."""
+    logits = logits.astype(jnp.float32)
+    mask = answer_mask.astype(jnp.float32)
+    count = jnp.maximum(mask.sum(), 1.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, answer_ids)
+    correct = (jnp.argmax(logits, axis=-1) == answer_ids).astype(jnp.float32)
+    return (ce * mask).sum() / count, (correct * mask).sum() / count
+
+
+def trainable_mask(params, patterns: Sequence[str] = TRAINABLE):
+    """Tree of bools like `params`: True where the "/"-joined path fullmatches a pattern."""
+    regexes = [re.compile(p) for p in patterns]
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: any(r.fullmatch("/".join(k)) for r in regexes) for k in flat}
+    )
+
+
+def init_params(module: LLM3D, seed: int = 0, batch: int = 1, points: int = 4) -> dict:
+    """Random float32 params (unboxed), initialised inside `jax.jit`."""
+    inputs = example_inputs(module.config, batch=batch, points=points)
+    init = jax.jit(lambda rng: nn.unbox(module.init(rng, **inputs))["params"])
+    return init(jax.random.key(seed))
+
+
+def abstract_params(module: LLM3D) -> dict:
+    """The params tree as `jax.ShapeDtypeStruct`s (unboxed), nothing allocated."""
+    inputs = example_inputs(module.config, points=4)
+    return jax.eval_shape(lambda: nn.unbox(module.init(jax.random.key(0), **inputs))["params"])
+
+
+def example_inputs(
+    config: LLM3DConfig,
+    batch: int = 1,
+    points: int | None = None,
+    prompt_len: int = 4,
+    answer_len: int = 4,
+) -> dict:
+    """Zeros with the model's input shapes (what `init` and `jax.eval_shape` trace)."""
+    n = config.num_points if points is None else points
+    return dict(
+        features=jnp.zeros((batch, n, config.feature_dim), jnp.float32),
+        voxels=jnp.zeros((batch, n, 3), jnp.int32),
+        point_mask=jnp.ones((batch, n), bool),
+        prompt_ids=jnp.zeros((batch, prompt_len), jnp.int32),
+        prompt_mask=jnp.ones((batch, prompt_len), bool),
+        answer_ids=jnp.zeros((batch, answer_len), jnp.int32),
+        answer_mask=jnp.ones((batch, answer_len), bool),
+    )
+
+
+def from_pretrained(
+    path: str | os.PathLike, loc_bins: int = DEFAULT_LOC_BINS, dtype: str = "float32"
+) -> tuple[LLM3D, dict]:
+    """(module, host params) from a HF BLIP-2 directory with a T5 language model, or from a
+    directory written by tools/export.py (recognised by its `llm3d_config.json`).
+
+    BLIP-2: Q-Former, query tokens, projection and T5 from the checkpoint (vision tower unused);
+    new location-token rows (`loc_bins`); when the directory has a tokenizer, `loc_offset` is
+    where `llm3d_jax.tokens.add_location_tokens` puts `<loc0>` in it, else the T5 vocab size.
+    """
+    path = os.fspath(path)
+    if os.path.exists(os.path.join(path, EXPORTED_CONFIG)):
+        from llm3d_jax.infer.exported import load_exported
+
+        return load_exported(path)
+    from llm3d_jax.convert.blip2 import load_blip2
+
+    return load_blip2(path, loc_bins=loc_bins, dtype=dtype)

@@ -1,0 +1,263 @@
+"""3D-LLM composition: BLIP-2 -> 3D-LLM parity (committed goldens), generation, what trains."""
+
+import functools
+import json
+import os
+import shutil
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from llm3d_jax import tokens
+from llm3d_jax.fileio import InputError
+from llm3d_jax.model import llm3d
+
+INPUTS = (
+    "features",
+    "voxels",
+    "point_mask",
+    "prompt_ids",
+    "prompt_mask",
+    "answer_ids",
+    "answer_mask",
+)
+TEXT_VOCAB = 160  # of the golden BLIP-2's T5
+
+
+def _blip2_dir(goldens_dir):
+    return os.path.join(goldens_dir, "llm3d", "blip2_tiny")
+
+
+@pytest.fixture(scope="module")
+def golden_io(goldens_dir):
+    return dict(np.load(os.path.join(goldens_dir, "llm3d", "blip2_tiny_io.npz")))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny 3D-LLM and a batch with location tokens in prompt and answer."""
+    module = llm3d.LLM3D(llm3d.LLM3DConfig.tiny())
+    params = llm3d.init_params(module, seed=0)
+    c = module.config
+    rng = np.random.default_rng(0)
+    b, n = 2, 16
+    offset = c.llm.loc_offset
+    batch = dict(
+        features=rng.standard_normal((b, n, c.feature_dim)).astype(np.float32),
+        voxels=rng.integers(0, 256, (b, n, 3)).astype(np.int32),
+        point_mask=np.arange(n)[None] < np.array([[16], [11]]),
+        prompt_ids=np.array([[5, 9, offset + 3, 1], [7, 8, 1, 0]], np.int32),
+        prompt_mask=np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool),
+        answer_ids=np.array([[offset + 10, offset + 200, 4, 1], [6, 1, 0, 0]], np.int32),
+        answer_mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool),
+    )
+    return module, params, batch
+
+
+def test_blip2_to_3dllm_matches_pytorch(goldens_dir, golden_io):
+    module, params = llm3d.from_pretrained(_blip2_dir(goldens_dir))
+    c = module.config
+    assert (c.feature_dim, c.qformer.num_query_tokens, c.llm.d_model) == (28, 6, 32)
+    assert (c.llm.loc_offset, c.llm.loc_bins) == (TEXT_VOCAB, 256)  # no tokenizer: vocab size
+    assert not c.llm.tie_word_embeddings and c.llm.gated
+    queries = module.apply(
+        {"params": params},
+        golden_io["features"],
+        golden_io["voxels"],
+        golden_io["point_mask"],
+        method=lambda m, f, v, p: m.qformer(m.posembed(f, v), p),
+    )
+    np.testing.assert_allclose(np.asarray(queries), golden_io["query_output"], atol=1e-4, rtol=0)
+    logits = module.apply({"params": params}, **{k: golden_io[k] for k in INPUTS})
+    assert logits.shape == (2, 6, TEXT_VOCAB + 256)
+    # Columns past the base vocabulary are the (new) location tokens.
+    np.testing.assert_allclose(
+        np.asarray(logits)[..., :TEXT_VOCAB], golden_io["logits"], atol=1e-4, rtol=0
+    )
+
+
+def test_generation_interface_matches_pytorch_greedy(goldens_dir, golden_io):
+    module, params = llm3d.from_pretrained(_blip2_dir(goldens_dir), loc_bins=0)
+    assert module.config.llm.num_logits == TEXT_VOCAB
+    steps = golden_io["generated"].shape[1]
+    inputs = {k: golden_io[k] for k in INPUTS[:5]}
+
+    @jax.jit
+    def greedy(params, inputs):
+        cache, logits = llm3d.prefill(module, params, **inputs, max_decode_len=steps)
+        out = []
+        for _ in range(steps):
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            out.append(token)
+            logits, cache = llm3d.decode_step(module, params, cache, token)
+        return jnp.stack(out, 1)
+
+    np.testing.assert_array_equal(np.asarray(greedy(params, inputs)), golden_io["generated"])
+
+
+def test_prefill_and_decode_step_match_teacher_forcing(tiny):
+    module, params, batch = tiny
+    answer = batch["answer_ids"]
+    forced = module.apply({"params": params}, **batch)
+    prompt = {k: batch[k] for k in INPUTS[:5]}
+    prefill = jax.jit(functools.partial(llm3d.prefill, module), static_argnames="max_decode_len")
+    step = jax.jit(functools.partial(llm3d.decode_step, module))
+    cache, logits = prefill(params, **prompt, max_decode_len=answer.shape[1])
+    assert logits.shape == (2, module.config.llm.num_logits)
+    for leaf in jax.tree.leaves(cache):
+        assert leaf.shape[0] == 2  # batch on axis 0
+    got = [logits]
+    for t in range(answer.shape[1] - 1):
+        logits, cache = step(params, cache, jnp.asarray(answer[:, t]))
+        got.append(logits)
+    got = np.stack([np.asarray(g) for g in got], 1)
+    np.testing.assert_allclose(got[0], np.asarray(forced)[0], atol=1e-4)
+    np.testing.assert_allclose(got[1, :2], np.asarray(forced)[1, :2], atol=1e-4)  # valid part
+
+    # Beam search reorders the cache along axis 0: swapping rows swaps the next logits.
+    cache, _ = prefill(params, **prompt, max_decode_len=3)
+    swapped = jax.tree.map(lambda x: jnp.take(x, jnp.array([1, 0]), axis=0), cache)
+    tokens_ = jnp.asarray([answer[0, 0], answer[1, 0]])
+    a, _ = step(params, cache, tokens_)
+    b, _ = step(params, swapped, tokens_[::-1])
+    np.testing.assert_allclose(np.asarray(a)[::-1], np.asarray(b), atol=1e-5)
+
+
+def test_answer_loss_is_masked_token_mean():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    ids = np.array([[1, 4, 0], [2, 2, 3]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
+    loss, accuracy = llm3d.answer_loss(logits, ids, mask)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(loss), nll[mask].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(accuracy), (logits.argmax(-1) == ids)[mask].mean())
+
+
+def test_only_trainable_labels_receive_updates(tiny):
+    module, params, batch = tiny
+    mask = llm3d.trainable_mask(params)
+    flat = traverse_util.flatten_dict(mask)
+    trainable = sorted("/".join(k) for k, v in flat.items() if v)
+    assert "qformer/query_tokens" in trainable
+    assert {"proj/kernel", "proj/bias", "llm/loc_embed", "llm/loc_head"} <= set(trainable)
+    assert all(p.startswith(("qformer/", "proj/", "llm/loc_")) for p in trainable)
+    assert "llm/shared" not in trainable and "llm/lm_head" not in trainable
+
+    def loss(p):
+        logits = module.apply({"params": p}, **batch)
+        return llm3d.answer_loss(logits, batch["answer_ids"], batch["answer_mask"])[0]
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat_grads = traverse_util.flatten_dict(grads)
+    # Every trainable tensor is reached by the loss.
+    for key, is_trainable in flat.items():
+        if is_trainable:
+            assert np.abs(np.asarray(flat_grads[key])).max() > 0, "/".join(key)
+    # Location rows: only the rows of the location tokens in the batch get gradient.
+    used = {3, 10, 200}
+    row_norms = np.abs(np.asarray(grads["llm"]["loc_embed"])).sum(-1)
+    assert set(np.nonzero(row_norms)[0].tolist()) == used
+
+    labels = jax.tree.map(lambda t: "train" if t else "freeze", mask)
+    tx = optax.multi_transform({"train": optax.adam(1e-2), "freeze": optax.set_to_zero()}, labels)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = traverse_util.flatten_dict(optax.apply_updates(params, updates))
+    old = traverse_util.flatten_dict(params)
+    for key, is_trainable in flat.items():
+        changed = not np.array_equal(np.asarray(new[key]), np.asarray(old[key]))
+        assert changed == is_trainable, "/".join(key)
+
+
+def test_tokenizer_in_the_directory_sets_loc_offset(goldens_dir, tmp_path):
+    path = tmp_path / "blip2"
+    shutil.copytree(_blip2_dir(goldens_dir), path)
+    words = ["chair table lamp sofa bed window door shelf red green blue big small"] * 20
+    tok = tokens.train_tokenizer(words, vocab_size=120, out_dir=path)
+    base_len = len(tok)
+    assert base_len <= TEXT_VOCAB
+    module, params = llm3d.from_pretrained(path, loc_bins=16)
+    assert module.config.llm.loc_offset == base_len
+    assert params["llm"]["loc_embed"].shape == (16, 32)
+    probe = llm3d.example_inputs(module.config, batch=1, points=5)
+    probe["answer_ids"] = jnp.array([[base_len + 15, 3, base_len, 1]], jnp.int32)
+    logits = module.apply({"params": params}, **probe)
+    assert logits.shape == (1, 4, base_len + 16)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_config_dict_roundtrip_and_overrides():
+    config = llm3d.LLM3DConfig.tiny()
+    assert llm3d.LLM3DConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    big = llm3d.LLM3DConfig.flan_t5_xl()
+    assert (big.feature_dim, big.qformer.encoder_hidden_size, big.llm.d_model) == (1408, 1408, 2048)
+    assert (big.llm.loc_offset, big.llm.loc_bins, big.num_points) == (32100, 256, 5000)
+    half = llm3d.with_overrides(config, dtype="bfloat16", remat=True, feature_dim=24)
+    assert half.qformer.dtype == half.llm.dtype == "bfloat16" and half.llm.remat
+    assert half.qformer.encoder_hidden_size == 24
+    concat = llm3d.with_overrides(config, posembed_mode="concat")
+    assert concat.qformer.encoder_hidden_size == 2 * config.feature_dim
+    with pytest.raises(ValueError, match="posembed_mode"):
+        llm3d.with_overrides(config, posembed_mode="sum")
+
+
+def test_bf16_compute_and_dropout_control(tiny):
+    module, params, batch = tiny
+    reference = np.asarray(module.apply({"params": params}, **batch))
+    half = llm3d.LLM3D(llm3d.with_overrides(module.config, dtype="bfloat16"))
+    logits = jax.jit(lambda p: half.apply({"params": p}, **batch))(params)
+    assert logits.dtype == jnp.float32
+    assert np.abs(np.asarray(logits) - reference).max() < 0.05 * np.abs(reference).max()
+
+    def run(seed):
+        return np.asarray(
+            module.apply(
+                {"params": params},
+                **batch,
+                deterministic=False,
+                rngs={"dropout": jax.random.key(seed)},
+            )
+        )
+
+    assert np.abs(run(0) - run(1)).max() > 1e-4
+    np.testing.assert_array_equal(run(2), run(2))
+
+
+def test_exported_directories_are_delegated(tmp_path, monkeypatch):
+    (tmp_path / llm3d.EXPORTED_CONFIG).write_text("{}")
+    fake = types.ModuleType("llm3d_jax.infer.exported")
+    fake.load_exported = lambda path: ("module", os.fspath(path))
+    monkeypatch.setitem(sys.modules, "llm3d_jax.infer.exported", fake)
+    assert llm3d.from_pretrained(tmp_path) == ("module", os.fspath(tmp_path))
+
+
+def test_bad_blip2_directories_give_one_line_errors(goldens_dir, tmp_path):
+    with pytest.raises(InputError, match="unsupported architecture model_type='t5'"):
+        llm3d.from_pretrained(os.path.join(goldens_dir, "t5", "flan_t5"))
+    path = tmp_path / "blip2"
+    shutil.copytree(_blip2_dir(goldens_dir), path)
+    config = json.loads((path / "config.json").read_text())
+
+    opt = json.loads(json.dumps(config))
+    opt["text_config"]["model_type"] = "opt"
+    (path / "config.json").write_text(json.dumps(opt))
+    with pytest.raises(InputError, match="only T5"):
+        llm3d.from_pretrained(path)
+
+    wide = json.loads(json.dumps(config))
+    wide["qformer_config"]["hidden_size"] = 40
+    (path / "config.json").write_text(json.dumps(wide))
+    with pytest.raises(InputError, match=r"shape mismatch for .*\(40, 40\)|shape mismatch for"):
+        llm3d.from_pretrained(path)
+
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="no \\*.safetensors"):
+        llm3d.from_pretrained(path)
