@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data_pipeline.scenes.scannet import read_axis_alignment
-from data_pipeline.scenes.scene import Scene, write_bytes_atomic
-from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic
+from data_pipeline.scenes.scene import Scene
+from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic, write_bytes_atomic
 
 VIEW_KEYS = ("rgb", "depth", "instance", "normals", "K", "cam_to_world", "scene_id")
 # A requested camera closer than this to the mesh is touching it; sampled cameras keep more room.

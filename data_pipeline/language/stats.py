@@ -12,8 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipeline.language.records import TASKS, record_split
-from data_pipeline.scenes.scene import write_bytes_atomic
-from llm3d_jax.fileio import write_text_atomic
+from llm3d_jax.fileio import write_bytes_atomic, write_text_atomic
 
 LENGTH_BINS = (1, 2, 3, 4, 6, 9, 13, 20, 30, 50, 100)  # answer length in words: [1,2), [2,3) ...
 

@@ -11,12 +11,11 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
-from llm3d_jax.fileio import InputError, load_npz
+from llm3d_jax.fileio import InputError, load_npz, write_bytes_atomic
 
 FORMAT_VERSION = 1
 SCENE_KEYS = (
@@ -155,21 +154,3 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             info.external_attr = 0o644 << 16
             archive.writestr(info, entry.getvalue())
     return buffer.getvalue()
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to a temp file next to `path`, then renames: never a partial file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
