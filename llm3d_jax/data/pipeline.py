@@ -123,6 +123,8 @@ def _host_batch(batch_size: int, count: int) -> int:
 
 
 def make_preprocess(data_dir, names, tokenizer, loc_bins, prompt_templates, train, **shapes):
+    """-> (Preprocess for the datasets `names`, its TextEncoder). Templates: each dataset's
+    defaults (its TFDS metadata) updated with `prompt_templates`."""
     templates = {}
     for name in names:
         table = dict(dataset_metadata(data_dir, name).get("prompt_templates", {}))
