@@ -7,6 +7,8 @@ Files:
   tensors.pth / tensors.npz   torch.save of a LAVIS-style `{"model": state_dict, "epoch", ...}`
                               covering every dtype, views with strides/offsets, shared storages,
                               Parameters; the .npz holds the same numbers (bf16 as float32).
+  lavis_bad_shape.pth         t5_proj.weight of the wrong width (must fail naming key and shapes)
+  lavis_partial.pth           a Q-Former with most tensors missing (must fail: incomplete)
   unsafe.pth                  a checkpoint whose "config" is an `argparse.Namespace` (a non-tensor
                               pickle global, as some training scripts save): must be refused.
   lavis_tiny_io.npz           inputs and the reference 3D-LLM forward (Q-Former output, logits)
@@ -129,6 +131,13 @@ def lavis_fixture(out: str, base_dir: str) -> None:
     )
     np.savez(os.path.join(out, "lavis_tiny_io.npz"), **reference_forward(base_dir, state))
 
+    # Broken variants (a few tensors each): a projection of the wrong width; a Q-Former cut short.
+    norm = "Qformer.bert.embeddings.LayerNorm.weight"
+    small = {k: state[k] for k in (norm, "query_tokens", "t5_proj.weight", "t5_proj.bias")}
+    torch.save({"model": {**small, "t5_proj.weight": torch.zeros(d_model, 30)}},
+               os.path.join(out, "lavis_bad_shape.pth"))  # fmt: skip
+    torch.save({"model": small}, os.path.join(out, "lavis_partial.pth"))
+
 
 def position_embedding(voxels: np.ndarray, dim: int) -> np.ndarray:
     """The released code's table (positional_encodings.PositionalEncoding1D), 3 axes, 0-padded."""
@@ -151,9 +160,13 @@ def reference_forward(base_dir: str, state: dict) -> dict[str, np.ndarray]:
     hf_state = {k: state[lavis_name(k)] for k in model.state_dict() if lavis_name(k) in state}
     result = model.load_state_dict(hf_state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    with torch.no_grad():
-        model.language_model.shared.weight.copy_(state["t5_model.shared.weight"])
-        model.language_model.lm_head.weight.copy_(state["t5_model.lm_head.weight"])
+    lm = model.language_model
+    with torch.no_grad():  # transformers 5 re-ties the T5 head on load and resize: untie it
+        lm.lm_head = torch.nn.Linear(lm.config.d_model, LOC_OFFSET + LOC_BINS, bias=False)
+        lm.lm_head.weight.copy_(state["t5_model.lm_head.weight"])
+        lm.shared.weight.copy_(state["t5_model.shared.weight"])
+    assert lm.encoder.embed_tokens.weight is lm.shared.weight
+    assert not getattr(lm.config, "scale_decoder_outputs", False)
 
     rng = np.random.default_rng(5)
     b, n, lp, la, dim = 2, 10, 5, 6, config.qformer_config.encoder_hidden_size
@@ -182,7 +195,6 @@ def reference_forward(base_dir: str, state: dict) -> dict[str, np.ndarray]:
             encoder_attention_mask=t["point_mask"],
         ).last_hidden_state
         projected = model.language_projection(queries)
-        lm = model.language_model
         embeds = torch.cat([projected, lm.get_input_embeddings()(t["prompt_ids"])], dim=1)
         mask = torch.cat([torch.ones(b, projected.shape[1], dtype=torch.long), t["prompt_mask"]], 1)
         decoder_ids = torch.cat([torch.zeros(b, 1, dtype=torch.long), t["answer_ids"][:, :-1]], 1)

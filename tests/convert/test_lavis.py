@@ -1,0 +1,122 @@
+"""Import of a released-3D-LLM-layout LAVIS checkpoint (tiny fixture made by torch)."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from llm3d_jax.convert import lavis
+from llm3d_jax.fileio import InputError, cli_main
+from llm3d_jax.model import llm3d
+
+GOLDENS = os.path.join(os.path.dirname(__file__), "..", "goldens")
+FIXTURE = os.path.join(GOLDENS, "lavis", "lavis_tiny.pth")
+BASE = os.path.join(GOLDENS, "qformer", "blip2_tiny")
+INPUTS = ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask", "answer_ids")
+
+
+def _npz(name):
+    with np.load(os.path.join(GOLDENS, "lavis", name), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def imported():
+    return lavis.from_lavis(FIXTURE, BASE, loc_offset=60)
+
+
+def test_state_dict_reads_back_exactly():
+    saved = _npz("lavis_tiny.npz")
+    got = lavis.read_lavis_state(FIXTURE)
+    want = {k: v for k, v in saved.items() if k not in ("loc_offset", "loc_bins")}
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_params_come_from_the_checkpoint_and_the_base(imported):
+    module, params = imported
+    saved, base = _npz("lavis_tiny.npz"), load_file(os.path.join(BASE, "model.safetensors"))
+    cfg = module.config.llm
+    assert (cfg.loc_offset, cfg.loc_bins, cfg.activation) == (60, 8, "gelu")
+    q = params["qformer"]
+    np.testing.assert_array_equal(
+        q["layer_2"]["crossattention"]["value"]["kernel"],
+        saved["Qformer.bert.encoder.layer.2.crossattention.self.value.weight"].T,
+    )
+    np.testing.assert_array_equal(
+        q["layer_1"]["mlp"]["norm"]["scale"],
+        saved["Qformer.bert.encoder.layer.1.output_query.LayerNorm.weight"],
+    )
+    np.testing.assert_array_equal(
+        q["layernorm"]["bias"], saved["Qformer.bert.embeddings.LayerNorm.bias"]
+    )
+    np.testing.assert_array_equal(q["query_tokens"], saved["query_tokens"])
+    np.testing.assert_array_equal(params["proj"]["kernel"], saved["t5_proj.weight"].T)
+    llm, shared, head = (
+        params["llm"],
+        saved["t5_model.shared.weight"],
+        saved["t5_model.lm_head.weight"],
+    )
+    np.testing.assert_array_equal(llm["shared"][:60], shared[:60])
+    np.testing.assert_array_equal(llm["loc_embed"], shared[60:])
+    # rows 60..63 of the base vocabulary are not reachable ids any more: kept from the base
+    np.testing.assert_array_equal(llm["shared"][60:], base["language_model.shared.weight"][60:])
+    np.testing.assert_array_equal(llm["lm_head"][:, :60], head[:60].T)
+    np.testing.assert_array_equal(llm["loc_head"], head[60:].T)
+    # the frozen T5 body comes from the base directory
+    np.testing.assert_array_equal(
+        llm["encoder"]["block_0"]["self_attn"]["q"]["kernel"],
+        base["language_model.encoder.block.0.layer.0.SelfAttention.q.weight"].T,
+    )
+
+
+def test_logits_match_the_reference_forward(imported):
+    module, params = imported
+    io = _npz("lavis_tiny_io.npz")
+    args = [io[k] for k in INPUTS] + [io["answer_mask"]]
+    logits = jax.jit(module.apply)({"params": params}, *args)
+    assert logits.shape == io["logits"].shape == (2, 6, 68)
+    assert np.abs(np.asarray(logits) - io["logits"]).max() <= 1e-4
+    # LAVIS's exact-GELU T5 is not FlanT5's tanh GELU: the difference is visible at this scale
+    llm = dataclasses.replace(module.config.llm, activation="gelu_new")
+    flan = llm3d.LLM3D(dataclasses.replace(module.config, llm=llm))
+    assert (
+        np.abs(np.asarray(jax.jit(flan.apply)({"params": params}, *args)) - io["logits"]).max()
+        > 1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    "name,problem",
+    [
+        ("unsafe.pth", "refused unsafe pickle global argparse.Namespace"),
+        ("tensors.pth", "not a 3D-LLM LAVIS checkpoint: no query_tokens, t5_proj.weight, Qformer"),
+        ("lavis_bad_shape.pth", "shape mismatch for t5_proj.weight: checkpoint (16, 30)"),
+        ("lavis_partial.pth", "missing weights for"),
+    ],
+)
+def test_bad_checkpoints_fail_with_one_line(name, problem, capsys):
+    path = os.path.join(GOLDENS, "lavis", name)
+    with pytest.raises(InputError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        lavis.from_lavis(path, BASE)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(lambda: lavis.main([path, "--base", BASE]))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and problem in err
+
+
+def test_cli_summary(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(lambda: lavis.main([FIXTURE, "--base", BASE, "--loc-offset", "60"]))
+    assert exit_info.value.code == 0
+    assert "location tokens: 8 from id 60; T5 activation gelu" in capsys.readouterr().out
+
+
+def test_loc_offset_outside_vocabulary():
+    with pytest.raises(InputError, match="loc_offset 70 outside the T5 vocabulary 1..64"):
+        lavis.from_lavis(FIXTURE, BASE, loc_offset=70)
