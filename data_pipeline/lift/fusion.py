@@ -77,9 +77,10 @@ class PointFusion:
         self.best = np.zeros(0, np.float32)  # alpha of the most confident observation
         self.refs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (point, row, alpha)
 
-    def integrate(self, depth, K, cam_to_world, rgb, rows, instance) -> None:
+    def integrate(self, depth, K, cam_to_world, rgb, rows, instance):
         """One frame: depth [H,W], K [3,3], cam_to_world [4,4], rgb [H,W,3], rows [H,W] (mask-id
-        map, -1 uncovered), instance [H,W]."""
+        map, -1 uncovered), instance [H,W]. Returns the association (matched map points, their
+        flat pixels, flat pixels that became new points), e.g. for carrying other per-point data."""
         h, w = depth.shape
         valid = depth > 0
         v_cam = backproject(depth, K, np.eye(4, dtype=np.float32))
@@ -126,6 +127,7 @@ class PointFusion:
         self.refs.append(
             (point[has].astype(np.int32), row[has].astype(np.int32), alpha.reshape(-1)[pixel[has]])
         )
+        return matched_point, matched_pixel, new_pixel
 
     def _associate(self, v_w, n_w, valid, K, rot, trans, h, w):
         """(map point indices, flat pixel indices) of the unique matches of this frame."""

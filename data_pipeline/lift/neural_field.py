@@ -4,16 +4,20 @@ depth maps are never read, the geometry comes from the fitted density.
 
 Grid: `resolution` cells along the scene's largest extent, values at cell centres, trilinear
 interpolation. Along a ray (the renderer's pixel-centre rays, clipped to the scene box) with S
-samples: sigma = softplus(raw - 4), alpha_s = 1 - exp(-sigma_s delta), w_s = alpha_s prod_{j<s}
-(1 - alpha_j), colour = sum_s w_s sigmoid(c_s) (background black, as the renderer's misses).
+samples: sigma = softplus(raw - 4) / cell, alpha_s = 1 - exp(-sigma_s delta), w_s = alpha_s prod_{j<s}
+(1 - alpha_j), colour = sum_s w_s sigmoid(c_s); the last sample is opaque (no background colour
+that partial opacity could mix with to fake darker colours). The grid covers the scene box plus
+a `margin`, so walls on the box faces are inside it.
 
 Two fits with Adam:
-1. density + colour against the RGB pixels;
+1. density + colour against the RGB pixels (+ `tv_weight` x total variation of the density);
 2. features on the fitted geometry (weights frozen): a feature table over the "active" cells (the
    trilinear support of the rendered surface points), rendered from each ray's `top_k` heaviest
-   samples and fitted to the pixel's mask feature, so memory is (active cells) x D, not grid x D.
-Points: each covered pixel (every `point_stride`-th) with rendered opacity > 0.5 gives its
-expected-termination point; colour = rendered colour, feature = the feature field there,
+   samples (their weights renormalised to sum to 1) and fitted to the pixel's mask feature, so
+   memory is (active cells) x D, not grid x D.
+Points: each covered pixel (every `point_stride`-th) whose ray stops before the far end of the
+grid (weight of the last sample < 0.5) gives its expected-termination point, kept when inside
+the scene box; colour = rendered colour, feature = the feature field there,
 instance = the pixel's instance id.
 """
 
@@ -47,10 +51,12 @@ class FieldConfig:
     steps: int = 400
     feature_steps: int = 200
     learning_rate: float = 0.1
-    feature_learning_rate: float = 0.05
+    feature_learning_rate: float = 0.1
     top_k: int = 4
     point_stride: int = 2
     near: float = 0.05
+    margin: float = 0.1  # of the largest extent, on every side of the scene box
+    tv_weight: float = 1e-3  # total variation of the density: fewer floaters
     seed: int = 0
 
     @classmethod
@@ -120,8 +126,12 @@ def _weights(density, origins, dirs, lo, hi, cell, near, num, jitter):
     x = origins[:, None] + t[..., None] * dirs[:, None]
     idx, wts = _trilinear_corners(x, lo, cell, density.shape)
     raw = jnp.sum(density.reshape(-1)[idx] * wts, -1)
-    sigma = jax.nn.softplus(raw - DENSITY_SHIFT)
+    # Density per cell length: a raw value of a few units makes one cell opaque, so Adam can
+    # form sharp surfaces in tens of steps instead of spreading colour through fog.
+    sigma = jax.nn.softplus(raw - DENSITY_SHIFT) / cell
     alpha = 1.0 - jnp.exp(-sigma * delta[:, None])
+    # The last sample takes what is left: no background colour for partial opacity to mix with.
+    alpha = alpha.at[:, -1].set(1.0)
     trans = jnp.cumprod(jnp.concatenate([jnp.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
     return trans * alpha, t, idx, wts
 
@@ -133,9 +143,23 @@ def _render_color(params, origins, dirs, lo, hi, cell, near, num, jitter):
     return rgb, w, t
 
 
-@functools.partial(jax.jit, static_argnames=("num", "batch", "near", "cell", "tx"))
+@functools.partial(jax.jit, static_argnames=("num", "batch", "near", "cell", "tx", "tv_weight"))
 def _color_step(
-    params, opt_state, key, rays_o, rays_d, rays_rgb, lo, hi, *, cell, near, num, batch, tx
+    params,
+    opt_state,
+    key,
+    rays_o,
+    rays_d,
+    rays_rgb,
+    lo,
+    hi,
+    *,
+    cell,
+    near,
+    num,
+    batch,
+    tx,
+    tv_weight,
 ):
     k1, k2 = jax.random.split(key)
     pick = jax.random.randint(k1, (batch,), 0, rays_o.shape[0])
@@ -143,11 +167,16 @@ def _color_step(
 
     def loss_fn(p):
         rgb, _, _ = _render_color(p, rays_o[pick], rays_d[pick], lo, hi, cell, near, num, jitter)
-        return jnp.mean((rgb - rays_rgb[pick]) ** 2)
+        return jnp.mean((rgb - rays_rgb[pick]) ** 2) + tv_weight * _tv(p["density"])
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
+
+def _tv(grid):
+    """Mean squared difference of neighbouring cells: keeps free space free of floaters."""
+    return sum(jnp.mean(jnp.diff(grid, axis=a) ** 2) for a in range(3))
 
 
 def _feature_at(feats, lookup, x, lo, cell, shape):
@@ -182,6 +211,8 @@ def _feature_step(
     o, d = rays_o[pick], rays_d[pick]
     w, t, _, _ = _weights(density, o, d, lo, hi, cell, near, num, 0.5)
     w_top, s_top = jax.lax.top_k(w, top_k)
+    # The surface's share of the ray: renormalised, so a half-transparent fit still aims at f.
+    w_top = w_top / jnp.maximum(jnp.sum(w_top, 1, keepdims=True), 1e-6)
     x = o[:, None] + jnp.take_along_axis(t, s_top, 1)[..., None] * d[:, None]
 
     def loss_fn(f):
@@ -197,9 +228,9 @@ def _feature_step(
 @functools.partial(jax.jit, static_argnames=("num", "near", "cell"))
 def _render_surface(params, rays_o, rays_d, lo, hi, *, cell, near, num):
     rgb, w, t = _render_color(params, rays_o, rays_d, lo, hi, cell, near, num, 0.5)
-    opacity = jnp.sum(w, 1)
-    depth = jnp.sum(w * t, 1) / jnp.maximum(opacity, 1e-6)
-    return rgb, opacity, rays_o + depth[:, None] * rays_d
+    depth = jnp.sum(w * t, 1)
+    # Opacity in front of the far end of the grid: low when the ray found no surface.
+    return rgb, 1.0 - w[:, -1], rays_o + depth[:, None] * rays_d
 
 
 def lift_neural_field(
@@ -211,8 +242,11 @@ def lift_neural_field(
     """Fits the field to views.rgb (+ pixel features) with the views' cameras; depth unused."""
     cfg = config
     v, h, w, _ = views.rgb.shape
-    lo = np.asarray(bounds[0], np.float32)
-    hi = np.asarray(bounds[1], np.float32)
+    # A margin around the scene box, so walls on its faces sit inside the grid, not on its edge
+    # (there a ray can only fade out into the background, and partial opacity fakes dark colours).
+    margin = cfg.margin * float(np.max(np.asarray(bounds[1]) - np.asarray(bounds[0])))
+    lo = np.asarray(bounds[0], np.float32) - margin
+    hi = np.asarray(bounds[1], np.float32) + margin
     cell = float(np.max(hi - lo)) / cfg.resolution
     shape = tuple(int(s) for s in np.maximum(np.ceil((hi - lo) / cell), 2))
     rays_o, rays_d = pixel_rays(views.K, views.cam_to_world, h, w)
@@ -231,6 +265,7 @@ def lift_neural_field(
         params, opt_state, loss = _color_step(
             params, opt_state, sub, dev_o, dev_d, dev_rgb, lo_j, hi_j,
             cell=cell, near=cfg.near, num=cfg.samples_per_ray, batch=cfg.rays_per_step, tx=tx,
+            tv_weight=cfg.tv_weight,
         )  # fmt: skip
         color_losses.append(loss)
 
@@ -251,7 +286,8 @@ def lift_neural_field(
         opacity.append(np.asarray(a))
         surface.append(np.asarray(s))
     rgb, opacity, surface = (np.concatenate(a) for a in (rgb, opacity, surface))
-    solid = opacity > 0.5
+    inside = np.all((surface >= bounds[0]) & (surface <= bounds[1]), axis=1)
+    solid = (opacity > 0.5) & inside
     pix, rows, rgb, surface = pix[solid], rows[solid], rgb[solid], surface[solid]
 
     # 2. features on the active cells (the trilinear support of the surface points).
