@@ -9,7 +9,9 @@ only through `model_fns.prefill` / `model_fns.decode_step` (`llm3d_jax.model.llm
 `decode_answer` turns generated ids into text: everything after EOS and every special token other
 than the location tokens is dropped, location-token runs become `<box>`/`<pt>` placeholders in
 metres on the row's scene grid (`llm3d_jax.tokens.tokens_to_placeholders`; malformed runs are
-dropped there), and a decoded box whose min exceeds its max on some axis is dropped too.
+dropped there). Each `<box>`/`<pt>` span is then parsed on its own: one that does not parse (a
+box whose min exceeds its max, a span the model spelled out badly) is dropped, and stray tags
+elsewhere in the text never cost the valid locations.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from llm3d_jax import tokens
 from llm3d_jax.infer.decode import DecodeConfig, decode
 
 MIN_PROMPT_BUCKET = 16
-_BOX = re.compile(r"<box>.*?</box>", re.DOTALL)
+_PLACEHOLDER = re.compile(r"<(box|pt)>([^<]*)</\1>")
 
 
 def bucket_size(n: int, minimum: int = 1) -> int:
@@ -130,18 +132,24 @@ def decode_answer(
     raw = tokenizer.decode(keep, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     text = tokens.tokens_to_placeholders(raw, grid_origin, grid_voxel)
 
-    def valid_box(m: re.Match) -> str:
+    # Parse each well-formed placeholder on its own: stray tags or garbage elsewhere in the
+    # generated text must not cost the valid locations.
+    boxes, points, kept, end = [], [], [], 0
+    for m in _PLACEHOLDER.finditer(text):
         try:
-            tokens.parse_boxes(m.group(0))
-        except ValueError:
-            return ""
-        return m.group(0)
-
-    text = re.sub(r"\s+", " ", _BOX.sub(valid_box, text)).strip()
+            if m.group(1) == "box":
+                boxes.append(tokens.parse_boxes(m.group(0))[0])
+            else:
+                points.append(tokens.parse_points(m.group(0))[0])
+            kept.append(text[end : m.end()])
+        except ValueError:  # wrong count, min > max, non-numbers: drop the span
+            kept.append(text[end : m.start()])
+        end = m.end()
+    kept.append(text[end:])
     return Answer(
-        text=text,
-        boxes=tokens.parse_boxes(text),
-        points=tokens.parse_points(text),
+        text=re.sub(r"\s+", " ", "".join(kept)).strip(),
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 6),
+        points=np.asarray(points, np.float32).reshape(-1, 3),
         token_ids=tuple(ids),
         score=float(score),
     )

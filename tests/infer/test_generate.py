@@ -127,6 +127,21 @@ def test_decode_answer_drops_malformed_runs(encoder):
     assert answer.first_box() is None
 
 
+def test_decode_answer_keeps_valid_boxes_beside_stray_tags(encoder):
+    loc = lambda i: encoder.loc_offset + i
+    # Plain-text "<box>" pieces (no closing tag) before a valid location-token box.
+    ids = _ids(encoder, "]2.0 <box>0.") + [loc(i) for i in (0, 0, 0, 1, 1, 1)]
+    answer = decode_answer(
+        encoder.tokenizer,
+        ids,
+        eos_id=encoder.eos_id,
+        loc_offset=encoder.loc_offset,
+        loc_bins=256,
+        **GRID,
+    )
+    np.testing.assert_allclose(answer.boxes, [[-0.75, 0.25, 2.25, -0.25, 0.75, 2.75]])
+
+
 def test_encode_prompt_rejects_a_prompt_longer_than_the_context(encoder):
     ids = encode_prompt(encoder, "where is <pt>0 0 3</pt>", max_len=32, **GRID)
     assert ids[-1] == encoder.eos_id  # T5-style suffix kept

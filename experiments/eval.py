@@ -1,0 +1,380 @@
+r"""Evaluates a trained 3D-LLM: generation on a split, then the papers' metrics.
+
+    python experiments/eval.py --workdir RUN [--split validation] [--strategy greedy|beam|sample]
+    python experiments/eval.py --checkpoint RUN/checkpoints/300 --split val
+
+Writes DIR/eval/predictions.jsonl (one row per record: prompt, prediction with boxes in metres,
+answers), DIR/eval/metrics.json and DIR/eval/metrics.md (our numbers beside the published ones),
+where DIR is --workdir or --checkpoint. Metrics per (dataset, task): grounding -> Acc@0.25,
+Acc@0.5, mIoU of the first predicted box against the first box of the first answer; every other
+task -> BLEU-1..4, METEOR, ROUGE-L, CIDEr, EM, EM-refined with `<box>`/`<pt>` spans removed from
+both sides; sqa3d also EM per question type. Sections: model, data, generation, metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from llm3d_jax import tokens
+from llm3d_jax.data.pipeline import load_tokenizer, make_eval_iterator, parse_mixture
+from llm3d_jax.data.sources import SceneJoin
+from llm3d_jax.evaluate import (
+    caption_metrics,
+    em_by_question_type,
+    grounding_metrics,
+    sqa3d_question_type,
+)
+from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
+from llm3d_jax.infer import restore
+from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig
+from llm3d_jax.infer.generate import decode_answer, generate
+
+SPLITS = {"val": "validation", "validation": "validation", "train": "train"}
+TEXT_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM", "EM-refined")
+GROUNDING_COLUMNS = ("Acc@0.25", "Acc@0.5", "mIoU")
+_LOCATION_SPAN = re.compile(r"<(box|pt)>.*?</\1>", re.DOTALL)
+
+# Published numbers (shared/REFERENCE.md), shown beside ours in metrics.md.
+SCANQA_VAL = {
+    "ScanQA": (30.2, 10.1, 13.1, 33.3, 64.9, 21.0),
+    "3D-LLM (BLIP2-flant5)": (39.3, 12.0, 14.5, 35.7, 69.4, 20.5),
+    "LL3DA": (None, 13.5, 15.9, 37.3, 76.8, None),
+    "Chat-Scene": (43.2, 14.3, 18.0, 41.6, 87.7, 21.6),
+    "LLaVA-3D": (None, 14.5, 20.7, 50.1, 91.7, 27.0),
+    "Video-3D LLM": (47.1, 16.2, 19.8, 49.0, 102.1, 30.1),
+}
+SCANREFER_ACC25 = {"3D-LLM": 30.3, "ScanRefer": 41.2, "Chat-Scene": 55.5, "Video-3D LLM": 58.1}
+
+
+# ---------------------------------------------------------------------- model
+
+
+class RunModel:
+    """A trained model restored from a run: module, full params, run config, tokenizer path."""
+
+    def __init__(self, module, params, config, step: int, source: str):
+        self.module, self.params, self.config, self.step, self.source = (
+            module,
+            params,
+            config,
+            step,
+            source,
+        )
+
+    @property
+    def tokenizer_path(self) -> str:
+        path = self.config.model.pretrained or self.config.get("tokenizer", "")
+        if not path:
+            raise InputError(self.source, "the run config names no tokenizer directory")
+        if not os.path.isdir(path):
+            raise InputError(path, "tokenizer directory of the run not found")
+        return path
+
+
+def load_run(path: str) -> RunModel:
+    """A run folder, its checkpoints folder or one step folder -> RunModel (full fp32 params)."""
+    from experiments.train import build_model  # the exact model the run trained
+    from llm3d_jax.model import llm3d
+
+    step, trainable, meta = restore.read_checkpoint(path)
+    config = ml_collections.ConfigDict(meta.get("config") or _config_json(path))
+    module, pretrained = build_model(config)
+    patterns = tuple(config.get("trainable", ())) or llm3d.TRAINABLE
+    frozen_ref = meta["frozen"]
+    if pretrained is None:
+        all_params = jax.device_get(llm3d.init_params(module, seed=int(frozen_ref["seed"])))
+    else:
+        all_params = pretrained
+    params = restore.merge_with_frozen(
+        trainable, all_params, patterns, frozen_ref["fingerprint"], path
+    )
+    return RunModel(module, params, config, step, path)
+
+
+def _config_json(path: str) -> dict:
+    run_dir = os.path.dirname(restore.locate(path)[0])
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise InputError(path, "checkpoint has no config and the run folder no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------- generation
+
+
+def predict(
+    run: RunModel,
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    decode: DecodeConfig,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Generates an answer for every record of `split` -> prediction rows (module doc)."""
+    data_config = dict(run.config.data)
+    name = parse_mixture(data_config["datasets"])[0][0]
+    try:
+        total = len(SceneJoin.open(data_dir, name, split))
+    except FileNotFoundError as err:
+        raise InputError(data_dir, f"no {name}/{split} data ({err})") from None
+    iterator = make_eval_iterator(
+        data_dir,
+        run.tokenizer_path,
+        batch_size=batch_size,
+        seed=seed,
+        split=split,
+        read_threads=2,
+        loc_bins=run.module.config.llm.loc_bins,
+        **data_config,
+    )
+    tokenizer = load_tokenizer(run.tokenizer_path)
+    tokens.add_location_tokens(tokenizer, run.module.config.llm.loc_bins)
+    llm = run.module.config.llm
+    if iterator.loc_offset != llm.loc_offset:
+        raise InputError(
+            run.tokenizer_path,
+            f"tokenizer puts <loc0> at {iterator.loc_offset}, the model at {llm.loc_offset}",
+        )
+    rows, rng = [], jax.random.key(seed)
+    wanted = total if limit is None else min(limit, total)
+    bar = tqdm(total=wanted, desc=f"generate {name}/{split}", unit="rec")
+    for batch_index, batch in enumerate(iterator):
+        meta = iterator.last_metadata
+        inputs = {
+            k: batch[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
+        }
+        ids, scores = generate(
+            run.module, run.params, inputs, decode, rng=jax.random.fold_in(rng, batch_index)
+        )
+        for m, row_ids, score in zip(meta, ids, scores):
+            if not m["valid"] or len(rows) >= wanted:
+                continue
+            answer = decode_answer(
+                tokenizer,
+                row_ids,
+                eos_id=decode.eos_id,
+                loc_offset=llm.loc_offset,
+                loc_bins=llm.loc_bins,
+                grid_origin=m["grid_origin"],
+                grid_voxel=m["grid_voxel"],
+                score=float(score),
+            )
+            rows.append(
+                dict(
+                    id=m["id"],
+                    scene_id=m["scene_id"],
+                    dataset=m["dataset"],
+                    task=m["task"],
+                    prompt=m["prompt"],
+                    prediction=answer.text,
+                    answers=m["answers"],
+                    boxes=answer.boxes.tolist(),
+                    points=answer.points.tolist(),
+                    object_ids=m["object_ids"],
+                    score=answer.score,
+                )
+            )
+            bar.update(1)
+        if len(rows) >= wanted:
+            break
+    bar.close()
+    return rows
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+def strip_locations(text: str) -> str:
+    return re.sub(r"\s+", " ", _LOCATION_SPAN.sub(" ", text)).strip()
+
+
+def last_question(prompt: str) -> str:
+    """The last sentence of a prompt (SQA3D prompts are `situation question`)."""
+    parts = [p for p in re.split(r"(?<=[.!?])\s+", prompt.strip()) if p]
+    return parts[-1] if parts else ""
+
+
+def compute_metrics(rows: list[dict]) -> dict:
+    """{"<dataset>/<task>": {metric: value, "count": n}} over the prediction rows."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[f"{row['dataset']}/{row['task']}"].append(row)
+    out = {}
+    for key, group in sorted(groups.items()):
+        if key.endswith("/grounding"):
+            pred, gt = [], []
+            for row in group:
+                try:
+                    boxes = tokens.parse_boxes(row["answers"][0])
+                except ValueError:
+                    boxes = np.zeros((0, 6))
+                if len(boxes):
+                    gt.append(boxes[0])
+                    pred.append(row["boxes"][0] if row["boxes"] else None)
+            if gt:
+                out[key] = {
+                    **grounding_metrics(pred, np.asarray(gt)),
+                    "count": len(gt),
+                    "skipped_without_gt_box": len(group) - len(gt),
+                }
+            continue
+        preds = {r["id"]: strip_locations(r["prediction"]) for r in group}
+        refs = {r["id"]: [strip_locations(a) for a in r["answers"]] for r in group}
+        scores = caption_metrics(preds, refs)
+        if key.startswith("sqa3d/"):
+            types = {r["id"]: sqa3d_question_type(last_question(r["prompt"])) for r in group}
+            scores.update(em_by_question_type(preds, refs, types))
+        out[key] = {**scores, "count": len(group)}
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def markdown(metrics: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    text = {k: v for k, v in metrics.items() if "BLEU-1" in v}
+    ground = {k: v for k, v in metrics.items() if "Acc@0.25" in v}
+    if text:
+        lines += [
+            "| ours: dataset/task | n | " + " | ".join(TEXT_COLUMNS) + " |",
+            "|---" * (len(TEXT_COLUMNS) + 2) + "|",
+        ]
+        lines += [
+            f"| {k} | {v['count']} | " + " | ".join(_fmt(v[c]) for c in TEXT_COLUMNS) + " |"
+            for k, v in text.items()
+        ]
+        lines += [
+            "",
+            "Published, ScanQA validation (shared/REFERENCE.md):",
+            "",
+            "| system | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | EM |",
+            "|---" * 7 + "|",
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |"
+            for name, vals in SCANQA_VAL.items()
+        ]
+        lines.append("")
+    if ground:
+        lines += [
+            "| ours: dataset/task | n | " + " | ".join(GROUNDING_COLUMNS) + " |",
+            "|---" * (len(GROUNDING_COLUMNS) + 2) + "|",
+        ]
+        lines += [
+            f"| {k} | {v['count']} | " + " | ".join(_fmt(v[c]) for c in GROUNDING_COLUMNS) + " |"
+            for k, v in ground.items()
+        ]
+        lines += [
+            "",
+            "Published, ScanRefer Acc@0.25: "
+            + ", ".join(f"{k} {v}" for k, v in SCANREFER_ACC25.items()),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", help="run folder of experiments/train.py (latest checkpoint)")
+    where.add_argument("--checkpoint", help="a checkpoints folder or one step folder")
+    parser.add_argument("--split", default="validation", help="validation (val) or train")
+    parser.add_argument("--data_dir", help="TFDS folder (default: the run config's data_dir)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, help="default: the run's answer_len")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from absl import logging as absl_logging
+
+    # orbax logs every restore step, and a warning for each checkpoint item left unread.
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    args = parse_args(argv)
+    if args.split not in SPLITS:
+        raise InputError(None, f"--split must be one of {sorted(SPLITS)}, got {args.split!r}")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise InputError(None, "--batch_size and --limit must be >= 1")
+    target = args.workdir or args.checkpoint
+    out_dir = os.path.join(target, "eval")
+
+    start = time.perf_counter()
+    run = load_run(target)
+    print(f"model: step {run.step} of {target}")
+    data_dir = args.data_dir or run.config.get("data_dir", "")
+    if run.config.get("data_source", "tfds") != "tfds" and not args.data_dir:
+        raise InputError(target, "the run trained on synthetic batches; pass --data_dir TFDS_DIR")
+    if not data_dir or not os.path.isdir(data_dir):
+        raise InputError(data_dir or target, "TFDS data folder not found (--data_dir)")
+    tokenizer = load_tokenizer(run.tokenizer_path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        decode = DecodeConfig(
+            strategy=args.strategy,
+            max_new_tokens=args.max_new_tokens or int(run.config.data.answer_len),
+            eos_id=run.module.config.llm.eos_token_id,
+            pad_id=pad,
+            num_beams=args.num_beams,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
+    except ValueError as err:
+        raise InputError(None, str(err)) from None
+
+    rows = predict(
+        run, data_dir, SPLITS[args.split], args.batch_size, decode, args.limit, args.seed
+    )
+    write_jsonl_atomic(os.path.join(out_dir, "predictions.jsonl"), rows)
+    print(f"generation: {len(rows)} records in {time.perf_counter() - start:.1f} s")
+
+    metrics = compute_metrics(rows)
+    summary = {
+        "step": run.step,
+        "split": SPLITS[args.split],
+        "data_dir": os.path.abspath(data_dir),
+        "decode": decode.__dict__,
+        "metrics": metrics,
+    }
+    write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+    table = markdown(
+        metrics, f"Evaluation of {target} (step {run.step}, {SPLITS[args.split]}, {args.strategy})"
+    )
+    write_text_atomic(os.path.join(out_dir, "metrics.md"), table)
+    print(table)
+    print(f"wrote {out_dir}/predictions.jsonl, metrics.json, metrics.md")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)

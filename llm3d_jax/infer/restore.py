@@ -1,0 +1,107 @@
+"""Full model params of a training run: trainable params from an orbax checkpoint, frozen ones
+regenerated (random init) or reloaded (pretrained directory), checked against the fingerprint the
+checkpoint recorded (`llm3d_jax.train.checkpoint`).
+
+Accepted locations: a run folder (RUN, holding checkpoints/), its checkpoints folder, or one step
+folder (RUN/checkpoints/300). The trainable params are restored onto one device from the array
+metadata stored in the checkpoint, so neither the optimizer nor the training mesh is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llm3d_jax.fileio import InputError
+from llm3d_jax.train import checkpoint as ckpt
+from llm3d_jax.train import optimizer
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """-> (checkpoints folder, step or None for the latest)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise InputError(path, "checkpoint folder not found")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+        return os.path.dirname(path), int(name)
+    return path, None
+
+
+def read_checkpoint(path: str) -> tuple[int, dict, dict]:
+    """-> (step, trainable params as host numpy arrays, checkpoint meta with `frozen`, `config`).
+
+    InputError when there is no complete step, the step lacks an item, or it cannot be read.
+    """
+    directory, step = locate(path)
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=(ckpt.STATE, ckpt.META),
+        item_handlers={
+            ckpt.STATE: ocp.StandardCheckpointHandler(),
+            ckpt.META: ocp.JsonCheckpointHandler(),
+        },
+    )
+    steps = manager.all_steps()
+    if not steps:
+        raise InputError(directory, "no complete checkpoint step in this folder")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise InputError(directory, f"no complete checkpoint step {step} (have {sorted(steps)})")
+    step_dir = os.path.join(directory, str(step))
+    missing = [i for i in (ckpt.STATE, ckpt.META) if not os.path.isdir(os.path.join(step_dir, i))]
+    if missing:
+        raise InputError(step_dir, f"incomplete checkpoint: missing {', '.join(missing)}")
+    try:
+        tree = manager.item_metadata(step)[ckpt.STATE]
+        tree = getattr(tree, "tree", tree)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+        )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    ckpt.STATE: ocp.args.StandardRestore(abstract),
+                    ckpt.META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+    except Exception as err:  # a damaged step can fail in any layer (json, tensorstore, ocdbt)
+        raise InputError(
+            step_dir, f"unreadable checkpoint ({type(err).__name__}: {str(err)[:300]})"
+        ) from None
+    finally:
+        manager.close()
+    state, meta = restored[ckpt.STATE], restored[ckpt.META]
+    if not isinstance(meta, dict) or "frozen" not in meta or "params" not in state:
+        raise InputError(step_dir, "not a llm3d_jax training checkpoint (no params / frozen ref)")
+    return step, jax.tree.map(np.asarray, state["params"]), meta
+
+
+def merge_with_frozen(trainable: dict, all_params: dict, patterns, expected: str, where: str):
+    """Trainable params from the checkpoint + the frozen part of `all_params` -> full params.
+
+    `expected` is the checkpoint's frozen fingerprint; a mismatch (other base weights, other
+    seed, other model config) is an InputError naming `where`.
+    """
+    _, frozen = optimizer.split_trainable(all_params, patterns)
+    got = ckpt.fingerprint(frozen)
+    if got != expected:
+        raise InputError(
+            where,
+            f"frozen weights differ from the ones the checkpoint was trained with "
+            f"(fingerprint {got} vs {expected})",
+        )
+    params = optimizer.merge(trainable, frozen)
+    want = jax.tree.structure(all_params)
+    if jax.tree.structure(params) != want:
+        raise InputError(where, "checkpoint params do not match the model's parameter tree")
+    return params
