@@ -32,7 +32,7 @@ from data_pipeline.lift.neural_field import FieldConfig, lift_neural_field
 from data_pipeline.lift.voxelize import grid_for_bounds, voxelize
 from data_pipeline.render import Views, render_scene
 from data_pipeline.scenes import Scene
-from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic
+from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic, write_bytes_atomic
 from llm3d_jax.model import vit
 
 FORMAT_VERSION = 1
@@ -112,6 +112,43 @@ def scene_features(
     return out
 
 
+def preview_png(arrays: dict[str, np.ndarray], title: str) -> bytes:
+    """Top-down views of a feature file: point colours, and the features' first 3 principal
+    components as RGB (points of one object should share a hue)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = arrays["points"]
+    feats = arrays["features"].astype(np.float32)
+    centred = feats - feats.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred[:: max(1, len(centred) // 5000)], full_matrices=False)
+    pcs = centred @ vt[:3].T
+    lo, hi = np.percentile(pcs, 2, axis=0), np.percentile(pcs, 98, axis=0)
+    pca_rgb = np.clip((pcs - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    if pca_rgb.shape[1] < 3:
+        pca_rgb = np.pad(pca_rgb, ((0, 0), (0, 3 - pca_rgb.shape[1])))
+    order = np.argsort(points[:, 2])  # draw low points first, so the top-down view shows tops
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=80)
+    for ax, colours, name in (
+        (axes[0], arrays["colors"] / 255.0, "colour"),
+        (axes[1], pca_rgb, "feature PCA"),
+    ):
+        ax.scatter(points[order, 0], points[order, 1], c=colours[order], s=1, linewidths=0)
+        ax.set_aspect("equal")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def is_valid_output(path: str, method: str, encoder: str) -> bool:
     """True when `path` is a complete feature file made with this method and encoder."""
     if not os.path.exists(path):
@@ -153,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-points", type=int, help="cap on voxelised points per scene")
+    parser.add_argument(
+        "--preview", action="store_true", help="also write FEATURES/<scene_id>.png (top-down views)"
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.scenes):
         raise InputError(args.scenes, "scene folder not found")
@@ -192,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                 "format_version": FORMAT_VERSION,
             }
             save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
+            if args.preview:
+                title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
+                png = preview_png(arrays, title)
+                write_bytes_atomic(os.path.join(args.out, f"{scene.scene_id}.png"), png)
             bar.set_postfix(points=len(arrays["points"]), s=f"{time.perf_counter() - start:.1f}")
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)

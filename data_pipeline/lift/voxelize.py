@@ -50,6 +50,22 @@ def _majority(group: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndar
     return out
 
 
+def _rows_product(to_rows: sparse.csr_matrix, table: np.ndarray) -> np.ndarray:
+    """Unit rows of `to_rows @ table` as float16 [V,D], in blocks of voxels: a small table (mask
+    features) goes through a dense float32 BLAS product per block, a large one (one row per point)
+    through the sparse product; only one float32 block exists at a time."""
+    num, k = to_rows.shape
+    out = np.empty((num, table.shape[1]), np.float16)
+    block = max(1, min(num, (1 << 24) // max(k, table.shape[1])))
+    for start in range(0, num, block):
+        part = to_rows[start : start + block]
+        values = part.toarray() @ table if k <= 4096 else np.asarray(part @ table, np.float32)
+        norm = np.sqrt(np.einsum("ij,ij->i", values, values))[:, None]
+        values /= np.maximum(norm, 1e-12)
+        out[start : start + block] = values
+    return out
+
+
 def voxelize(
     lifted: LiftedPoints,
     origin: np.ndarray | None = None,
@@ -103,11 +119,11 @@ def voxelize(
     ref_group = group[lifted.ref_point]
     ok = ref_group >= 0
     coef = lifted.ref_weight[ok] / weight_sum[lifted.ref_point[ok]] / count[ref_group[ok]]
-    to_rows = sparse.csr_matrix(
-        (coef, (ref_group[ok], lifted.ref_row[ok])), shape=(num, len(lifted.table))
+    to_rows = sparse.csr_matrix(  # duplicates (same voxel and row) are summed here
+        (coef.astype(np.float32), (ref_group[ok], lifted.ref_row[ok])),
+        shape=(num, len(lifted.table)),
     )
-    features = np.asarray(to_rows @ lifted.table, np.float32)
-    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    features = _rows_product(to_rows, np.asarray(lifted.table, np.float32))
 
     # A mean lies between its points, so it stays inside the grid; its voxel is recomputed from
     # the stored float32 value (a mean can round across a cell face).
@@ -116,7 +132,7 @@ def voxelize(
     assert voxels.min() >= 0 and voxels.max() <= GRID - 1
     return {
         "points": out_points,
-        "features": features.astype(np.float16),
+        "features": features,
         "voxels": voxels.astype(np.uint8),
         "colors": np.clip(np.rint(mean_colors), 0, 255).astype(np.uint8),
         "instance": instance.astype(np.int32),

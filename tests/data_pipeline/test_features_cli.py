@@ -86,10 +86,11 @@ def test_mask_files_and_a_wrong_shape(scenes_dir, tmp_path, capsys):
     np.savez(masks / "synth_0001.npz", masks=labels[:, :30])
     out = tmp_path / "out"
     args = ["--scenes", str(scenes), "--method", "direct", "--out", str(out), "--masks", str(masks)]
-    assert features.main([*args, *SMALL]) == 1
+    assert features.main([*args, *SMALL, "--preview"]) == 1
     err = capsys.readouterr().err
     assert "synth_0001.npz: masks label map has shape (2, 30, 48), expected (2, 36, 48)" in err
-    assert os.listdir(out) == ["synth_0000.npz"]
+    assert sorted(os.listdir(out)) == ["synth_0000.npz", "synth_0000.png"]
+    assert (out / "synth_0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Two segments per view: at most 4 distinct feature rows before voxel averaging.
     data = np.load(out / "synth_0000.npz")
     assert len(np.unique(data["features"], axis=0)) > 1
