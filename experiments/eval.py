@@ -14,6 +14,7 @@ both sides; sqa3d also EM per question type. Sections: model, data, generation, 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -96,13 +97,21 @@ def load_run(path: str) -> RunModel:
     patterns = tuple(config.get("trainable", ())) or llm3d.TRAINABLE
     frozen_ref = meta["frozen"]
     if pretrained is None:
-        all_params = jax.device_get(llm3d.init_params(module, seed=int(frozen_ref["seed"])))
+        all_params = random_init(module, int(frozen_ref["seed"]))
     else:
         all_params = pretrained
     params = restore.merge_with_frozen(
         trainable, all_params, patterns, frozen_ref["fingerprint"], path
     )
     return RunModel(module, params, config, step, path)
+
+
+@functools.lru_cache(maxsize=2)
+def random_init(module, seed: int) -> dict:
+    """Host params of a random init (cached: export and eval in one process restore twice)."""
+    from llm3d_jax.model import llm3d
+
+    return jax.device_get(llm3d.init_params(module, seed=seed))
 
 
 def _config_json(path: str) -> dict:

@@ -190,7 +190,7 @@ def _prediction(path: str, record_id: str) -> dict:
     raise InputError(path, f"no prediction with id {record_id!r}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -200,7 +200,7 @@ def main() -> int:
     parser.add_argument("--box", action="append", default=[], help="a predicted box (repeatable)")
     parser.add_argument("--predictions", help="predictions.jsonl of experiments/eval.py")
     parser.add_argument("--id", help="record id in --predictions")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scene = load_scene(args.scene)
     try:
         highlight = [int(v) for v in args.objects.split(",") if v.strip()]

@@ -1,0 +1,216 @@
+"""Restore a training checkpoint, export it, reload it (bit-identical fp32), ask it; bad input.
+
+The run is written in-process the way experiments/train.py writes it (config, orbax state with the
+trainable params, data-iterator state, meta with the frozen-weights fingerprint), so no training
+is needed.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.eval import load_run, random_init
+from llm3d_jax import tokens
+from llm3d_jax.fileio import InputError, save_npz_atomic
+from llm3d_jax.infer import exported
+from llm3d_jax.model import llm3d
+from llm3d_jax.train import checkpoint, optimizer
+from llm3d_jax.train.step import TrainState
+from tools import ask, export, visualize
+
+STEP = 7
+NUM_POINTS = 24
+
+
+class _Iterator:
+    def get_state(self):
+        return {"index": 3}
+
+    def set_state(self, state):
+        pass
+
+
+def _config(tok_dir):
+    spec = importlib.util.spec_from_file_location("demo", "experiments/configs/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    config = demo.get_config()
+    config.tokenizer = tok_dir
+    config.data_dir = ""
+    config.data.num_points = NUM_POINTS
+    config.data.prompt_len = 24
+    config.data.answer_len = 6
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    texts = ["where is the brown chair", "a white table near the wall"] * 4
+    tok_dir = str(root / "tok")
+    tokens.train_tokenizer(texts, 200, tok_dir)
+    config = _config(tok_dir)
+    from experiments.train import build_model
+
+    module, _ = build_model(config)
+    params = random_init(module, config.seed)
+    trainable, frozen = optimizer.split_trainable(params, llm3d.TRAINABLE)
+    # "Trained": every trainable leaf moved, so a restore that fell back to init would show.
+    trainable = jax.tree.map(lambda x: x + 0.01, trainable)
+    state = TrainState(
+        step=jnp.int32(STEP), params=trainable, opt_state=optax.adam(1e-3).init(trainable)
+    )
+    meta = {
+        "frozen": {
+            "kind": "random_init",
+            "seed": config.seed,
+            "model": config.model.to_dict(),
+            "fingerprint": checkpoint.fingerprint(frozen),
+        },
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    workdir = root / "run"
+    manager = checkpoint.make_manager(str(workdir / "checkpoints"), keep=2, save_every=1)
+    checkpoint.save(manager, STEP, state, _Iterator(), meta, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    expected = optimizer.merge(trainable, frozen)
+    return dict(root=root, workdir=str(workdir), module=module, params=expected, config=config)
+
+
+def _inputs(module, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(
+        features=rng.normal(size=(2, NUM_POINTS, module.config.feature_dim)).astype(np.float32),
+        voxels=rng.integers(0, 256, (2, NUM_POINTS, 3)).astype(np.int32),
+        point_mask=np.ones((2, NUM_POINTS), bool),
+        prompt_ids=rng.integers(2, 100, (2, 8)).astype(np.int32),
+        prompt_mask=np.ones((2, 8), bool),
+        answer_ids=rng.integers(2, 100, (2, 5)).astype(np.int32),
+        answer_mask=np.ones((2, 5), bool),
+    )
+
+
+def _same(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert jax.tree.all(jax.tree.map(lambda x, y: np.asarray(x).dtype == np.asarray(y).dtype, a, b))
+
+
+def test_restore_merges_trained_and_regenerated_frozen_params(run):
+    restored = load_run(run["workdir"])
+    assert restored.step == STEP and restored.module == run["module"]
+    _same(restored.params, run["params"])
+    # A step folder and the checkpoints folder name the same checkpoint.
+    step_dir = os.path.join(run["workdir"], "checkpoints", str(STEP))
+    _same(load_run(step_dir).params, run["params"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(run):
+    out = str(run["root"] / "model")
+    description = export.export_run(run["workdir"], out)
+    assert description["source"]["step"] == STEP and description["params_dtype"] == "float32"
+    return out
+
+
+def test_export_reload_is_bit_identical_in_fp32(run, model_dir):
+    module, params = llm3d.from_pretrained(model_dir)  # delegates to exported.load_exported
+    assert module == run["module"]
+    _same(params, run["params"])
+    inputs = _inputs(module)
+    apply = jax.jit(module.apply)
+    before = apply({"params": run["params"]}, **inputs)
+    after = apply({"params": params}, **inputs)
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    _, _, tokenizer, _ = exported.load_exported_bundle(model_dir)
+    assert tokenizer.convert_tokens_to_ids("<loc0>") == module.config.llm.loc_offset
+
+
+def test_export_bf16_safetensors(run):
+    out = str(run["root"] / "model_bf16")
+    export.export_run(run["workdir"], out, bf16=True, safetensors=True)
+    assert os.path.exists(os.path.join(out, exported.SAFETENSORS_FILE))
+    module, params = exported.load_exported(out)
+    assert module.config.llm.dtype == "bfloat16"
+    # Exporting again over an earlier export replaces it.
+    export.export_run(run["workdir"], out)
+    assert exported.load_exported(out)[0].config.llm.dtype == "float32"
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
+    _same(params, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), run["params"]))
+
+
+def _scene(path, dim, n=40):
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, 4, (n, 3)).astype(np.float32)
+    save_npz_atomic(
+        path,
+        points=points,
+        features=rng.normal(size=(n, dim)).astype(np.float16),
+        voxels=np.floor(points / (4 / 256)).clip(0, 255).astype(np.uint8),
+        grid_origin=np.zeros(3, np.float32),
+        grid_voxel=np.float32(4 / 256),
+        object_ids=np.array([3], np.int32),
+        object_labels=np.array(["chair"]),
+        object_boxes=np.array([[1, 1, 0, 2, 2, 1]], np.float32),
+    )
+    return str(path)
+
+
+def test_ask_answers_and_rejects_bad_input(run, model_dir, capsys):
+    out = model_dir
+    dim = run["module"].config.feature_dim
+    scene = _scene(run["root"] / "scene.npz", dim)
+    png = str(run["root"] / "answer.png")
+    assert ask.main(["--model", out, "--scene", scene, "where is the chair", "--png", png]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() and os.path.getsize(png) > 10_000
+    answer, _ = ask.ask(out, scene, "where is the chair")
+    assert len(answer.token_ids) <= 6  # answer_len of the run
+
+    wrong = _scene(run["root"] / "wide.npz", dim + 3)
+    with pytest.raises(InputError, match=f"features are {dim + 3}-d, the model expects {dim}-d"):
+        ask.ask(out, wrong, "where is the chair")
+    with pytest.raises(InputError, match="longer than the model's context of 24"):
+        ask.ask(out, scene, "where is the brown chair near the white table " * 3)
+    with pytest.raises(InputError, match="not an exported model directory"):
+        ask.ask(str(run["root"]), scene, "where is the chair")
+
+
+def test_incomplete_or_missing_checkpoints_are_clear_errors(run):
+    broken = run["root"] / "broken"
+    shutil.copytree(run["workdir"], broken)
+    shutil.rmtree(broken / "checkpoints" / str(STEP) / "state")
+    with pytest.raises(InputError, match="incomplete checkpoint: missing state"):
+        export.export_run(str(broken), str(run["root"] / "never"))
+    assert not os.path.exists(run["root"] / "never")
+    with pytest.raises(InputError, match="no complete checkpoint step"):
+        load_run(str(run["root"] / "tok"))
+    with pytest.raises(InputError, match="checkpoint folder not found"):
+        load_run(str(run["root"] / "nowhere"))
+    # Damaged array data: the step is listed but cannot be read.
+    damaged = run["root"] / "damaged"
+    shutil.copytree(run["workdir"], damaged)
+    state = damaged / "checkpoints" / str(STEP) / "state"
+    for sub in ("d", "ocdbt.process_0"):
+        shutil.rmtree(state / sub, ignore_errors=True)
+    with pytest.raises(InputError, match="unreadable checkpoint"):
+        load_run(str(damaged))
+
+
+def test_visualize_renders_boxes(run, tmp_path):
+    scene = _scene(tmp_path / "scene.npz", 8)
+    png = str(tmp_path / "scene.png")
+    assert (
+        visualize.main(["--scene", scene, "--out", png, "--objects", "3", "--box", "1 1 0 2 2 0.8"])
+        == 0
+    )
+    assert os.path.getsize(png) > 10_000
+    with pytest.raises(InputError, match="--box needs 6 numbers"):
+        visualize.main(["--scene", scene, "--out", png, "--box", "1 2 3"])
