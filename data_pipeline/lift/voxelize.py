@@ -40,13 +40,15 @@ def voxel_indices(points: np.ndarray, origin: np.ndarray, voxel: np.float32) -> 
 
 def _majority(group: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndarray:
     """Most frequent label per group (ties: the smallest label)."""
-    pairs, counts = np.unique(np.stack([group, labels], axis=1), axis=0, return_counts=True)
-    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # by group, count desc, label asc
-    pairs = pairs[order]
-    first = np.ones(len(pairs), bool)
-    first[1:] = pairs[1:, 0] != pairs[:-1, 0]
+    low = labels.min()
+    span = int(labels.max() - low) + 1
+    pairs, counts = np.unique(group * span + (labels - low), return_counts=True)
+    pair_group, pair_label = pairs // span, pairs % span + low
+    order = np.lexsort((pair_label, -counts, pair_group))  # by group, count desc, label asc
+    first = np.ones(len(order), bool)
+    first[1:] = pair_group[order][1:] != pair_group[order][:-1]
     out = np.full(num_groups, -1, np.int64)
-    out[pairs[first, 0]] = pairs[first, 1]
+    out[pair_group[order][first]] = pair_label[order][first]
     return out
 
 
