@@ -7,7 +7,9 @@ Per frame, with masks m_1..m_K (instance renders by default, or an external segm
   g_i = normalize( w_i f_G + (1 - w_i) f_i )
 A pixel gets normalize(sum of g_i over the masks covering it); uncovered pixels get nothing and
 are dropped by every lifting method. "Pooled" = mean of the ViT's patch tokens (the class token
-excluded), so the BLIP-2 and CLIP layouts pool the same way.
+excluded), so the BLIP-2 and CLIP layouts pool the same way. Frames and crops are resized
+(stretched, antialiased) to the encoder's square input inside one jitted function, in fixed-size
+batches, so a scene compiles once.
 
 Storage is compact (docs/architecture.md, "Pixel-aligned 2D features"): a mask-id map int32
 [V,H,W] indexing one float32 table [K,D] for the whole view set (-1 = uncovered). Pixels covered
