@@ -47,6 +47,7 @@ def tensors_fixture(out: str) -> None:
             ("i8", torch.arange(-4, 4, dtype=torch.int8)),
             ("u8", torch.arange(250, 256, dtype=torch.uint8)),
             ("bool", torch.tensor([True, False, True])),
+            ("u16", torch.tensor([0, 7, 65535], dtype=torch.uint16)),  # _rebuild_tensor_v3 path
             ("transposed", base.t()),  # non-contiguous strides
             ("sliced", base[1:5:2, 1:4]),  # offset and strides into a shared storage
             ("base", base),
