@@ -8,10 +8,11 @@ with the machine it ran on to `--doc` (markdown) and `--out`/bench.json. Figures
   lifting   fusion vs a naive dense implementation (tools/bench/lifting.py, when present)
   pipeline  grain input pipeline examples/s vs what the demo train step consumes, and vs a naive
             npz loader (tools/bench/input_pipeline.py's inputs and naive loader)
-  train     train step (tools/bench/train_step.py's jitted step) model FLOP/s vs the measured
-            peak of a jitted float32 2048^3 matmul (= MFU), for the demo model and a ~100M
-            compute-bound one; and steps/s vs the same step in PyTorch (transformers
-            Blip2QFormerModel + T5ForConditionalGeneration, tools/bench/torch_reference.py)
+  train     the demo train step (tools/bench/train_step.py's jitted step): model FLOP/s vs the
+            measured peak of a jitted float32 2048^3 matmul (= MFU), and steps/s vs the same
+            step in PyTorch (transformers Blip2QFormerModel + T5ForConditionalGeneration,
+            tools/bench/torch_reference.py)
+  train_large  the same for train_step.py's ~100M compute-bound config
   decode    greedy generation tokens/s with the KV cache vs a no-cache loop, and vs PyTorch
             `generate` at the same shapes
   render    headless rendering frames/s vs a naive per-pixel ray loop and vs bare open3d casts
@@ -48,6 +49,7 @@ from tqdm import tqdm
 
 from llm3d_jax.fileio import cli_main, write_text_atomic
 
+TORCH_MISSING = "torch not installed"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_NOTE = (
     "Timing: warm-up calls (compilation) excluded, then N timed calls, median. The reference of "
@@ -77,7 +79,7 @@ class Row:
 class Settings:
     repeats: int
     torch_ref: object | None  # the tools.bench.torch_reference module, None without torch
-    torch_missing: str = "torch not installed"
+    torch_versions: str = TORCH_MISSING  # its versions, or why there is none
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -98,17 +100,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 
 
 @functools.cache
-def matmul_peak() -> float:
-    """FLOP/s of a jitted float32 2048^3 matmul on this machine (llm3d_jax.train.metrics)."""
-    from llm3d_jax.train import metrics
-
-    return metrics.measure_cpu_peak_flops(2048)
-
-
-@functools.cache
 def train_step_run(model: str, repeats: int) -> dict:
     """Median seconds of the real jitted train step (tools/bench/train_step.py's `build_step`:
-    AdamW over `llm3d.TRAINABLE`, float32) on synthetic batches. model: "demo" | "compute"."""
+    AdamW over `llm3d.TRAINABLE`, float32) on synthetic batches, and the FLOP/s of a jitted
+    float32 2048^3 matmul measured right after it (best of 5, `llm3d_jax.train.metrics`).
+    model: "demo" | "compute"."""
     from llm3d_jax.train import metrics, sharding, synthetic
     from llm3d_jax.train import state as state_lib
     from tools.bench import train_step
@@ -141,19 +137,22 @@ def train_step_run(model: str, repeats: int) -> dict:
             built["frozen_sh"],
             jax.random.key(0),
         )
-        carry = {"state": state}
+        carry, rng = {"state": state}, jax.random.key(1)
 
         def step():
-            carry["state"], m = built["compiled"](carry["state"], frozen, batch, jax.random.key(1))
+            carry["state"], m = built["compiled"](carry["state"], frozen, batch, rng)
             jax.block_until_ready(m)
 
         seconds = median_seconds(step, repeats, warmup=2)
+    # The peak right after the step, so that both see the same machine load.
+    peak = metrics.measure_cpu_peak_flops(2048)
     return dict(
         name=name,
         cfg=built["cfg"],
         batch_size=batch_size,
         shapes=tuple(shapes),
         seconds=seconds,
+        peak=peak,
         flops=batch_size * metrics.llm3d_flops(built["cfg"].qformer, built["cfg"].llm, *shapes),
         host_batch=host,
     )
@@ -161,11 +160,11 @@ def train_step_run(model: str, repeats: int) -> dict:
 
 def train_rows(model: str, s: Settings) -> list[Row]:
     """MFU against the measured matmul peak, and steps/s against the PyTorch step."""
-    peak = matmul_peak()
     run = train_step_run(model, s.repeats)
+    peak = run["peak"]
     b, (n, lp, la) = run["batch_size"], run["shapes"]
     tokens_per_s = b * (lp + la) / run["seconds"]
-    label = f"train step, {run['name']} (B={b}, N={n}, Lp={lp}, La={la})"
+    label = f"train step {run['name']}, B={b} N={n} Lp={lp} La={la}"
     rows = [
         Row(
             f"{label}: model FLOP/s vs f32 2048^3 matmul (= MFU)",
@@ -178,7 +177,7 @@ def train_rows(model: str, s: Settings) -> list[Row]:
     ]
     figure = f"{label}: ours vs PyTorch (same shapes, AdamW, same trainable set)"
     if s.torch_ref is None:
-        return rows + [Row(figure, 1 / run["seconds"], None, "steps/s", s.torch_missing)]
+        return rows + [Row(figure, 1 / run["seconds"], None, "steps/s", s.torch_versions)]
     torch_s, threads = s.torch_ref.train_step_seconds(run["cfg"], run["host_batch"], s.repeats)
     note = f"tokens/s ours {tokens_per_s:,.0f}, PyTorch {b * (lp + la) / torch_s:,.0f} ({threads} thread(s))"
     return rows + [Row(figure, 1 / run["seconds"], 1 / torch_s, "steps/s", note)]
@@ -334,7 +333,7 @@ def fig_decode(s: Settings) -> list[Row]:
     ]
     figure = "greedy decode, demo model: ours (KV cache) vs PyTorch generate"
     if s.torch_ref is None:
-        rows.append(Row(figure, tokens / cached_s, None, "tokens/s", s.torch_missing))
+        rows.append(Row(figure, tokens / cached_s, None, "tokens/s", s.torch_versions))
     else:
         torch_s, threads = s.torch_ref.generate_seconds(cfg, inputs, length, s.repeats)
         note = f"{shape}; random weights; PyTorch on {threads} thread(s)"
@@ -572,7 +571,7 @@ def machine_info(torch_versions: str) -> dict:
         "jaxlib": jaxlib.__version__,
         "devices": f"{jax.device_count()} x {device.device_kind} ({device.platform})",
         "torch": torch_versions,
-        "python": platform.python_version(),
+        "python": f"{platform.python_version()} ({sys.executable})",
         "git_commit": commit,
         "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
     }
@@ -595,9 +594,14 @@ def markdown(rows: list[Row], machine: dict, repeats: int, seconds: float) -> st
         "",
         f"- {TIMING_NOTE} N = {repeats} here; the whole run took {seconds / 60:.1f} min.",
         "- MFU = model FLOPs per step (3 x forward matmul FLOPs of the whole model, frozen parts "
-        "included; `llm3d_jax.train.metrics.llm3d_flops`) / step time / the measured matmul peak.",
+        "included; `llm3d_jax.train.metrics.llm3d_flops`) / step time / the peak: a jitted float32 "
+        "2048^3 matmul, best of 5, measured right after the step. Model dtype float32.",
         "- The PyTorch rows run transformers' Blip2QFormerModel + T5ForConditionalGeneration on "
-        "the CPU with the same shapes, random weights (tools/bench/torch_reference.py).",
+        "the CPU with the same shapes and random weights (tools/bench/torch_reference.py), with "
+        "the faster of 1 intra-op thread and torch's default (on a loaded machine OpenMP threads "
+        "can wait on each other far longer than the work takes).",
+        "- Decoding: EOS is suppressed on both sides so every row generates the full length; the "
+        "no-cache loop re-runs the decoder over the whole answer buffer at each step.",
         "- Shared machine: other jobs ran at the same time (load average above), so absolute "
         "figures are noisy; side-by-side ratios are steadier but not immune.",
         "",
@@ -608,9 +612,11 @@ def markdown(rows: list[Row], machine: dict, repeats: int, seconds: float) -> st
 def load_torch_reference() -> tuple[object | None, str]:
     """(tools.bench.torch_reference, versions) when torch imports, else (None, why not)."""
     if importlib.util.find_spec("torch") is None:
-        return None, "torch not installed"
-    from tools.bench import torch_reference
-
+        return None, TORCH_MISSING
+    try:
+        from tools.bench import torch_reference
+    except Exception as err:  # a broken torch / transformers install: our rows still run
+        return None, f"PyTorch reference unavailable: {type(err).__name__}: {err}"
     return torch_reference, torch_reference.VERSIONS
 
 
@@ -635,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
 
     torch_ref, torch_versions = load_torch_reference()
-    settings = Settings(repeats=args.repeats, torch_ref=torch_ref)
+    settings = Settings(repeats=args.repeats, torch_ref=torch_ref, torch_versions=torch_versions)
     machine = machine_info(torch_versions)
     start = time.perf_counter()
     rows = run_figures({n: FIGURES[n] for n in chosen}, settings)
