@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from data_pipeline.tfds import build
 from experiments.eval import load_run, random_init
 from llm3d_jax import tokens
 from llm3d_jax.fileio import InputError, save_npz_atomic
@@ -25,8 +27,12 @@ from llm3d_jax.train import checkpoint, optimizer
 from llm3d_jax.train.step import TrainState
 from tools import ask, export, visualize
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data_pipeline"))
+from test_tfds_fixtures import write_fixture  # noqa: E402
+
 STEP = 7
 NUM_POINTS = 24
+PROMPT_LEN = 40
 
 
 class _Iterator:
@@ -37,15 +43,17 @@ class _Iterator:
         pass
 
 
-def _config(tok_dir):
+def _config(tok_dir, data_dir):
     spec = importlib.util.spec_from_file_location("demo", "experiments/configs/demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     config = demo.get_config()
     config.tokenizer = tok_dir
-    config.data_dir = ""
+    config.data_dir = data_dir
     config.data.num_points = NUM_POINTS
-    config.data.prompt_len = 24
+    config.data.prompt_len = PROMPT_LEN
+    # The released 3D-LLM's split (frozen LLM), so the frozen part is regenerated and checked.
+    config.trainable = llm3d.TRAINABLE
     config.data.answer_len = 6
     return config
 
@@ -53,15 +61,22 @@ def _config(tok_dir):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    texts = ["where is the brown chair", "a white table near the wall"] * 4
+    # A small TFDS folder (the data pipeline's own test fixture) for eval.py, 64-d features.
+    features_dir, records, _, rows = write_fixture(
+        str(root), num_scenes=4, records_per_scene=3, dim=64
+    )
+    build(features_dir, records, str(root / "tfds"), "synthetic", val_fraction=0.5, seed=0)
+    texts = [r["prompt"] + " " + " ".join(r["answers"]) for r in rows]
+    texts += ["where is the brown chair", "a white table near the wall"] * 4
     tok_dir = str(root / "tok")
-    tokens.train_tokenizer(texts, 200, tok_dir)
-    config = _config(tok_dir)
+    tokens.train_tokenizer(texts, 300, tok_dir)
+    config = _config(tok_dir, str(root / "tfds"))
     from experiments.train import build_model
 
     module, _ = build_model(config)
     params = random_init(module, config.seed)
-    trainable, frozen = optimizer.split_trainable(params, llm3d.TRAINABLE)
+    trainable, frozen = optimizer.split_trainable(params, tuple(config.trainable))
+    assert jax.tree.leaves(frozen)
     # "Trained": every trainable leaf moved, so a restore that fell back to init would show.
     trainable = jax.tree.map(lambda x: x + 0.01, trainable)
     state = TrainState(
@@ -177,7 +192,7 @@ def test_ask_answers_and_rejects_bad_input(run, model_dir, capsys):
     wrong = _scene(run["root"] / "wide.npz", dim + 3)
     with pytest.raises(InputError, match=f"features are {dim + 3}-d, the model expects {dim}-d"):
         ask.ask(out, wrong, "where is the chair")
-    with pytest.raises(InputError, match="longer than the model's context of 24"):
+    with pytest.raises(InputError, match=f"longer than the model's context of {PROMPT_LEN}"):
         ask.ask(out, scene, "where is the brown chair near the white table " * 3)
     with pytest.raises(InputError, match="not an exported model directory"):
         ask.ask(str(run["root"]), scene, "where is the chair")
@@ -214,3 +229,29 @@ def test_visualize_renders_boxes(run, tmp_path):
     assert os.path.getsize(png) > 10_000
     with pytest.raises(InputError, match="--box needs 6 numbers"):
         visualize.main(["--scene", scene, "--out", png, "--box", "1 2 3"])
+
+
+def test_eval_writes_predictions_metrics_and_table(run):
+    from experiments import eval as eval_cli
+
+    assert eval_cli.main(["--workdir", run["workdir"], "--batch_size", "4", "--split", "val"]) == 0
+    out = os.path.join(run["workdir"], "eval")
+    with open(os.path.join(out, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert rows and len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert {"prompt", "prediction", "answers", "boxes", "points", "task"} <= set(r)
+        assert all(len(b) == 6 for b in r["boxes"])
+    with open(os.path.join(out, "metrics.json")) as f:
+        summary = json.load(f)
+    assert summary["step"] == STEP and summary["split"] == "validation"
+    tasks = {r["task"] for r in rows}
+    for key, scores in summary["metrics"].items():
+        assert key.split("/")[1] in tasks and scores["count"] > 0
+        names = ("Acc@0.25", "mIoU") if key.endswith("grounding") else ("BLEU-4", "CIDEr", "EM")
+        assert all(0 <= scores[n] for n in names)
+    with open(os.path.join(out, "metrics.md")) as f:
+        table = f.read()
+    assert "3D-LLM (BLIP2-flant5)" in table and f"(step {STEP}" in table
+    with pytest.raises(InputError, match="--split must be one of"):
+        eval_cli.main(["--workdir", run["workdir"], "--split", "test"])
