@@ -34,7 +34,7 @@ from llm3d_jax import tokens
 from llm3d_jax.data.pipeline import load_tokenizer, make_eval_iterator, parse_mixture
 from llm3d_jax.data.sources import SceneJoin
 from llm3d_jax.evaluate import (
-    caption_metrics,
+    caption_metrics_by_group,
     em_by_question_type,
     grounding_metrics,
     sqa3d_question_type,
@@ -224,7 +224,7 @@ def compute_metrics(rows: list[dict]) -> dict:
     groups = defaultdict(list)
     for row in rows:
         groups[f"{row['dataset']}/{row['task']}"].append(row)
-    out = {}
+    out, text_groups = {}, {}
     for key, group in sorted(groups.items()):
         if key.endswith("/grounding"):
             pred, gt = [], []
@@ -245,12 +245,16 @@ def compute_metrics(rows: list[dict]) -> dict:
             continue
         preds = {r["id"]: strip_locations(r["prediction"]) for r in group}
         refs = {r["id"]: [strip_locations(a) for a in r["answers"]] for r in group}
-        scores = caption_metrics(preds, refs)
+        text_groups[key] = (preds, refs)
+    # One PTB tokenizer call and one METEOR JVM for all text groups.
+    for key, scores in (caption_metrics_by_group(text_groups) if text_groups else {}).items():
         if key.startswith("sqa3d/"):
-            types = {r["id"]: sqa3d_question_type(last_question(r["prompt"])) for r in group}
+            preds, refs = text_groups[key]
+            prompts = {r["id"]: r["prompt"] for r in groups[key]}
+            types = {i: sqa3d_question_type(last_question(prompts[i])) for i in preds}
             scores.update(em_by_question_type(preds, refs, types))
-        out[key] = {**scores, "count": len(group)}
-    return out
+        out[key] = {**scores, "count": len(text_groups[key][0])}
+    return dict(sorted(out.items()))
 
 
 def _fmt(v) -> str:

@@ -9,7 +9,11 @@ from llm3d_jax.evaluate.answers import (
     refined_exact_match,
     sqa3d_question_type,
 )
-from llm3d_jax.evaluate.captions import CAPTION_METRIC_NAMES, caption_metrics
+from llm3d_jax.evaluate.captions import (
+    CAPTION_METRIC_NAMES,
+    caption_metrics,
+    caption_metrics_by_group,
+)
 from llm3d_jax.evaluate.grounding import box_iou, grounding_metrics
 
 __all__ = [
@@ -18,6 +22,7 @@ __all__ = [
     "answer_metrics",
     "box_iou",
     "caption_metrics",
+    "caption_metrics_by_group",
     "em_by_question_type",
     "exact_match",
     "grounding_metrics",

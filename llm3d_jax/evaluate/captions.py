@@ -41,31 +41,55 @@ def require_java() -> None:
 
 
 def ptb_tokenize(
-    preds: dict[str, str], refs: dict[str, list[str]]
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """PTB-tokenises predictions and references in a single Java call.
+    groups: dict[str, tuple[dict[str, str], dict[str, list[str]]]],
+) -> dict[str, tuple[dict[str, list[str]], dict[str, list[str]]]]:
+    """PTB-tokenises the predictions and references of every group in a single Java call.
 
-    Returns (res, gts) in pycocoevalcap's layout: id -> [tokenised prediction] and
-    id -> [tokenised references].
+    groups: name -> (preds, refs). Returns name -> (res, gts) in pycocoevalcap's layout:
+    id -> [tokenised prediction] and id -> [tokenised references].
     """
     require_java()
-    batch = {("pred", k): [{"caption": v}] for k, v in preds.items()}
-    batch.update({("ref", k): [{"caption": r} for r in v] for k, v in refs.items()})
+    batch = {}
+    for name, (preds, refs) in groups.items():
+        batch.update({("pred", name, k): [{"caption": v}] for k, v in preds.items()})
+        batch.update({("ref", name, k): [{"caption": r} for r in v] for k, v in refs.items()})
     tokens = PTBTokenizer().tokenize(batch)
-    res = {k: tokens[("pred", k)] for k in preds}
-    gts = {k: tokens[("ref", k)] for k in refs}
-    return res, gts
+    return {
+        name: (
+            {k: tokens[("pred", name, k)] for k in preds},
+            {k: tokens[("ref", name, k)] for k in refs},
+        )
+        for name, (preds, refs) in groups.items()
+    }
 
 
-def meteor_score(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
-    """Corpus METEOR 1.5 from one JVM, which is shut down afterwards."""
+def caption_metrics_by_group(
+    groups: dict[str, tuple[dict[str, str], dict[str, list[str]]]],
+) -> dict[str, dict[str, float]]:
+    """`caption_metrics` of several corpora (name -> (preds, refs)), each scored on its own,
+    with one PTB tokenizer call and one METEOR JVM for all of them."""
+    for name, (preds, refs) in groups.items():
+        check_ids(preds, refs)
+        if not preds:
+            raise ValueError(f"caption_metrics needs at least one prediction (group {name!r})")
+    tokenized = ptb_tokenize(groups)
     meteor = Meteor()
     try:
-        score, _ = meteor.compute_score(gts, res)
+        out = {}
+        for name, (res, gts) in tokenized.items():
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            rouge, _ = Rouge().compute_score(gts, res)
+            cider, _ = Cider().compute_score(gts, res)
+            scores = {f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)}
+            scores["METEOR"] = 100.0 * meteor.compute_score(gts, res)[0]
+            scores["ROUGE-L"] = 100.0 * rouge
+            scores["CIDEr"] = 100.0 * cider
+            scores.update(answer_metrics(*groups[name]))
+            out[name] = {k: float(scores[k]) for k in CAPTION_METRIC_NAMES}
     finally:
         meteor.meteor_p.stdin.close()
         meteor.meteor_p.wait()
-    return score
+    return out
 
 
 def caption_metrics(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
@@ -74,16 +98,4 @@ def caption_metrics(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[s
     preds: id -> generated text; refs: id -> reference texts (at least one). Both must hold
     the same ids.
     """
-    check_ids(preds, refs)
-    if not preds:
-        raise ValueError("caption_metrics needs at least one prediction")
-    res, gts = ptb_tokenize(preds, refs)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
-    out = {f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)}
-    out["METEOR"] = 100.0 * meteor_score(gts, res)
-    out["ROUGE-L"] = 100.0 * rouge
-    out["CIDEr"] = 100.0 * cider
-    out.update(answer_metrics(preds, refs))
-    return {k: float(out[k]) for k in CAPTION_METRIC_NAMES}
+    return caption_metrics_by_group({"": (preds, refs)})[""]

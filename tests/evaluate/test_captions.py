@@ -1,6 +1,7 @@
 """caption_metrics against hand-computed values and against pycocoevalcap's own scorers.
 
-Each caption_metrics call starts two JVMs (PTB tokenizer, METEOR), so the calls are module-scoped.
+Every call starts two JVMs (PTB tokenizer, METEOR), so the three corpora below are scored in one
+`caption_metrics_by_group` call (module-scoped); each group must come out as if scored alone.
 """
 
 import pytest
@@ -10,7 +11,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from llm3d_jax.evaluate import CAPTION_METRIC_NAMES, caption_metrics
+from llm3d_jax.evaluate import CAPTION_METRIC_NAMES, caption_metrics, caption_metrics_by_group
 
 PREDS = {
     "q1": "The brown chair is next to the table.",
@@ -30,9 +31,24 @@ REFS = {
 }
 
 
+# Two items with disjoint vocabularies, predicted exactly.
+IDENTICAL = {"a": "the brown chair is next to the table", "b": "two white cabinets stand here"}
+
+
 @pytest.fixture(scope="module")
-def corpus_scores():
-    return caption_metrics(PREDS, REFS)
+def scores():
+    return caption_metrics_by_group(
+        {
+            "corpus": (PREDS, REFS),
+            "pair": ({"a": "Brown, wooden chair."}, {"a": ["brown chair"]}),
+            "identical": (IDENTICAL, {k: [v] for k, v in IDENTICAL.items()}),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_scores(scores):
+    return scores["corpus"]
 
 
 def test_caption_metrics_equals_pycocoevalcap(corpus_scores):
@@ -65,8 +81,8 @@ def test_caption_metrics_equals_pycocoevalcap(corpus_scores):
     assert corpus_scores["EM-refined"] == pytest.approx(300 / 6)
 
 
-def test_caption_metrics_hand_computed_single_pair():
-    out = caption_metrics({"a": "Brown, wooden chair."}, {"a": ["brown chair"]})
+def test_caption_metrics_hand_computed_single_pair(scores):
+    out = scores["pair"]
     # Tokens "brown wooden chair" vs "brown chair": 2 of 3 unigrams match, no brevity penalty.
     assert out["BLEU-1"] == pytest.approx(100 * 2 / 3, abs=1e-4)
     # LCS 2: P = 2/3, R = 1, F = (1 + 1.2^2) P R / (R + 1.2^2 P).
@@ -75,12 +91,10 @@ def test_caption_metrics_hand_computed_single_pair():
     assert out["EM"] == 0.0 and out["EM-refined"] == 0.0
 
 
-def test_caption_metrics_identical_corpus():
+def test_caption_metrics_identical_corpus(scores):
     # Two items with disjoint vocabularies: every n-gram has IDF log(2), the TF-IDF vectors are
     # equal, so each n-gram order scores cosine 1 and CIDEr-D = 10 (x100 = 1000).
-    preds = {"a": "the brown chair is next to the table", "b": "two white cabinets stand here"}
-    refs = {k: [v] for k, v in preds.items()}
-    out = caption_metrics(preds, refs)
+    out = scores["identical"]
     for n in range(1, 5):
         assert out[f"BLEU-{n}"] == pytest.approx(100.0, abs=1e-4)
     assert out["ROUGE-L"] == pytest.approx(100.0)

@@ -1,0 +1,61 @@
+"""experiments/eval.py's grouping of prediction rows into metrics (hand-made rows, no model)."""
+
+import pytest
+
+from experiments.eval import compute_metrics, last_question, markdown, strip_locations
+
+
+def _row(i, dataset, task, prompt, prediction, answers, boxes=()):
+    return dict(
+        id=f"{dataset}-{i}",
+        dataset=dataset,
+        task=task,
+        prompt=prompt,
+        prediction=prediction,
+        answers=answers,
+        boxes=[list(b) for b in boxes],
+    )
+
+
+def test_helpers():
+    assert (
+        strip_locations("the chair <box>0 0 0 1 1 1</box> near <pt>1 2 3</pt>.")
+        == "the chair near ."
+    )
+    assert (
+        last_question("I face the bed. The door is behind me. What is on my left?")
+        == "What is on my left?"
+    )
+
+
+def test_compute_metrics_groups_sqa3d_types_and_grounding():
+    rows = [
+        _row(0, "sqa3d", "qa", "I sit on the bed. What is on my left?", "lamp", ["lamp"]),
+        _row(1, "sqa3d", "qa", "I stand at the door. Is the window open?", "no", ["yes"]),
+        _row(2, "sqa3d", "qa", "I face the desk. How many chairs are there?", "two", ["two"]),
+        _row(
+            3,
+            "scanrefer",
+            "grounding",
+            "the red chair",
+            "<box>0 0 0 1 1 1</box>",
+            ["<box>0.000 0.000 0.000 1.000 1.000 1.000</box>"],
+            [(0, 0, 0, 1, 1, 1)],
+        ),
+        _row(4, "scanrefer", "grounding", "the table", "", ["<box>0 0 0 2 2 2</box>"]),
+        _row(5, "scanrefer", "grounding", "no box in the answer", "", ["a chair"]),
+    ]
+    out = compute_metrics(rows)
+    assert list(out) == ["scanrefer/grounding", "sqa3d/qa"]
+    qa = out["sqa3d/qa"]
+    assert qa["count"] == 3 and qa["EM"] == pytest.approx(200 / 3)
+    assert qa["EM/what"] == 100.0 and qa["EM/is"] == 0.0 and qa["EM/how"] == 100.0
+    ground = out["scanrefer/grounding"]
+    # One exact box, one missing prediction (IoU 0); the row without a GT box is skipped.
+    assert ground["count"] == 2 and ground["skipped_without_gt_box"] == 1
+    assert ground["Acc@0.25"] == 50.0 and ground["Acc@0.5"] == 50.0 and ground["mIoU"] == 50.0
+    table = markdown(out, "test")
+    assert (
+        "| sqa3d/qa | 3 |" in table and "| scanrefer/grounding | 2 | 50.0 | 50.0 | 50.0 |" in table
+    )
+    assert "ScanRefer Acc@0.25: 3D-LLM 30.3" in table
