@@ -689,6 +689,32 @@ class Decoder(nn.Module):
         )
         return self.logits(h)
 
+    def answer_logits(
+        self, prefix_embeds, prefix_mask, answer_ids, answer_mask, deterministic: bool = True
+    ):
+        """The 3D-LLM layout [prefix; answer] with loss on the answer only.
+
+        prefix_embeds [B,P,token_dim] (projected queries then the embedded prompt; padding may
+        sit anywhere), prefix_mask [B,P], answer_ids / answer_mask [B,La] -> logits float32
+        [B,La,num_logits] where `logits[:, t]` scores `answer_ids[:, t]`: the output at the
+        previous real token (the last real prefix slot for t = 0). The whole prefix is
+        bidirectional when `prefix_causal` is False. `prefill` + `decode_step` give the same
+        numbers token by token.
+        """
+        batch, p = prefix_embeds.shape[:2]
+        x = jnp.concatenate(
+            [prefix_embeds.astype(self.config.compute_dtype), self.embed(answer_ids)], axis=1
+        )
+        mask = jnp.concatenate([prefix_mask, answer_mask], axis=1).astype(bool)
+        prefix_len = jnp.full((batch,), p, jnp.int32)
+        h = self.hidden(None, mask, None, x, prefix_len, deterministic)
+        last = jnp.max(jnp.where(prefix_mask.astype(bool), jnp.arange(p), 0), axis=1)
+        later = jnp.broadcast_to(
+            p + jnp.arange(answer_ids.shape[1] - 1), (batch, answer_ids.shape[1] - 1)
+        )
+        reads = jnp.concatenate([last[:, None], later], axis=1)  # [B, La]
+        return self.logits(jnp.take_along_axis(h, reads[..., None], axis=1))
+
     # -- decoding ----------------------------------------------------------------------------
 
     def prefill(
