@@ -52,7 +52,8 @@ def load_blip2(path: str | os.PathLike, loc_bins: int = 256, dtype: str = "float
 
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")
-    config, tensors = read_hf_dir(path)
+    # The vision tower is never used by 3D-LLM: not even read.
+    config, tensors = read_hf_dir(path, keep=r"(?!(model\.)?vision_model\.)")
     if config.get("model_type") != "blip-2":
         raise InputError(
             config_path,

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from llm3d_jax.fileio import InputError
 
@@ -44,8 +44,12 @@ def read_config(path: str | os.PathLike) -> dict:
         raise InputError(config_path, f"not valid JSON ({err})") from None
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a HF directory: model.safetensors, or shards listed by an index file."""
+def read_safetensors(path: str | os.PathLike, keep: str | None = None) -> dict[str, np.ndarray]:
+    """Tensors of a HF directory: model.safetensors, or shards listed by an index file.
+
+    `keep`: a regex; only keys it matches (re.match) are read, so taking the Q-Former out of a
+    BLIP-2 FlanT5-XL folder does not read the 3B language model.
+    """
     path = os.fspath(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -61,16 +65,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if not os.path.exists(file):
             raise InputError(file, "weight shard listed in the index is missing")
         try:
-            tensors.update(load_file(file))
+            with safe_open(file, framework="numpy") as f:
+                for key in f.keys():
+                    if keep is None or re.match(keep, key):
+                        tensors[key] = f.get_tensor(key)
         except Exception as err:
             raise InputError(file, f"unreadable safetensors file ({err})") from None
     return tensors
 
 
-def read_hf_dir(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config dict, {hf_key: float32-or-int array}) of a local HF directory."""
+def read_hf_dir(
+    path: str | os.PathLike, keep: str | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config dict, {hf_key: float32-or-int array}) of a local HF directory; `keep` as above."""
     config = read_config(path)
-    tensors = read_safetensors(path)
+    tensors = read_safetensors(path, keep)
     # bf16/fp16 checkpoints are upcast: params are float32 (compute dtype is a config choice).
     tensors = {
         k: v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v

@@ -336,16 +336,18 @@ def from_pretrained(path: str | os.PathLike, seed: int = 0, **overrides) -> tupl
         _check_bert_like(config.get("qformer_config") or {}, os.path.join(path, "config.json"))
         cfg = QFormerConfig.from_hf(config, **overrides)
         rules, fresh = qformer_convert.blip2_qformer_rules(), ()
+        keep = r"(model\.)?(qformer\.|query_tokens)"  # skip the vision tower and the LLM
     elif model_type == "bert":
         _check_bert_like(config, os.path.join(path, "config.json"))
         cfg = QFormerConfig.from_hf(config, **overrides)
         rules, fresh = qformer_convert.bert_qformer_rules(), qformer_convert.FRESH_FROM_BERT
+        keep = None
     else:
         raise InputError(
             os.path.join(path, "config.json"),
             f"unknown architecture model_type={model_type!r} (expected 'blip-2' or 'bert')",
         )
-    _, tensors = hf_convert.read_hf_dir(path)
+    _, tensors = hf_convert.read_hf_dir(path, keep=keep)
     module = QFormer(cfg)
     target = init_params(module, seed) if fresh else param_shapes(module)
     params = hf_convert.apply_rules(tensors, rules, target, source=path, allow_missing=fresh)

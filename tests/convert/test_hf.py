@@ -78,3 +78,5 @@ def test_read_hf_dir_sharded_and_errors(tmp_path):
     config, tensors = read_hf_dir(tmp_path)
     assert config["model_type"] == "x"
     assert tensors["a"].dtype == np.float32 and tensors["b"].dtype == np.int64
+    _, only_a = read_hf_dir(tmp_path, keep=r"a$")
+    assert list(only_a) == ["a"]
