@@ -98,13 +98,16 @@ class TorchLLM3D(torch.nn.Module):
         self.offset = llm.loc_offset if llm.loc_bins else llm.vocab_size
         self.t5 = T5ForConditionalGeneration(hf_t5_config(llm, llm.vocab_size))
         self.t5.requires_grad_(False)
-        self.loc_embed = torch.nn.Embedding(max(llm.loc_bins, 1), llm.d_model)
-        self.loc_head = torch.nn.Linear(llm.d_model, max(llm.loc_bins, 1), bias=False)
+        if llm.loc_bins:  # trainable location rows, as `llm/loc_embed` and `llm/loc_head`
+            self.loc_embed = torch.nn.Embedding(llm.loc_bins, llm.d_model)
+            self.loc_head = torch.nn.Linear(llm.d_model, llm.loc_bins, bias=False)
         c = config.feature_dim // 3
         self.register_buffer("pos_table", torch.from_numpy(sincos_table(256, c)))
 
     def embed(self, ids):
         """Token ids [B,L] -> [B,L,d_model]: base rows below `offset`, location rows above."""
+        if not self.config.llm.loc_bins:
+            return self.t5.shared(ids)
         base = self.t5.shared(ids.clamp(max=self.offset - 1))
         loc = self.loc_embed((ids - self.offset).clamp(min=0))
         return torch.where((ids >= self.offset)[..., None], loc, base)
