@@ -100,6 +100,8 @@ class DecoderConfig:
     scan_layers: bool = False  # stack layers on a leading axis and run them with nn.scan
 
     def __post_init__(self):
+        # A config read back from JSON has a list here; keep the dataclass hashable.
+        object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
         if self.family not in FAMILIES:
             raise ValueError(f"unknown decoder family {self.family!r} (expected one of {FAMILIES})")
         if self.activation not in ACTIVATIONS:

@@ -362,6 +362,9 @@ def test_from_hf_reads_the_older_rope_layout():
     assert config.rope_type == "llama3" and config.rope_theta == 500000.0
     assert config.rope_factor == 32.0 and config.rope_original_max_positions == 8192
     assert config.head_dim == 16 and config.eos_token_id == 7 and config.loc_offset == 50
+    # A JSON round trip (exported models) gives back an equal, hashable config.
+    again = decoder.DecoderConfig(**json.loads(json.dumps(dataclasses.asdict(config))))
+    assert again == config and hash(again) == hash(config)
     mistral = decoder.DecoderConfig.from_hf(
         {"model_type": "mistral", "num_hidden_layers": 3, "sliding_window": None}
     )
