@@ -150,6 +150,7 @@ def make_train_iterator(
     answer_len: int = 40,
     loc_bins: int = 256,
     features_dtype: str = "float32",
+    blind: bool = False,
     prompt_templates: Mapping[str, str] | None = None,
     read_threads: int = 4,
     process_index: int | None = None,
@@ -179,6 +180,7 @@ def make_train_iterator(
         prompt_len=prompt_len,
         answer_len=answer_len,
         features_dtype=features_dtype,
+        blind=blind,
     )
     ds = mixed.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
     ds = ds.to_iter_dataset(
@@ -202,6 +204,7 @@ def make_eval_iterator(
     answer_len: int = 40,
     loc_bins: int = 256,
     features_dtype: str = "float32",
+    blind: bool = False,
     prompt_templates: Mapping[str, str] | None = None,
     read_threads: int = 4,
     process_index: int | None = None,
@@ -232,6 +235,7 @@ def make_eval_iterator(
         prompt_len=prompt_len,
         answer_len=answer_len,
         features_dtype=features_dtype,
+        blind=blind,
     )
     ds = ds.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
     ds = ds.to_iter_dataset(

@@ -137,6 +137,9 @@ class Preprocess:
     answer_len: int
     features_dtype: object
     train: bool  # train: a random answer of the record; eval: the first
+    # The blind baseline: zero features and voxels (point mask kept), so the model sees the
+    # prompt only; it shows what the 3D input adds, with everything else the same.
+    blind: bool = False
 
     def __call__(self, item, rng: np.random.Generator) -> dict:
         name, (record, scene), valid = item
@@ -183,6 +186,9 @@ class Preprocess:
         point_mask = np.stack(
             [fill_points(*e["points"], features[i], voxels[i]) for i, e in enumerate(examples)]
         )
+        if self.blind:
+            features[:] = 0
+            voxels[:] = 0
         arrays = {"features": features, "voxels": voxels, "point_mask": point_mask}
         arrays.update(
             {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS if k not in arrays}

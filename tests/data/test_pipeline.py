@@ -240,3 +240,14 @@ def test_state_through_orbax_grain_handler(env, tmp_path):
         2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(IteratorState(fresh)))
     )
     _same(expected, _take(fresh, 2))
+
+
+def test_blind_batches_carry_no_3d_input(env):
+    """The blind baseline sees the same prompts and answers, but zero features and voxels."""
+    ((seen, meta_seen),) = _take(_eval(env, seed=1), 1)
+    ((blind, meta_blind),) = _take(_eval(env, seed=1, blind=True), 1)
+    assert meta_seen == meta_blind
+    assert np.abs(seen["features"]).sum() > 0 and seen["voxels"].any()
+    assert not np.asarray(blind["features"]).any() and not blind["voxels"].any()
+    for k in ("point_mask", "prompt_ids", "prompt_mask", "answer_ids", "answer_mask"):
+        np.testing.assert_array_equal(seen[k], blind[k], err_msg=k)
