@@ -13,6 +13,8 @@ seeded random subset of voxels.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
 
@@ -52,19 +54,37 @@ def _majority(group: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndar
     return out
 
 
-def _rows_product(to_rows: sparse.csr_matrix, table: np.ndarray) -> np.ndarray:
-    """Unit rows of `to_rows @ table` as float16 [V,D], in blocks of voxels: a small table (mask
-    features) goes through a dense float32 BLAS product per block, a large one (one row per point)
-    through the sparse product; only one float32 block exists at a time."""
+@jax.jit
+def _unit_f16(values):
+    """Rows scaled to unit length, as float16 (XLA's vectorised conversion; numpy's is scalar)."""
+    norm2 = jnp.sum(values * values, axis=1, keepdims=True)
+    return (values * jax.lax.rsqrt(jnp.maximum(norm2, 1e-24))).astype(jnp.float16)
+
+
+@jax.jit
+def _block_product_f16(coef, table):
+    return _unit_f16(coef @ table)
+
+
+def _rows_product(to_rows: sparse.csr_matrix, table: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Unit rows of `to_rows @ table` as float16 [V,D], in fixed-size blocks of voxels (one
+    compilation): a small table (mask features) goes through a dense float32 product per block,
+    a large one (one row per point) through scipy's sparse product."""
     num, k = to_rows.shape
     out = np.empty((num, table.shape[1]), np.float16)
-    block = max(1, min(num, (1 << 24) // max(k, table.shape[1])))
+    dense_path = k <= 4096
+    table_dev = jnp.asarray(table) if dense_path else None
     for start in range(0, num, block):
         part = to_rows[start : start + block]
-        values = part.toarray() @ table if k <= 4096 else np.asarray(part @ table, np.float32)
-        norm = np.sqrt(np.einsum("ij,ij->i", values, values))[:, None]
-        values /= np.maximum(norm, 1e-12)
-        out[start : start + block] = values
+        n = part.shape[0]
+        if dense_path:
+            coef = np.zeros((block, k), np.float32)
+            coef[:n] = part.toarray()
+            out[start : start + n] = np.asarray(_block_product_f16(coef, table_dev))[:n]
+        else:
+            values = np.zeros((block, table.shape[1]), np.float32)
+            values[:n] = part @ table
+            out[start : start + n] = np.asarray(_unit_f16(values))[:n]
     return out
 
 

@@ -88,3 +88,15 @@ def test_points_outside_a_given_grid_are_rejected():
     lifted = lifted_points([[0, 0, 0], [3, 0, 0]], [0, 0], np.eye(2))
     with pytest.raises(ValueError, match="outside"):
         voxelize(lifted, origin=np.zeros(3), voxel=0.01)
+
+
+def test_per_point_tables_take_the_sparse_path():
+    """A table with one row per point (the neural field's) averages the same way."""
+    rng = np.random.default_rng(3)
+    points = rng.uniform(0, 1, size=(5000, 3)).astype(np.float32)
+    table = rng.normal(size=(5000, 8)).astype(np.float32)
+    out = voxelize(lifted_points(points, np.arange(5000), table))
+    idx = voxel_indices(points, out["grid_origin"], out["grid_voxel"])
+    first = np.flatnonzero((idx == out["voxels"][0]).all(axis=1))
+    want = table[first].mean(axis=0)
+    np.testing.assert_allclose(out["features"][0], want / np.linalg.norm(want), atol=2e-3)
