@@ -24,6 +24,7 @@ PROJECTION_RULES = [
     (r"language_projection\.weight", "proj/kernel", transpose),
     (r"language_projection\.bias", "proj/bias", None),
 ]
+KEEP = r"(?:qformer\.|query_tokens|language_projection\.|language_model\.)"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 

@@ -550,6 +550,13 @@ def abstract_params(module: nn.Module, **inputs) -> dict:
     return nn.unbox(shapes)["params"]
 
 
+def init_params(module: T5, seed: int = 0) -> dict:
+    """Random float32 params (unboxed), initialised inside `jax.jit`."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda rng: nn.unbox(module.init(rng, input_ids=ids, decoder_input_ids=ids)))
+    return init(jax.random.key(seed))["params"]
+
+
 def init_location_rows(base: np.ndarray, bins: int, seed: int = 0) -> np.ndarray:
     """New rows [bins, d] for location tokens: the mean of `base` rows [V, d] plus a little
     per-dimension noise (10% of the rows' std), so the new tokens start in-distribution and

@@ -67,6 +67,60 @@ def qformer_rows(batch: int, points: int, repeats: int, peak: float, run_large: 
         print(line, flush=True)
 
 
+def _cast_frozen(tree, mask, dtype):
+    """Leaves where `mask` is False cast to `dtype` (arrays or ShapeDtypeStructs)."""
+
+    def cast(x, trainable):
+        if trainable:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, tree, mask)
+
+
+def llm3d_rows(batch: int, points: int, repeats: int, peak: float, run_large: bool) -> None:
+    """T5 / whole 3D-LLM (issue 3 part B): params (all / trainable by `llm3d.TRAINABLE`),
+    compiled forward FLOPs and memory from ShapeDtypeStructs, CPU time for the tiny config."""
+    from llm3d_jax.model import llm3d
+
+    bf16 = llm3d.with_overrides(llm3d.LLM3DConfig(), dtype="bfloat16")
+    # frozen_bf16: the frozen LLM weights stored in bfloat16 (no float32 copies in the forward).
+    for name, cfg, n, frozen_bf16 in [
+        ("3d-llm tiny", llm3d.LLM3DConfig.tiny(), 256, False),
+        ("3d-llm FlanT5-XL fp32", llm3d.LLM3DConfig.flan_t5_xl(), points, False),
+        ("3d-llm FlanT5-XL bf16", bf16, points, False),
+        ("3d-llm XL bf16 frozen16", bf16, points, True),
+    ]:
+        module = llm3d.LLM3D(cfg)
+        shapes = llm3d.abstract_params(module)
+        if frozen_bf16:
+            shapes = _cast_frozen(shapes, llm3d.trainable_mask(shapes), jnp.bfloat16)
+        flags = jax.tree.leaves(llm3d.trainable_mask(shapes))
+        trainable = sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(shapes), flags) if t)
+        inputs = llm3d.example_inputs(cfg, batch=batch, points=n, prompt_len=64, answer_len=40)
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
+        forward = jax.jit(lambda p, x, m=module: m.apply({"params": p}, **x))
+        compiled = forward.lower(shapes, abstract).compile()
+        flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+        memory = compiled.memory_analysis()
+        line = (
+            f"{name:22s} params {count(shapes) / 1e6:9.2f} M (trainable {trainable / 1e6:7.2f} M)"
+        )
+        line += f"  fwd B={batch} N={n} Lp=64 La=40  {flops / 1e9:9.3f} GFLOP"
+        if memory is not None:
+            line += f"  args {memory.argument_size_in_bytes / 2**30:6.2f} GiB"
+            line += f"  temp {memory.temp_size_in_bytes / 2**30:6.2f} GiB"
+        if name.endswith("tiny") or run_large:
+            params = llm3d.init_params(module)
+            if frozen_bf16:
+                params = _cast_frozen(params, llm3d.trainable_mask(params), jnp.bfloat16)
+            seconds = _time(forward, params, inputs, repeats=repeats)
+            line += f"  {seconds * 1e3:9.2f} ms  ratio {flops / seconds / peak:6.3f}"
+        print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
@@ -79,6 +133,7 @@ def main() -> None:
         f"device {jax.devices()[0].device_kind}: reference f32 2048^2 matmul {peak / 1e9:.1f} GFLOP/s"
     )
     qformer_rows(args.batch, args.points, args.repeats, peak, args.run_large)
+    llm3d_rows(args.batch, args.points, args.repeats, peak, args.run_large)
 
 
 if __name__ == "__main__":
