@@ -66,6 +66,8 @@ def test_main_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     text = doc.read_text()
     assert "| toy: ours vs reference | 2 | 8 | 0.25 | things/s | a note |" in text
     assert "## Machine" in text and "median" in text
+    assert result["command"].startswith("python -m tools.bench --only toy")
+    assert result["command"] in text
     assert "toy: ours vs reference" in capsys.readouterr().out
 
 

@@ -202,6 +202,9 @@ def train_rows(model: str, s: Settings, compare_torch: bool = True) -> list[Row]
 
 
 def fig_pipeline(s: Settings) -> list[Row]:
+    """The grain pipeline over TFDS (32 random scenes of 4096 points, qa/grounding records) at
+    the demo shapes, batches of global jax.Arrays, against the demo train step's appetite and
+    against tools/bench/input_pipeline.py's naive loader."""
     from data_pipeline.tfds import build
     from llm3d_jax import data, tokens
     from llm3d_jax.train import sharding
@@ -275,6 +278,8 @@ def fig_pipeline(s: Settings) -> list[Row]:
 
 
 def fig_decode(s: Settings) -> list[Row]:
+    """`llm3d_jax.infer.generate` (jitted prefill + KV-cached greedy loop) on the demo model
+    against a no-cache loop and against PyTorch `generate`, random weights."""
     from llm3d_jax.infer.decode import DecodeConfig
     from llm3d_jax.infer.generate import generate, pad_to_buckets
     from llm3d_jax.model import llm3d
@@ -358,6 +363,8 @@ def demo_shapes() -> tuple[int, int, int, int]:
 
 
 def fig_render(s: Settings) -> list[Row]:
+    """`data_pipeline.render.Raycaster.render` against tools/bench/render.py's naive per-pixel
+    loop and bare open3d casts of the same rays."""
     import open3d as o3d
 
     from data_pipeline import render
@@ -417,6 +424,7 @@ def fig_render(s: Settings) -> list[Row]:
 
 
 def fig_language(s: Settings) -> list[Row]:
+    """The offline language generator (all tasks) against serialising its records as JSON."""
     from data_pipeline.language import offline
     from data_pipeline.scenes.synthetic import make_scene
 
@@ -582,12 +590,12 @@ def machine_info(torch_versions: str) -> dict:
     }
 
 
-def markdown(rows: list[Row], machine: dict, repeats: int, seconds: float) -> str:
+def markdown(rows: list[Row], machine: dict, command: str, repeats: int, seconds: float) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Written by `python -m tools.bench` (`make bench`); every ratio is ours / reference, both "
-        "measured in the same run.",
+        f"Written by `{command}` (`make bench` runs `python -m tools.bench`); every ratio is "
+        "ours / reference, both measured in the same run.",
         "",
         *table_lines(rows, markdown=True),
         "",
@@ -657,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{TIMING_NOTE} N = {args.repeats}; {seconds / 60:.1f} min in all.")
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['devices']}, "
           f"jax {machine['jax']}, {torch_versions}, load {machine['load_average_1m']}")  # fmt: skip
+    command = " ".join(["python -m tools.bench", *(sys.argv[1:] if argv is None else argv)])
     result = {
+        "command": command,
         "machine": machine,
         "repeats": args.repeats,
         "seconds": seconds,
@@ -665,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path = os.path.join(args.out, "bench.json")
     write_text_atomic(json_path, json.dumps(result, indent=2) + "\n")
-    write_text_atomic(args.doc, markdown(rows, machine, args.repeats, seconds))
+    write_text_atomic(args.doc, markdown(rows, machine, command, args.repeats, seconds))
     print(f"wrote {json_path} and {args.doc}")
     return 0
 
