@@ -37,6 +37,11 @@ def _float32_matmuls():
         yield
 
 
+def _logits(module, params, **inputs):
+    """One jitted forward: cheaper on CPU than op-by-op dispatch, even for a single call."""
+    return jax.jit(lambda p, x: module.apply({"params": p}, **x))(params, inputs)
+
+
 def _blip2_dir(goldens_dir):
     return os.path.join(goldens_dir, "llm3d", "blip2_tiny")
 
@@ -81,7 +86,7 @@ def test_blip2_to_3dllm_matches_pytorch(goldens_dir, golden_io):
         method=lambda m, f, v, p: m.qformer(m.posembed(f, v), p),
     )
     np.testing.assert_allclose(np.asarray(queries), golden_io["query_output"], atol=1e-4, rtol=0)
-    logits = module.apply({"params": params}, **{k: golden_io[k] for k in INPUTS})
+    logits = _logits(module, params, **{k: golden_io[k] for k in INPUTS})
     assert logits.shape == (2, 6, TEXT_VOCAB + 256)
     # Columns past the base vocabulary are the (new) location tokens.
     np.testing.assert_allclose(
@@ -111,7 +116,7 @@ def test_generation_interface_matches_pytorch_greedy(goldens_dir, golden_io):
 def test_prefill_and_decode_step_match_teacher_forcing(tiny):
     module, params, batch = tiny
     answer = batch["answer_ids"]
-    forced = module.apply({"params": params}, **batch)
+    forced = _logits(module, params, **batch)
     prompt = {k: batch[k] for k in INPUTS[:5]}
     prefill = jax.jit(functools.partial(llm3d.prefill, module), static_argnames="max_decode_len")
     step = jax.jit(functools.partial(llm3d.decode_step, module))
@@ -195,7 +200,7 @@ def test_tokenizer_in_the_directory_sets_loc_offset(goldens_dir, tmp_path):
     assert params["llm"]["loc_embed"].shape == (16, 32)
     probe = llm3d.example_inputs(module.config, batch=1, points=5)
     probe["answer_ids"] = jnp.array([[base_len + 15, 3, base_len, 1]], jnp.int32)
-    logits = module.apply({"params": params}, **probe)
+    logits = _logits(module, params, **probe)
     assert logits.shape == (1, 4, base_len + 16)
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -217,7 +222,7 @@ def test_config_dict_roundtrip_and_overrides():
 
 def test_bf16_compute_and_dropout_control(tiny):
     module, params, batch = tiny
-    reference = np.asarray(module.apply({"params": params}, **batch))
+    reference = np.asarray(_logits(module, params, **batch))
     half = llm3d.LLM3D(llm3d.with_overrides(module.config, dtype="bfloat16"))
     logits = jax.jit(lambda p: half.apply({"params": p}, **batch))(params)
     assert logits.dtype == jnp.float32
