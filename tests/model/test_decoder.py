@@ -23,6 +23,13 @@ VARIANTS = ["opt", "opt_postln", "llama3", "qwen2", "mistral"]
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "norm", "pos", "layers", None}
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """fp32 parity needs true fp32 dots (GPUs default to TF32); no-op on CPU."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _forward(module, params, **inputs):
     """Jitted forward -> numpy logits (one compile beats op-by-op dispatch on CPU)."""
     run = jax.jit(lambda p, kw: module.apply({"params": p}, **kw))
@@ -160,9 +167,8 @@ def test_padding_anywhere_gives_the_same_real_token_outputs():
     np.testing.assert_allclose(got[[0, 1, 4, 5, 6]], plain, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
-def test_prefix_lm_mask(family):
-    config = decoder.DecoderConfig.tiny(family, prefix_causal=False, init_std=0.2)
+def test_prefix_lm_mask():
+    config = decoder.DecoderConfig.tiny("llama", prefix_causal=False, init_std=0.2)
     module = decoder.Decoder(config)
     params = decoder.init_params(module)
     ids = jnp.array([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]], jnp.int32)
@@ -441,10 +447,9 @@ def _answer_logits(module, params, batch, **kw):
     return np.asarray(run(params, batch))
 
 
-@pytest.mark.parametrize("prefix_causal", [True, False])
-def test_answer_logits_equal_cached_decoding(prefix_causal):
+def test_answer_logits_equal_cached_decoding():
     config = decoder.DecoderConfig.tiny(
-        "llama", prefix_causal=prefix_causal, loc_offset=120, loc_bins=16, init_std=0.2
+        "llama", prefix_causal=False, loc_offset=120, loc_bins=16, init_std=0.2
     )
     module = decoder.Decoder(config)
     params = decoder.init_params(module)
@@ -475,7 +480,7 @@ def test_answer_logits_equal_cached_decoding(prefix_causal):
     valid = batch["answer_mask"]
     np.testing.assert_allclose(np.asarray(cached(params, batch))[valid], logits[valid], atol=1e-5)
     # The prefix mask matters: a bidirectional prefix changes what the first answer token sees.
-    other = decoder.Decoder(dataclasses.replace(config, prefix_causal=not prefix_causal))
+    other = decoder.Decoder(dataclasses.replace(config, prefix_causal=True))
     assert np.abs(_answer_logits(other, params, batch) - logits)[valid].max() > 1e-3
 
 
