@@ -33,7 +33,9 @@ def get_config():
     c.model.preset = "tiny"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    c.trainable = ()  # regexes over parameter paths; () = the model's default table
+    # Regexes over parameter paths; () = the model's default table (Q-Former, queries,
+    # projection, location rows). A random-init LLM has nothing to keep frozen: all trains.
+    c.trainable = (".*",)
 
     c.optim = ml_collections.ConfigDict(
         dict(

@@ -1,8 +1,9 @@
 """A learnable synthetic batch stream for smoke tests and benchmarks (no files needed).
 
 Each example has a hidden class c: the point features lean towards feature direction c and the
-answer spells c with tokens; so the answer can only be predicted by reading the 3D features
-through the Q-Former, and the loss falls when the trainable parts learn. Batches depend only on
+answer spells c with location tokens (ids from `answer_offset`, the rows that train even when
+the LLM is frozen); so the answer can only be predicted by reading the 3D features through the
+Q-Former, and the loss falls when the trainable parts learn. Batches depend only on
 (seed, index), so the stream's checkpoint state is one integer, and every process builds the
 same global batch and keeps its own shards (multi-host safe).
 """
@@ -25,6 +26,7 @@ class SyntheticBatches:
         prompt_len: int,
         answer_len: int,
         vocab_size: int,
+        answer_offset: int,
         seed: int,
         sharding: jax.sharding.Sharding,
         num_classes: int = 8,
@@ -36,8 +38,9 @@ class SyntheticBatches:
             prompt_len=prompt_len,
             answer_len=answer_len,
         )
-        self.vocab_size = vocab_size
-        self.num_classes = min(num_classes, feature_dim, vocab_size - 2)
+        self.vocab_size = vocab_size  # prompt ids are drawn from [2, vocab_size)
+        self.answer_offset = answer_offset
+        self.num_classes = min(num_classes, feature_dim)
         self.seed = seed
         self.sharding = sharding
         self.index = 0
@@ -55,8 +58,9 @@ class SyntheticBatches:
         features *= point_mask[..., None]
         prompt_len = rng.integers(1, lp + 1, size=b)
         answer_len = rng.integers(1, la + 1, size=b)
-        answer_ids = np.repeat((2 + cls)[:, None], la, axis=1)
-        answer_ids[:, 1::2] = 2 + (cls[:, None] + 1) % self.num_classes
+        answer_ids = np.repeat(cls[:, None], la, axis=1)
+        answer_ids[:, 1::2] = (cls[:, None] + 1) % self.num_classes
+        answer_ids += self.answer_offset
         answer_mask = np.arange(la)[None, :] < answer_len[:, None]
         return {
             "features": features,

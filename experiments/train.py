@@ -1,0 +1,330 @@
+r"""Trains a 3D-LLM, from one CPU to many hosts, with the same code.
+
+    python experiments/train.py --config experiments/configs/demo.py --workdir RUN \
+        [--config.total_steps=N --config.batch_size=B --config.seed=S \
+         --config.data_dir=TFDS_DIR --config.checkpoint_every=N ...]
+
+Writes RUN/metrics.jsonl (one JSON object per logged step), RUN/tensorboard/, RUN/loss.png and
+RUN/checkpoints/ (orbax). Rerunning the same command resumes from the latest complete checkpoint.
+SIGTERM (preemption) saves a checkpoint and exits with status 143. Sections, top to bottom:
+config, mesh, model and shardings, data, state, step, loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from llm3d_jax.fileio import InputError, cli_main, write_text_atomic
+from llm3d_jax.model import llm3d
+from llm3d_jax.train import checkpoint, metrics, optimizer, sharding
+from llm3d_jax.train import state as state_lib
+from llm3d_jax.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: metrics, checkpoints, plots")
+
+
+def build_model(config):
+    """-> (module, host params or None for a random init).
+
+    Pretrained: a BLIP-2 / exported directory. Random init: the `model.preset` shapes, with the
+    vocabulary sized to `config.tokenizer` when training on tokenised (tfds) data.
+    """
+    m = config.model
+    overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
+    if m.pretrained:
+        if not os.path.isdir(m.pretrained):
+            raise InputError(m.pretrained, "pretrained model directory not found")
+        module, params = llm3d.from_pretrained(m.pretrained)
+        return llm3d.LLM3D(llm3d.with_overrides(module.config, **overrides)), params
+    if not hasattr(llm3d.LLM3DConfig, m.preset):
+        raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
+    model_config = getattr(llm3d.LLM3DConfig, m.preset)()
+    if config.data_source == "tfds":
+        if not os.path.isdir(config.tokenizer):
+            raise InputError(config.tokenizer, "tokenizer directory not found")
+        from llm3d_jax.data.pipeline import load_tokenizer
+
+        overrides["vocab_size"] = len(load_tokenizer(config.tokenizer))
+    return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
+
+
+def build_data(config, mesh, model_config, *, train: bool):
+    """Global-batch iterator with get_state()/set_state()/reset(); `synthetic` needs no files."""
+    batch_size = config.batch_size if train else config.eval_batch_size
+    if config.data_source == "synthetic":
+        from llm3d_jax.train.synthetic import SyntheticBatches
+
+        return SyntheticBatches(
+            batch_size=batch_size,
+            num_points=config.data.num_points,
+            feature_dim=model_config.feature_dim,
+            prompt_len=config.data.prompt_len,
+            answer_len=config.data.answer_len,
+            vocab_size=model_config.llm.loc_offset,
+            answer_offset=model_config.llm.loc_offset,
+            seed=config.seed if train else config.seed + 1,
+            sharding=sharding.batch_sharding(mesh),
+        )
+    if config.data_source != "tfds":
+        raise InputError(
+            None, f"config.data_source must be tfds or synthetic, not {config.data_source!r}"
+        )
+    from llm3d_jax.data import pipeline
+
+    if not os.path.isdir(config.data_dir):
+        raise InputError(
+            config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
+        )
+    tokenizer = config.model.pretrained or config.tokenizer
+    common = dict(
+        batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
+    )
+    if train:
+        return pipeline.make_train_iterator(config.data_dir, tokenizer, mesh, **common)
+    return pipeline.make_eval_iterator(config.data_dir, tokenizer, mesh, epochs=None, **common)
+
+
+def train(
+    config, workdir: str, config_path: str = "--config", preempted: list | None = None
+) -> int:
+    """The whole run; returns the exit status. `preempted` becomes non-empty when the process is
+    asked to stop (SIGTERM): the run ends after the current (or first) step with a checkpoint."""
+    preempted = [] if preempted is None else preempted
+    # ------------------------------------------------------------------ config
+    sharding.maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        write_text_atomic(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
+    log(f"config: {config_path}, workdir {workdir}, {jax.process_count()} process(es)")
+
+    # ------------------------------------------------------------------ mesh
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, config.microbatches, mesh)
+    if config.eval_every:
+        sharding.check_batch(config.eval_batch_size, 1, mesh)
+    log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
+
+    # ------------------------------------------------------------------ model and shardings
+    module, pretrained_params = build_model(config)
+    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    example = llm3d.example_inputs(module.config)  # shapes for init only
+    init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
+    boxed = state_lib.abstract_params(init_fn)
+    optimizer.check_trainable_patterns(nn.meta.unbox(boxed), patterns)
+    trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
+        boxed, mesh, patterns
+    )
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    log(f"model: {count(trainable_abs):,} trainable / {count(frozen_abs):,} frozen parameters")
+    schedule = optimizer.make_schedule(
+        lr=config.optim.lr,
+        min_lr=config.optim.min_lr,
+        warmup_steps=config.optim.warmup_steps,
+        total_steps=config.total_steps,
+    )
+    tx = optimizer.make_optimizer(
+        trainable_abs,
+        schedule,
+        b1=config.optim.b1,
+        b2=config.optim.b2,
+        weight_decay=config.optim.weight_decay,
+        grad_clip=config.optim.grad_clip,
+    )
+    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
+    abstract_state = state_lib.abstract_state(tx, trainable_abs, state_sh)
+
+    # ------------------------------------------------------------------ data
+    train_data = build_data(config, mesh, module.config, train=True)
+    eval_data = build_data(config, mesh, module.config, train=False) if config.eval_every else None
+
+    # ------------------------------------------------------------------ state
+    rng = jax.random.key(config.seed)
+    with jax.set_mesh(mesh):
+        if pretrained_params is None:
+            state, frozen = state_lib.init_random(init_fn, tx, patterns, state_sh, frozen_sh, rng)
+            frozen_ref = {
+                "kind": "random_init",
+                "seed": config.seed,
+                "model": config.model.to_dict(),
+            }
+        else:
+            state, frozen = state_lib.init_from_params(
+                pretrained_params, tx, patterns, state_sh, frozen_sh
+            )
+            del pretrained_params
+            path = os.path.abspath(config.model.pretrained)
+            frozen_ref = {
+                "kind": "pretrained",
+                "path": path,
+                "sha256": checkpoint.file_hashes(path),
+            }
+    frozen_ref["fingerprint"] = checkpoint.fingerprint(frozen)
+    manager = checkpoint.make_manager(
+        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, config.checkpoint_every
+    )
+    restored = checkpoint.restore_latest(manager, abstract_state, train_data)
+    if restored is not None:
+        state, meta = restored
+        saved = meta["frozen"]["fingerprint"]
+        if saved != frozen_ref["fingerprint"]:
+            raise InputError(
+                manager.directory,
+                f"frozen weights differ from the ones this run was trained on "
+                f"(fingerprint {frozen_ref['fingerprint']} vs {saved} in the checkpoint)",
+            )
+        log(f"state: resumed from step {int(state.step)}")
+    else:
+        log("state: fresh start")
+    start_step = int(jax.device_get(state.step))
+    if start_step >= config.total_steps:
+        log(f"state: already trained for {start_step} >= total_steps {config.total_steps} steps")
+        return 0
+
+    # ------------------------------------------------------------------ step
+    data_sh = sharding.batch_sharding(mesh)
+    batch = next(train_data)
+    batch_abs = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data_sh), batch
+    )
+    train_step = jax.jit(
+        step_lib.make_train_step(module, tx, schedule, config.microbatches),
+        in_shardings=(state_sh, frozen_sh, data_sh, sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(step_lib.make_eval_step(module), out_shardings=sharding.replicated(mesh))
+    with jax.set_mesh(mesh):
+        compiled = train_step.lower(abstract_state, frozen, batch_abs, rng).compile()
+    log(f"step: compiled; memory per device: {metrics.format_memory(compiled.memory_analysis())}")
+    peak, peak_source = metrics.peak_flops()
+    flops_per_step = config.batch_size * metrics.llm3d_flops(
+        module.config.qformer,
+        module.config.llm,
+        config.data.num_points,
+        config.data.prompt_len,
+        config.data.answer_len,
+    )
+    log(
+        f"step: {flops_per_step / 1e9:.2f} GFLOP per step; peak {peak / 1e9:.0f} GFLOP/s ({peak_source})"
+    )
+
+    # ------------------------------------------------------------------ loop
+    writer = metrics.MetricWriter(workdir, start_step)
+    meta = {"frozen": frozen_ref, "config": json.loads(config.to_json_best_effort())}
+    tokens_per_step = config.batch_size * (config.data.prompt_len + config.data.answer_len)
+    val_losses = {}  # step -> validation loss, written with that step's row
+    # Step time = wall time between two logged steps, less the time spent saving checkpoints and
+    # validating in between (host work, not the step's).
+    clock = {"time": time.perf_counter(), "step": start_step, "excluded": 0.0}
+
+    def log_step(done_step, device_metrics):
+        if done_step % config.log_every and done_step not in val_losses and done_step != last:
+            return
+        row = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.perf_counter()
+        step_time = (now - clock["time"] - clock["excluded"]) / max(done_step - clock["step"], 1)
+        clock.update(time=now, step=done_step, excluded=0.0)
+        row.update(
+            step_time_s=step_time,
+            tokens_per_s=tokens_per_step / step_time,
+            mfu=flops_per_step / step_time / peak,
+        )
+        if done_step in val_losses:
+            row["val_loss"] = val_losses.pop(done_step)
+        writer.write(done_step, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", mfu=f"{row['mfu']:.1%}")
+
+    bar = tqdm(total=config.total_steps, initial=start_step, disable=not is_main, desc="train")
+    pending = None  # (step, metrics still on device): fetched one step late, never blocking
+    last = config.total_steps
+    for step in range(start_step + 1, config.total_steps + 1):
+        with jax.set_mesh(mesh):
+            state, step_metrics = compiled(state, frozen, batch, rng)
+        if preempted:
+            last = step
+        if pending is not None:
+            log_step(*pending)
+        pending = (step, step_metrics)
+        if step == last or manager.should_save(step):
+            jax.block_until_ready(state)  # the step's own time is not saving time
+            start = time.perf_counter()
+            checkpoint.save(manager, step, state, train_data, meta, force=True)
+            clock["excluded"] += time.perf_counter() - start
+        if step < last:
+            batch = next(train_data)  # prepared while the step runs on the devices
+        if eval_data is not None and step % config.eval_every == 0:
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            val_losses[step] = evaluate(
+                eval_step, state, frozen, eval_data, config.eval_steps, mesh
+            )
+            clock["excluded"] += time.perf_counter() - start
+        bar.update(1)
+        if step == last:
+            log_step(*pending)
+            break
+    bar.close()
+    manager.wait_until_finished()
+    writer.close()
+    if preempted:
+        log(f"SIGTERM: saved a checkpoint at step {last}; exiting")
+        return 143
+    if is_main:
+        metrics.plot_loss(writer.path, os.path.join(workdir, "loss.png"))
+    log(f"done: step {config.total_steps}; {writer.path}, {workdir}/loss.png")
+    return 0
+
+
+def evaluate(eval_step, state, frozen, eval_data, num_batches: int, mesh) -> float:
+    """Mean answer-token loss over `num_batches` validation batches."""
+    ce = count = 0.0
+    eval_data.reset()  # the same validation batches every time
+    with jax.set_mesh(mesh):
+        for _ in range(num_batches):
+            sums = jax.device_get(eval_step(state.params, frozen, next(eval_data)))
+            ce, count = ce + float(sums[0]), count + float(sums[2])
+    return ce / max(count, 1.0)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    config_path = flags.FLAGS["config"].config_filename
+
+    preempted = []
+    signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
+    def run() -> int:
+        try:
+            return train(_CONFIG.value, _WORKDIR.value, config_path, preempted)
+        except InputError as err:
+            if err.path is None:  # a bad config value: name the config file
+                raise InputError(config_path, err.problem) from None
+            raise
+
+    cli_main(run)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

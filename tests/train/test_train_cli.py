@@ -1,0 +1,215 @@
+"""experiments/train.py end to end on the tiny model and synthetic data: outputs, loss going
+down, kill -9 / SIGTERM and resume, two processes over CPU collectives, bad configs."""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from llm3d_jax.fileio import InputError
+from llm3d_jax.train.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(REPO, "experiments", "train.py")
+STEPS = 10
+FLAGS = [
+    "--config",
+    os.path.join(REPO, "experiments", "configs", "demo.py"),
+    "--config.data_source=synthetic",
+    f"--config.total_steps={STEPS}",
+    "--config.batch_size=8",
+    "--config.seed=3",
+    "--config.checkpoint_every=2",
+    "--config.log_every=1",
+    "--config.eval_every=4",
+    "--config.eval_steps=1",
+    "--config.data.num_points=32",
+    "--config.data.prompt_len=8",
+    "--config.data.answer_len=6",
+    "--config.optim.lr=3e-3",
+    "--config.optim.warmup_steps=2",
+]
+
+
+def _env(devices=2, **extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra)
+    return env
+
+
+def _train(workdir, *extra, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", *extra],
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        timeout=600,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _start(workdir, *extra):
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", "--config.eval_every=0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+
+
+def _wait_for_rows(proc, path, rows, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        if os.path.exists(path) and len(read_jsonl(path)) >= rows:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py ended early:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for metrics")
+
+
+def _losses(workdir):
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _train(workdir)
+    return workdir, proc
+
+
+def test_outputs_and_loss_decreases(reference):
+    workdir, proc = reference
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+    losses = [r["loss"] for r in rows]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    assert (workdir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(workdir / "tensorboard")
+    assert max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == STEPS
+    assert "memory per device" in proc.stdout
+    # Rerunning a finished run resumes at the end and trains nothing more.
+    again = _train(workdir)
+    assert "already trained" in again.stdout
+    assert _losses(workdir) == {r["step"]: r["loss"] for r in rows}
+
+
+def test_kill9_then_sigterm_then_resume_reproduces_the_uninterrupted_run(reference, tmp_path):
+    expected = _losses(reference[0])
+    metrics_path = str(tmp_path / "metrics.jsonl")
+    kill_at = random.randint(2, 4)  # logged rows trail the running step by one
+    print(f"kill -9 after logged step {kill_at}")
+    proc = _start(tmp_path)
+    _wait_for_rows(proc, metrics_path, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    # Resume, and get preempted right away: one step, a checkpoint of it, status 143.
+    proc = _start(tmp_path)
+    for line in proc.stdout:
+        if line.startswith("state: "):
+            # The killed run's newest checkpoint may still have been in flight: then none.
+            restored = int(line.split("resumed from step ")[1]) if "resumed" in line else 0
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"SIGTERM: saved a checkpoint at step {restored + 1}; exiting" in out
+    assert str(restored + 1) in os.listdir(tmp_path / "checkpoints")
+
+    resumed = _train(tmp_path, "--config.eval_every=0")
+    assert f"resumed from step {restored + 1}" in resumed.stdout
+    got = _losses(tmp_path)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose(
+        [got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-6
+    )
+
+
+def test_two_processes_match_one_process(reference, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                TRAIN,
+                *FLAGS,
+                f"--workdir={tmp_path}",
+                "--config.total_steps=3",
+                "--config.eval_every=0",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                devices=1,
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es)" in outputs[0][0]
+    assert "config:" not in outputs[1][0] and "step" not in outputs[1][0]  # only process 0 logs
+    expected = _losses(reference[0])
+    got = _losses(tmp_path)
+    assert sorted(got) == [1, 2, 3]
+    np.testing.assert_allclose(
+        [got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=1e-5
+    )
+
+
+def test_bad_mesh_is_a_one_line_error_before_compiling(tmp_path):
+    proc = _train(tmp_path, "--config.mesh=(3,1,1)", check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "needs 3 devices but 2 are present" in lines[-1]
+    assert "Traceback" not in proc.stderr and "compiled" not in proc.stdout
+
+
+def _config(**overrides):
+    sys.path.insert(0, REPO)
+    from experiments.configs import demo
+
+    config = demo.get_config()
+    config.data_source = "synthetic"
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 6}, "not divisible by the 8 data-parallel devices"),
+        ({"trainable": (r"qformer/.*", r"no_such_param/.*")}, "matches no parameter"),
+        ({"model.pretrained": "/no/such/blip2"}, "pretrained model directory not found"),
+    ],
+)
+def test_bad_config_values_fail_before_compiling(tmp_path, overrides, message, capsys):
+    from experiments import train
+
+    with pytest.raises(InputError, match=message):
+        train.train(_config(**overrides), str(tmp_path))
+    assert "compiled" not in capsys.readouterr().out

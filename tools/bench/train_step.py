@@ -1,0 +1,234 @@
+"""Train-step throughput and MFU on this machine, and compiled memory of FlanT5-XL on 8 devices.
+
+    python -m tools.bench.train_step                 # demo + compute-bound configs, XL memory
+    python -m tools.bench.train_step --only speed    # or: --only memory
+
+Throughput runs the real jitted train step (tiny-model demo config, and a config whose matmuls
+are large enough to be compute-bound) on synthetic batches and prints step time, tokens/s and
+MFU, i.e. the ratio of the model FLOP/s to a peak measured side by side in the same process
+(a jitted f32 2048^2 matmul on CPU; the datasheet bf16 number on GPU/TPU, with the measured
+bf16 matmul printed next to it). Memory compiles the FlanT5-XL 3D-LLM train step from
+ShapeDtypeStructs only (no weights) on (8,1,1) and (1,8,1) meshes and prints XLA's memory
+analysis per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "jax" not in sys.modules and "XLA_FLAGS" not in os.environ:
+    # 8 simulated CPU devices for the memory analysis; no effect on GPU/TPU hosts.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax
+import jax.numpy as jnp
+
+from llm3d_jax.model import llm3d, qformer, t5
+from llm3d_jax.train import metrics, optimizer, sharding, synthetic
+from llm3d_jax.train import state as state_lib
+from llm3d_jax.train import step as step_lib
+
+GIB = 1 << 30
+
+
+def demo_model():
+    from experiments.configs import demo
+
+    c = demo.get_config()
+    cfg = llm3d.LLM3DConfig.tiny()
+    return "demo (tiny)", cfg, c.batch_size, c.data.num_points, c.data.prompt_len, c.data.answer_len
+
+
+def compute_bound_model():
+    """Wide enough that the step is dominated by matmuls (a ~100M-parameter model)."""
+    cfg = llm3d.LLM3DConfig(
+        qformer=qformer.QFormerConfig(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            encoder_hidden_size=512,
+            num_query_tokens=32,
+        ),
+        llm=t5.T5Config.tiny(
+            vocab_size=4096,
+            loc_offset=4096,
+            loc_bins=256,
+            d_model=768,
+            d_kv=64,
+            d_ff=2048,
+            num_layers=4,
+            num_decoder_layers=4,
+            num_heads=12,
+        ),
+        feature_dim=512,
+    )
+    return "compute-bound (~100M)", cfg, 16, 512, 64, 32
+
+
+def xl_model():
+    return llm3d.LLM3DConfig.flan_t5_xl(), 8, 5000, 64, 40
+
+
+def build_step(cfg, mesh, batch_size, microbatches, dtype, remat, shapes):
+    """-> (jitted step, abstract state, state shardings, frozen shardings, init_fn, tx, patterns)."""
+    cfg = llm3d.with_overrides(cfg, dtype=dtype, remat=remat)
+    module = llm3d.LLM3D(cfg)
+    num_points, prompt_len, answer_len = shapes
+    example = {
+        "features": jnp.zeros((1, num_points, cfg.feature_dim), jnp.float32),
+        "voxels": jnp.zeros((1, num_points, 3), jnp.int32),
+        "point_mask": jnp.ones((1, num_points), bool),
+        "prompt_ids": jnp.zeros((1, prompt_len), jnp.int32),
+        "prompt_mask": jnp.ones((1, prompt_len), bool),
+        "answer_ids": jnp.zeros((1, answer_len), jnp.int32),
+        "answer_mask": jnp.ones((1, answer_len), bool),
+    }
+    init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
+    boxed = state_lib.abstract_params(init_fn)
+    patterns = llm3d.TRAINABLE
+    trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
+        boxed, mesh, patterns
+    )
+    schedule = optimizer.make_schedule(lr=1e-4, min_lr=1e-5, warmup_steps=10, total_steps=1000)
+    tx = optimizer.make_optimizer(
+        trainable_abs, schedule, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0
+    )
+    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
+    abstract_state = state_lib.abstract_state(tx, trainable_abs, state_sh)
+    data_sh = sharding.batch_sharding(mesh)
+    batch_abs = {
+        k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=data_sh)
+        for k, v in example.items()
+    }
+    frozen_abs = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen_abs, frozen_sh
+    )
+    step = jax.jit(
+        step_lib.make_train_step(module, tx, schedule, microbatches),
+        in_shardings=(state_sh, frozen_sh, data_sh, sharding.replicated(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    with jax.set_mesh(mesh):
+        compiled = step.lower(abstract_state, frozen_abs, batch_abs, jax.random.key(0)).compile()
+    return dict(
+        cfg=cfg,
+        module=module,
+        compiled=compiled,
+        init_fn=init_fn,
+        tx=tx,
+        patterns=patterns,
+        state_sh=state_sh,
+        frozen_sh=frozen_sh,
+        trainable_abs=trainable_abs,
+        frozen_abs=frozen_abs,
+    )
+
+
+def measure_bf16_matmul(size=8192, repeats=10):
+    x = jnp.ones((size, size), jnp.bfloat16)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        y = f(x)
+    y.block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_speed(name, cfg, batch_size, shapes, dtype, steps, peak):
+    mesh = sharding.make_mesh((-1, 1, 1))
+    built = build_step(cfg, mesh, batch_size, 1, dtype, False, shapes)
+    num_points, prompt_len, answer_len = shapes
+    data = synthetic.SyntheticBatches(
+        batch_size=batch_size,
+        num_points=num_points,
+        feature_dim=built["cfg"].feature_dim,
+        prompt_len=prompt_len,
+        answer_len=answer_len,
+        vocab_size=built["cfg"].llm.loc_offset,
+        answer_offset=built["cfg"].llm.loc_offset,
+        seed=0,
+        sharding=sharding.batch_sharding(mesh),
+    )
+    batches = [next(data) for _ in range(2)]
+    with jax.set_mesh(mesh):
+        state, frozen = state_lib.init_random(
+            built["init_fn"],
+            built["tx"],
+            built["patterns"],
+            built["state_sh"],
+            built["frozen_sh"],
+            jax.random.key(0),
+        )
+        rng = jax.random.key(1)
+        for i in range(2):  # warm-up
+            state, m = built["compiled"](state, frozen, batches[i % 2], rng)
+        jax.block_until_ready(m)
+        start = time.perf_counter()
+        for i in range(steps):
+            state, m = built["compiled"](state, frozen, batches[i % 2], rng)
+        jax.block_until_ready(m)
+    step_time = (time.perf_counter() - start) / steps
+    flops = batch_size * metrics.llm3d_flops(built["cfg"].qformer, built["cfg"].llm, *shapes)
+    xla_flops = built["compiled"].cost_analysis().get("flops", float("nan"))
+    tokens = batch_size * (prompt_len + answer_len)
+    print(
+        f"{name:24s} {dtype:8s} batch {batch_size:3d}: step {step_time * 1e3:9.1f} ms, "
+        f"{tokens / step_time:10.0f} tokens/s, model {flops / 1e9:8.2f} GFLOP/step "
+        f"(XLA counts {xla_flops / 1e9:8.2f}), MFU {flops / step_time / peak:6.1%}"
+    )
+
+
+def bench_memory(batch_size=8):
+    cfg, _, num_points, prompt_len, answer_len = xl_model()
+    for mesh_shape in ((8, 1, 1), (1, 8, 1)):
+        mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+        start = time.perf_counter()
+        built = build_step(
+            cfg, mesh, batch_size, 1, "bfloat16", True, (num_points, prompt_len, answer_len)
+        )
+        mem = built["compiled"].memory_analysis()
+        count = lambda t: sum(x.size for x in jax.tree.leaves(t))
+        print(
+            f"FlanT5-XL 3D-LLM, mesh {mesh_shape}, batch {batch_size}, {num_points} points, bf16 + remat "
+            f"({count(built['trainable_abs']) / 1e6:.0f}M trainable, {count(built['frozen_abs']) / 1e9:.2f}B frozen), "
+            f"compiled in {time.perf_counter() - start:.0f} s; per device: "
+            f"arguments {mem.argument_size_in_bytes / GIB:.2f} GiB, outputs {mem.output_size_in_bytes / GIB:.2f} GiB, "
+            f"temporaries {mem.temp_size_in_bytes / GIB:.2f} GiB, aliased {mem.alias_size_in_bytes / GIB:.2f} GiB"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("speed", "memory"))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--xl-speed", action="store_true", help="also time the FlanT5-XL step (GPU/TPU)"
+    )
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    print(f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    if args.only != "memory":
+        peak, source = metrics.peak_flops()
+        print(f"peak {peak / 1e12:.3f} TFLOP/s ({source})")
+        if device.platform != "cpu":
+            print(
+                f"measured bf16 8192^3 matmul: {measure_bf16_matmul() / 1e12:.1f} TFLOP/s per device"
+            )
+        dtype = "float32" if device.platform == "cpu" else "bfloat16"
+        for name, cfg, batch, *shapes in (demo_model(), compute_bound_model()):
+            bench_speed(name, cfg, batch, shapes, dtype, args.steps, peak)
+        if args.xl_speed:
+            cfg, batch, *shapes = xl_model()
+            bench_speed("FlanT5-XL 3D-LLM", cfg, batch, shapes, dtype, args.steps, peak)
+    if args.only != "speed" and device.platform == "cpu":
+        bench_memory()
+
+
+if __name__ == "__main__":
+    main()
