@@ -87,8 +87,9 @@ class PointFusion:
         n_cam = camera_normals(v_cam, valid)
         alpha = np.maximum(np.exp(-np.sum(v_cam**2, -1) / (2 * self.sigma**2)), 1e-20)
         rot, trans = cam_to_world[:3, :3].astype(np.float32), cam_to_world[:3, 3].astype(np.float32)
-        v_w = v_cam @ rot.T + trans
-        n_w = n_cam @ rot.T
+        # einsum, not BLAS, for [N,3] x [3,3]: BLAS threads cost more than the arithmetic here.
+        v_w = np.einsum("hwj,ij->hwi", v_cam, rot) + trans
+        n_w = np.einsum("hwj,ij->hwi", n_cam, rot)
 
         matched_point, matched_pixel = self._associate(v_w, n_w, valid, K, rot, trans, h, w)
         a = alpha.reshape(-1)[matched_pixel][:, None]
@@ -133,10 +134,10 @@ class PointFusion:
         """(map point indices, flat pixel indices) of the unique matches of this frame."""
         if len(self.pos) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        p_cam = (self.pos - trans) @ rot  # R^T (p - t)
+        p_cam = np.einsum("nj,ji->ni", self.pos - trans, rot)  # R^T (p - t)
         z = p_cam[:, 2]
         front = z > 1e-6
-        proj = p_cam @ np.asarray(K, np.float32).T
+        proj = np.einsum("nj,ij->ni", p_cam, np.asarray(K, np.float32))
         with np.errstate(divide="ignore", invalid="ignore"):
             uc = proj[:, 0] / proj[:, 2]
             vc = proj[:, 1] / proj[:, 2]
