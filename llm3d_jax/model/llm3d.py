@@ -1,12 +1,16 @@
-"""3D-LLM: point features -> 3D position embedding -> Q-Former -> projection -> T5 / FlanT5.
+"""3D-LLM: point features -> 3D position embedding -> Q-Former -> projection -> LLM.
 
     features [B,N,D] + voxels [B,N,3] --posembed--> [B,N,D] --qformer(point_mask)--> [B,Q,H]
-    --proj--> [B,Q,d_model];  T5 encoder input = [queries; embed(prompt_ids)] with mask
-    [ones(Q); prompt_mask];  decoder input = answer_ids shifted right (start token 0), decoder
-    mask = answer_mask  ->  logits [B,La,V] where logits[:, t] scores answer_ids[:, t].
+    --proj--> [B,Q,width];  prefix = [queries; embed(prompt_ids)] with mask [ones(Q); prompt_mask]
+    -> logits [B,La,V] where logits[:, t] scores answer_ids[:, t]. Two LLM families:
+    - T5 / FlanT5 (`T5Config`): the prefix is the encoder input; decoder input = answer_ids
+      shifted right (start token 0), decoder mask = answer_mask.
+    - decoder-only (`DecoderConfig`: OPT, Llama, Qwen2, Mistral): input = [prefix; answer], loss
+      on the answer only (`Decoder.answer_logits`); the prefix attends causally or, with
+      `prefix_causal=False`, bidirectionally.
 
-Parameters: `qformer/...` (with `qformer/query_tokens`), `proj/{kernel,bias}`, `llm/...` (T5,
-with the location-token rows `llm/loc_embed` and, for an untied head, `llm/loc_head`).
+Parameters: `qformer/...` (with `qformer/query_tokens`), `proj/{kernel,bias}`, `llm/...` (the
+LLM, with the location-token rows `llm/loc_embed` and, for an untied head, `llm/loc_head`).
 `TRAINABLE` is the default table of what trains (as the released 3D-LLM: Q-Former, queries,
 projection, location-token rows; the LLM stays frozen).
 
@@ -14,8 +18,9 @@ Generation (family-agnostic; the cache is a pytree whose every array has the bat
     cache, logits0 = prefill(module, params, features=..., voxels=..., point_mask=...,
                              prompt_ids=..., prompt_mask=..., max_decode_len=L)
     logits, cache = decode_step(module, params, cache, token_ids)      # [B] -> [B,V]
-`prefill` feeds the decoder start token, so `logits0` scores the first answer token and the
-cache has room for L decoder inputs: it can produce L answer tokens.
+`logits0` scores the first answer token (T5: `prefill` feeds the decoder start token; decoder-only:
+the output at the last prefix slot) and the cache has room for the L - 1 answer tokens fed back:
+it can produce L answer tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from llm3d_jax.model.decoder import Decoder, DecoderConfig
 from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
 from llm3d_jax.model.qformer import QFormer, QFormerConfig
 from llm3d_jax.model.t5 import T5, T5Config, shift_right
@@ -51,7 +57,7 @@ DEFAULT_LOC_BINS = 256
 @dataclasses.dataclass(frozen=True)
 class LLM3DConfig:
     qformer: QFormerConfig = dataclasses.field(default_factory=QFormerConfig)
-    llm: T5Config = dataclasses.field(
+    llm: T5Config | DecoderConfig = dataclasses.field(
         default_factory=lambda: T5Config.flan_t5_xl(loc_offset=32100, loc_bins=DEFAULT_LOC_BINS)
     )
     feature_dim: int = 1408  # D of the point features
@@ -87,13 +93,26 @@ class LLM3DConfig:
         )
         return with_overrides(base, **overrides)
 
+    @classmethod
+    def tiny_decoder(cls, family: str = "llama", **overrides) -> LLM3DConfig:
+        """`tiny` with a decoder-only LLM (`llama` or `opt`) instead of T5."""
+        llm = DecoderConfig.tiny(family, vocab_size=512, loc_offset=512, loc_bins=DEFAULT_LOC_BINS)
+        return with_overrides(dataclasses.replace(cls.tiny(), llm=llm), **overrides)
+
+    @property
+    def llm_width(self) -> int:
+        """Width of the LLM's token embeddings: what `proj` maps the queries to."""
+        return self.llm.d_model if isinstance(self.llm, T5Config) else self.llm.token_dim
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> LLM3DConfig:
         d = dict(d)
-        return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=T5Config(**d.pop("llm")), **d)
+        llm = d.pop("llm")
+        llm = DecoderConfig(**llm) if "family" in llm else T5Config(**llm)
+        return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=llm, **d)
 
 
 def with_overrides(
@@ -144,7 +163,7 @@ class LLM3D(nn.Module):
         self.posembed = PositionEmbedding3D(c.posembed_mode, c.posembed_scale)
         self.qformer = QFormer(c.qformer)
         self.proj = nn.Dense(
-            c.llm.d_model,
+            c.llm_width,
             dtype=c.llm.compute_dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
@@ -152,20 +171,31 @@ class LLM3D(nn.Module):
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         )
-        self.llm = T5(c.llm)
+        self.llm = T5(c.llm) if self.is_t5 else Decoder(c.llm)
+
+    @property
+    def is_t5(self) -> bool:
+        return isinstance(self.config.llm, T5Config)
 
     def query_embeds(self, features, voxels, point_mask, deterministic=True):
         """-> projected queries [B,Q,d_model]: the 3D scene as the LLM sees it."""
         points = self.posembed(features, voxels)
         return self.proj(self.qformer(points, point_mask, deterministic))
 
-    def encode(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
-        """-> (LLM encoder output [B,Q+Lp,d_model], its mask bool [B,Q+Lp])."""
+    def prefix(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
+        """-> ([queries; embedded prompt] [B,Q+Lp,width], its mask bool [B,Q+Lp])."""
         queries = self.query_embeds(features, voxels, point_mask, deterministic)
         dtype = self.config.llm.compute_dtype
         embeds = jnp.concatenate([queries.astype(dtype), self.llm.embed(prompt_ids)], axis=1)
         mask = jnp.concatenate(
             [jnp.ones(queries.shape[:2], bool), prompt_mask.astype(bool)], axis=1
+        )
+        return embeds, mask
+
+    def encode(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
+        """T5 only -> (encoder output [B,Q+Lp,d_model], its mask bool [B,Q+Lp])."""
+        embeds, mask = self.prefix(
+            features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
         )
         encoded = self.llm.encode(
             inputs_embeds=embeds, attention_mask=mask, deterministic=deterministic
@@ -183,6 +213,11 @@ class LLM3D(nn.Module):
         answer_mask,
         deterministic: bool = True,
     ):
+        if not self.is_t5:
+            embeds, mask = self.prefix(
+                features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
+            )
+            return self.llm.answer_logits(embeds, mask, answer_ids, answer_mask, deterministic)
         encoded, mask = self.encode(
             features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
         )
@@ -190,6 +225,15 @@ class LLM3D(nn.Module):
         return self.llm.decode(encoded, mask, decoder_input_ids, answer_mask, deterministic)
 
     def prefill(self, features, voxels, point_mask, prompt_ids, prompt_mask, max_decode_len: int):
+        if not self.is_t5:
+            embeds, mask = self.prefix(features, voxels, point_mask, prompt_ids, prompt_mask)
+            batch, length = mask.shape
+            return self.llm.prefill(
+                attention_mask=mask,
+                max_decode_len=max_decode_len,
+                inputs_embeds=embeds,
+                prefix_len=jnp.full((batch,), length, jnp.int32),
+            )
         encoded, mask = self.encode(features, voxels, point_mask, prompt_ids, prompt_mask)
         cache = self.llm.init_cache(encoded, mask, max_decode_len)
         start = jnp.full((encoded.shape[0],), self.config.llm.decoder_start_token_id, jnp.int32)
@@ -282,14 +326,19 @@ def example_inputs(
 
 
 def from_pretrained(
-    path: str | os.PathLike, loc_bins: int = DEFAULT_LOC_BINS, dtype: str = "float32"
+    path: str | os.PathLike,
+    loc_bins: int = DEFAULT_LOC_BINS,
+    dtype: str = "float32",
+    llm_path: str | os.PathLike | None = None,
 ) -> tuple[LLM3D, dict]:
-    """(module, host params) from a HF BLIP-2 directory with a T5 language model, or from a
-    directory written by tools/export.py (recognised by its `llm3d_config.json`).
+    """(module, host params) from a HF BLIP-2 directory (FlanT5 or OPT language model), or from
+    a directory written by tools/export.py (recognised by its `llm3d_config.json`).
 
-    BLIP-2: Q-Former, query tokens, projection and T5 from the checkpoint (vision tower unused);
+    BLIP-2: Q-Former, query tokens, projection and LLM from the checkpoint (vision tower unused);
     new location-token rows (`loc_bins`); when the directory has a tokenizer, `loc_offset` is
-    where `llm3d_jax.tokens.add_location_tokens` puts `<loc0>` in it, else the T5 vocab size.
+    where `llm3d_jax.tokens.add_location_tokens` puts `<loc0>` in it, else the LLM vocab size.
+    `llm_path`: take the LLM (and tokenizer) from this HF T5 / OPT / Llama / Qwen2 / Mistral
+    directory instead; the projection is then freshly initialised.
     """
     path = os.fspath(path)
     if os.path.exists(os.path.join(path, EXPORTED_CONFIG)):
@@ -298,4 +347,4 @@ def from_pretrained(
         return load_exported(path)
     from llm3d_jax.convert.blip2 import load_blip2
 
-    return load_blip2(path, loc_bins=loc_bins, dtype=dtype)
+    return load_blip2(path, loc_bins=loc_bins, dtype=dtype, llm_path=llm_path)

@@ -113,6 +113,48 @@ def test_generation_interface_matches_pytorch_greedy(goldens_dir, golden_io):
     np.testing.assert_array_equal(np.asarray(greedy(params, inputs)), golden_io["generated"])
 
 
+def test_blip2_opt_to_decoder_only_3dllm_matches_pytorch(goldens_dir):
+    """The decoder-only layout [queries; prompt; answer] against the decoder goldens."""
+    path = os.path.join(goldens_dir, "decoder", "blip2_opt")
+    io = dict(np.load(os.path.join(goldens_dir, "decoder", "blip2_opt_io.npz")))
+    module, params = llm3d.from_pretrained(path, loc_bins=0)
+    assert module.config.llm.family == "opt"
+    logits = np.asarray(_logits(module, params, **{k: io[k] for k in INPUTS}))
+    valid = io["answer_mask"].astype(bool)
+    np.testing.assert_allclose(logits[valid], io["logits"][valid], atol=1e-4, rtol=0)
+
+    steps = io["generated"].shape[1]
+
+    @jax.jit
+    def greedy(params, inputs):
+        cache, logits = llm3d.prefill(module, params, **inputs, max_decode_len=steps)
+        out = []
+        for _ in range(steps):
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+            out.append(token)
+            logits, cache = llm3d.decode_step(module, params, cache, token)
+        return jnp.stack(out, 1)
+
+    tokens_ = greedy(params, {k: io[k] for k in INPUTS[:5]})
+    np.testing.assert_array_equal(np.asarray(tokens_), io["generated"])
+
+
+def test_qformer_from_blip2_with_an_llm_from_another_directory(goldens_dir):
+    blip2 = _blip2_dir(goldens_dir)
+    llama = os.path.join(goldens_dir, "decoder", "llama3")
+    module, params = llm3d.from_pretrained(blip2, loc_bins=8, llm_path=llama)
+    c = module.config
+    assert c.llm.family == "llama" and c.llm.loc_bins == 8
+    assert params["proj"]["kernel"].shape == (c.qformer.hidden_size, c.llm_width)
+    _, reference = llm3d.from_pretrained(blip2, loc_bins=0)
+    jax.tree.map(np.testing.assert_array_equal, params["qformer"], reference["qformer"])
+    probe = llm3d.example_inputs(c, batch=1, points=5)
+    probe["answer_ids"] = jnp.array([[c.llm.loc_offset + 7, 3, 1, 0]], jnp.int32)
+    logits = _logits(module, params, **probe)
+    assert logits.shape == (1, 4, c.llm.loc_offset + 8)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
 def test_prefill_and_decode_step_match_teacher_forcing(tiny):
     module, params, batch = tiny
     answer = batch["answer_ids"]
@@ -208,6 +250,11 @@ def test_tokenizer_in_the_directory_sets_loc_offset(goldens_dir, tmp_path):
 def test_config_dict_roundtrip_and_overrides():
     config = llm3d.LLM3DConfig.tiny()
     assert llm3d.LLM3DConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    decoder = llm3d.LLM3DConfig.tiny_decoder("opt")
+    assert llm3d.LLM3DConfig.from_dict(json.loads(json.dumps(decoder.to_dict()))) == decoder
+    shapes = llm3d.abstract_params(llm3d.LLM3D(decoder))
+    assert shapes["proj"]["kernel"].shape == (decoder.qformer.hidden_size, decoder.llm_width)
+    assert shapes["llm"]["loc_embed"].shape == (256, decoder.llm_width)
     big = llm3d.LLM3DConfig.flan_t5_xl()
     assert (big.feature_dim, big.qformer.encoder_hidden_size, big.llm.d_model) == (1408, 1408, 2048)
     assert (big.llm.loc_offset, big.llm.loc_bins, big.num_points) == (32100, 256, 5000)
@@ -256,10 +303,10 @@ def test_bad_blip2_directories_give_one_line_errors(goldens_dir, tmp_path):
     shutil.copytree(_blip2_dir(goldens_dir), path)
     config = json.loads((path / "config.json").read_text())
 
-    opt = json.loads(json.dumps(config))
-    opt["text_config"]["model_type"] = "opt"
-    (path / "config.json").write_text(json.dumps(opt))
-    with pytest.raises(InputError, match="only T5"):
+    gpt2 = json.loads(json.dumps(config))
+    gpt2["text_config"]["model_type"] = "gpt2"
+    (path / "config.json").write_text(json.dumps(gpt2))
+    with pytest.raises(InputError, match="unsupported language model 'gpt2'"):
         llm3d.from_pretrained(path)
 
     wide = json.loads(json.dumps(config))
