@@ -99,6 +99,7 @@ def build(mesh, *, batch_size=8, microbatches=1, total_steps=10, lr=1e-2, dropou
         prompt_len=5,
         answer_len=4,
         vocab_size=32,
+        answer_offset=32,
         seed=seed,
         sharding=sharding.batch_sharding(mesh),
     )

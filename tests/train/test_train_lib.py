@@ -206,3 +206,56 @@ def test_metric_writer_drops_rows_past_the_resume_step_and_plots(tmp_path):
 def test_cpu_peak_is_measured():
     flops = metrics.measure_cpu_peak_flops(size=256, repeats=2)
     assert 1e8 < flops < 1e14
+
+
+def test_real_model_default_table_trains_location_rows_and_keeps_the_llm_frozen():
+    """The tiny LLM3D with its default trainable table: Q-Former/projection/location rows move,
+    every other LLM weight stays bit-identical, and the optimizer holds state only for the former."""
+    from llm3d_jax.model import llm3d
+    from llm3d_jax.train import state as state_lib
+    from llm3d_jax.train import step as step_lib
+    from llm3d_jax.train import synthetic
+
+    mesh = sharding.make_mesh((2, 1, 1), jax.devices()[:2])
+    module = llm3d.LLM3D(llm3d.LLM3DConfig.tiny(num_points=16))
+    cfg = module.config
+    init_fn = lambda rng: module.init(rng, **llm3d.example_inputs(cfg), deterministic=True)[
+        "params"
+    ]
+    boxed = state_lib.abstract_params(init_fn)
+    trainable_abs, _, trainable_sh, frozen_sh = state_lib.param_shardings(
+        boxed, mesh, llm3d.TRAINABLE
+    )
+    assert "llm" in trainable_abs and set(trainable_abs["llm"]) == {"loc_embed", "loc_head"}
+    schedule = optimizer.make_schedule(lr=1e-2, min_lr=1e-3, warmup_steps=0, total_steps=2)
+    tx = optimizer.make_optimizer(
+        trainable_abs, schedule, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0
+    )
+    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
+    data = synthetic.SyntheticBatches(
+        batch_size=4,
+        num_points=16,
+        feature_dim=cfg.feature_dim,
+        prompt_len=5,
+        answer_len=4,
+        vocab_size=cfg.llm.loc_offset,
+        answer_offset=cfg.llm.loc_offset,
+        seed=0,
+        sharding=sharding.batch_sharding(mesh),
+    )
+    with jax.set_mesh(mesh):
+        state, frozen = state_lib.init_random(
+            init_fn, tx, llm3d.TRAINABLE, state_sh, frozen_sh, jax.random.key(0)
+        )
+        before = jax.device_get((state.params, frozen))
+        train_step = jax.jit(step_lib.make_train_step(module, tx, schedule, 1), donate_argnums=0)
+        for _ in range(2):
+            state, step_metrics = train_step(state, frozen, next(data), jax.random.key(1))
+    assert np.isfinite(float(step_metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(before[1]), jax.tree.leaves(jax.device_get(frozen))):
+        np.testing.assert_array_equal(a, b)
+    after = jax.device_get(state.params)
+    assert not np.array_equal(before[0]["llm"]["loc_head"], after["llm"]["loc_head"])
+    assert not np.array_equal(before[0]["proj"]["kernel"], after["proj"]["kernel"])
+    adam = state.opt_state[1][0]
+    assert optimizer.param_paths(adam.mu) == optimizer.param_paths(state.params)
