@@ -10,7 +10,8 @@ decoder-only: [prefix; answer] with the loss on the answer (`Decoder.answer_logi
   tokens = B x answer generated tokens.
 The decoder's layer count is chosen so its parameter count is the closest to the T5's; both
 counts are printed. The T5 is the reference measured in the same process: "ratio" is
-decoder / T5. Timings are the best of `--repeats` after a compile + warm-up call.
+decoder / T5 throughput. Timings are the best of `--repeats`, the two models alternating, after a
+compile + warm-up call.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ SIZES = {
 }
 
 
-def _time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    best = float("inf")
+def _time_pair(a, a_args, b, b_args, repeats: int) -> tuple[float, float]:
+    """Best wall time of each of two jitted calls, alternated so that a shared machine's
+    changing load falls on both alike."""
+    jax.block_until_ready(a(*a_args))  # compile + warm up
+    jax.block_until_ready(b(*b_args))
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+        for i, (fn, args) in enumerate(((a, a_args), (b, b_args))):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def count(tree) -> int:
@@ -213,15 +218,19 @@ def main() -> None:
     tx, t5_step, dec_step = train_steps(t5_module, dec_module)
     tokens = b * (prefix_len + args.answer)
     t5_state, dec_state = tx.init(t5_params), tx.init(dec_params)
-    t5_s = _time(t5_step, t5_params, t5_state, batch, repeats=args.repeats)
-    dec_s = _time(dec_step, dec_params, dec_state, batch, repeats=args.repeats)
+    t5_s, dec_s = _time_pair(
+        t5_step,
+        (t5_params, t5_state, batch),
+        dec_step,
+        (dec_params, dec_state, batch),
+        args.repeats,
+    )
     print(
         f"train  tokens/s: T5 {tokens / t5_s:10.0f}  decoder {tokens / dec_s:10.0f}  "
         f"ratio {t5_s / dec_s:5.2f}   ([{b}, {prefix_len}+{args.answer}] per step)"
     )
     t5_gen, dec_gen = generators(t5_module, dec_module, args.answer)
-    t5_s = _time(t5_gen, t5_params, batch, repeats=args.repeats)
-    dec_s = _time(dec_gen, dec_params, batch, repeats=args.repeats)
+    t5_s, dec_s = _time_pair(t5_gen, (t5_params, batch), dec_gen, (dec_params, batch), args.repeats)
     generated = b * args.answer
     print(
         f"decode tokens/s: T5 {generated / t5_s:10.0f}  decoder {generated / dec_s:10.0f}  "
