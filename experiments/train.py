@@ -56,9 +56,16 @@ def build_model(config):
     if config.data_source == "tfds":
         if not os.path.isdir(config.tokenizer):
             raise InputError(config.tokenizer, "tokenizer directory not found")
-        from llm3d_jax.data.pipeline import load_tokenizer
+        if not os.path.isdir(config.data_dir):
+            raise InputError(
+                config.data_dir, "data directory not found (python -m data_pipeline.tfds)"
+            )
+        from llm3d_jax.data.pipeline import load_tokenizer, parse_mixture
+        from llm3d_jax.data.sources import dataset_metadata
 
         overrides["vocab_size"] = len(load_tokenizer(config.tokenizer))
+        first = parse_mixture(config.data.datasets)[0][0]
+        overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
     return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
 
 

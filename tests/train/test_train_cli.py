@@ -228,3 +228,36 @@ def test_bad_config_values_fail_before_compiling(tmp_path, overrides, message, c
     with pytest.raises(InputError, match=message):
         train.train(_config(**overrides), str(tmp_path))
     assert "compiled" not in capsys.readouterr().out
+
+
+def test_trains_on_tfds_data_through_the_grain_pipeline(tmp_path):
+    """The real data path: TFDS written by data_pipeline.tfds, a trained tokenizer, grain."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "data_pipeline"))
+    from test_tfds_fixtures import write_fixture
+
+    from data_pipeline.tfds import build
+    from llm3d_jax import tokens
+
+    features_dir, records, _, rows = write_fixture(str(tmp_path), num_scenes=6, records_per_scene=4)
+    build(features_dir, records, str(tmp_path / "tfds"), "synthetic", val_fraction=0.34, seed=0)
+    texts = [r["prompt"] + " " + " ".join(r["answers"]) for r in rows]
+    tokens.train_tokenizer(texts, vocab_size=400, out_dir=str(tmp_path / "tok"))
+    workdir = tmp_path / "run"
+    _train(
+        workdir,
+        "--config.data_source=tfds",
+        f"--config.data_dir={tmp_path / 'tfds'}",
+        f"--config.tokenizer={tmp_path / 'tok'}",
+        "--config.total_steps=12",
+        "--config.eval_every=6",
+        "--config.batch_size=4",
+        "--config.eval_batch_size=4",
+        "--config.data.prompt_len=16",
+        "--config.data.answer_len=12",
+    )
+    rows = read_jsonl(str(workdir / "metrics.jsonl"))
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+    assert os.listdir(workdir / "checkpoints" / "12" / "data")  # the grain iterator state
