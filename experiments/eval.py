@@ -37,6 +37,7 @@ from llm3d_jax.evaluate import (
     caption_metrics_by_group,
     em_by_question_type,
     grounding_metrics,
+    navigation_metrics,
     sqa3d_question_type,
 )
 from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
@@ -243,8 +244,15 @@ def compute_metrics(rows: list[dict]) -> dict:
                     "skipped_without_gt_box": len(group) - len(gt),
                 }
             continue
+        if key.endswith("/navigation"):
+            pred = [np.asarray(r["points"], np.float64).reshape(-1, 3) for r in group]
+            gt = [tokens.parse_points(r["answers"][0]) for r in group]
+            out[key] = {**navigation_metrics(pred, gt), "count": len(group)}
+            continue
         preds = {r["id"]: strip_locations(r["prediction"]) for r in group}
         refs = {r["id"]: [strip_locations(a) for a in r["answers"]] for r in group}
+        if not any(a for answers in refs.values() for a in answers):
+            continue  # answers are locations only: no text to score
         text_groups[key] = (preds, refs)
     # One PTB tokenizer call and one METEOR JVM for all text groups.
     for key, scores in (caption_metrics_by_group(text_groups) if text_groups else {}).items():

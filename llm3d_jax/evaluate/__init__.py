@@ -1,4 +1,4 @@
-"""Evaluation metrics: caption/QA text scores, exact match variants, 3D grounding."""
+"""Evaluation metrics: caption/QA text scores, exact match variants, 3D grounding, navigation."""
 
 from llm3d_jax.evaluate.answers import (
     SQA3D_QUESTION_TYPES,
@@ -15,6 +15,7 @@ from llm3d_jax.evaluate.captions import (
     caption_metrics_by_group,
 )
 from llm3d_jax.evaluate.grounding import box_iou, grounding_metrics
+from llm3d_jax.evaluate.navigation import navigation_metrics
 
 __all__ = [
     "CAPTION_METRIC_NAMES",
@@ -26,6 +27,7 @@ __all__ = [
     "em_by_question_type",
     "exact_match",
     "grounding_metrics",
+    "navigation_metrics",
     "normalize_answer",
     "refined_exact_match",
     "sqa3d_question_type",
