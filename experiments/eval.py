@@ -309,6 +309,14 @@ def markdown(metrics: dict, title: str) -> str:
             + ", ".join(f"{k} {v}" for k, v in SCANREFER_ACC25.items()),
             "",
         ]
+    navigation = {k: v for k, v in metrics.items() if "goal_error_m" in v}
+    if navigation:
+        lines += ["| ours: dataset/task | n | Success@0.5m | goal error (m) |", "|---" * 4 + "|"]
+        lines += [
+            f"| {k} | {v['count']} | {_fmt(v['Success@0.5m'])} | {v['goal_error_m']:.2f} |"
+            for k, v in navigation.items()
+        ]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
