@@ -54,6 +54,10 @@ def build_model(config):
         raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
     model_config = getattr(llm3d.LLM3DConfig, m.preset)()
     if config.data_source == "tfds":
+        if not config.tokenizer:
+            raise InputError(
+                None, "set config.model.pretrained, or config.tokenizer for a random-init model"
+            )
         if not os.path.isdir(config.tokenizer):
             raise InputError(config.tokenizer, "tokenizer directory not found")
         if not os.path.isdir(config.data_dir):
@@ -115,11 +119,6 @@ def train(
     sharding.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        write_text_atomic(
-            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-        )
     log(f"config: {config_path}, workdir {workdir}, {jax.process_count()} process(es)")
 
     # ------------------------------------------------------------------ mesh
@@ -184,6 +183,10 @@ def train(
                 "sha256": checkpoint.file_hashes(path),
             }
     frozen_ref["fingerprint"] = checkpoint.fingerprint(frozen)
+    if is_main:  # written only once the config has passed every check
+        write_text_atomic(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
     manager = checkpoint.make_manager(
         os.path.join(workdir, "checkpoints"), config.keep_checkpoints, config.checkpoint_every
     )
