@@ -45,11 +45,24 @@ def build_model(config):
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
+    # Decoder-only knobs (experiments/configs/scanqa_llama.py); T5 configs do not have them.
+    for key in ("prefix_causal", "scan_layers"):
+        if key in m:
+            overrides[key] = m[key]
+    llm_path = m.get("llm_pretrained") or None
     if m.pretrained:
-        if not os.path.isdir(m.pretrained):
-            raise InputError(m.pretrained, "pretrained model directory not found")
-        module, params = llm3d.from_pretrained(m.pretrained)
-        return llm3d.LLM3D(llm3d.with_overrides(module.config, **overrides)), params
+        for path in (m.pretrained, llm_path):
+            if path and not os.path.isdir(path):
+                raise InputError(path, "pretrained model directory not found")
+        module, params = llm3d.from_pretrained(m.pretrained, llm_path=llm_path)
+        model_config = llm3d.with_overrides(module.config, **overrides)
+        if getattr(model_config.llm, "scan_layers", False) and not getattr(
+            module.config.llm, "scan_layers", False
+        ):  # a loaded decoder has per-layer params; nn.scan wants them stacked
+            from llm3d_jax.convert.decoder import stack_layers
+
+            params = {**params, "llm": stack_layers(params["llm"], model_config.llm.num_layers)}
+        return llm3d.LLM3D(model_config), params
     if not hasattr(llm3d.LLM3DConfig, m.preset):
         raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
     model_config = getattr(llm3d.LLM3DConfig, m.preset)()
@@ -100,7 +113,7 @@ def build_data(config, mesh, model_config, *, train: bool):
         raise InputError(
             config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
         )
-    tokenizer = config.model.pretrained or config.tokenizer
+    tokenizer = config.model.get("llm_pretrained") or config.model.pretrained or config.tokenizer
     common = dict(
         batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
     )

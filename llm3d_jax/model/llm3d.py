@@ -94,6 +94,37 @@ class LLM3DConfig:
         return with_overrides(base, **overrides)
 
     @classmethod
+    def demo(cls, **overrides) -> LLM3DConfig:
+        """`make demo`: a small model trained from scratch on a CPU in minutes (128-wide Q-Former
+        and FlanT5-shaped LLM, 16 queries, 1024 points). The position embedding is added at
+        scale 1 instead of the released 0.01: a from-scratch model has no pretrained feature
+        scale to protect, and grounding needs the positions to be visible."""
+        base = cls(
+            qformer=QFormerConfig.tiny(
+                hidden_size=128,
+                num_attention_heads=4,
+                intermediate_size=256,
+                encoder_hidden_size=64,
+                num_query_tokens=16,
+            ),
+            llm=T5Config.tiny(
+                vocab_size=512,
+                loc_offset=512,
+                loc_bins=DEFAULT_LOC_BINS,
+                d_model=128,
+                d_kv=32,
+                d_ff=256,
+                relative_attention_num_buckets=16,
+                relative_attention_max_distance=64,
+                dropout_rate=0.0,
+            ),
+            feature_dim=64,
+            num_points=1024,
+            posembed_scale=1.0,
+        )
+        return with_overrides(base, **overrides)
+
+    @classmethod
     def tiny_decoder(cls, family: str = "llama", **overrides) -> LLM3DConfig:
         """`tiny` with a decoder-only LLM (`llama` or `opt`) instead of T5."""
         llm = DecoderConfig.tiny(family, vocab_size=512, loc_offset=512, loc_bins=DEFAULT_LOC_BINS)
@@ -124,15 +155,25 @@ def with_overrides(
     vocab_size: int | None = None,
     loc_offset: int | None = None,
     loc_bins: int | None = None,
+    prefix_causal: bool | None = None,
+    scan_layers: bool | None = None,
     **fields,
 ) -> LLM3DConfig:
     """A copy with common knobs changed in every sub-config they touch.
 
     dtype: compute dtype of the Q-Former and the LLM; remat: per LLM block; feature_dim: also
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
-    other keywords are top-level fields (posembed_mode, posembed_scale, num_points).
+    prefix_causal / scan_layers: decoder-only LLMs only (a loaded decoder's layers must then be
+    stacked, `convert.decoder.stack_layers`); other keywords are top-level fields
+    (posembed_mode, posembed_scale, num_points).
     """
     qformer, llm = config.qformer, config.llm
+    for name, value in (("prefix_causal", prefix_causal), ("scan_layers", scan_layers)):
+        if value is None:
+            continue
+        if not isinstance(llm, DecoderConfig):
+            raise ValueError(f"{name} applies to decoder-only LLMs, not {type(llm).__name__}")
+        llm = dataclasses.replace(llm, **{name: value})
     if dtype is not None:
         qformer = dataclasses.replace(qformer, dtype=dtype)
         llm = dataclasses.replace(llm, dtype=dtype)

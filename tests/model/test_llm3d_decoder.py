@@ -152,3 +152,38 @@ def test_decoder_sharded_loss_and_grads_equal_single_device():
         grads,
         single_grads,
     )
+
+
+def test_decoder_knobs_through_with_overrides():
+    config = llm3d.with_overrides(_tiny_decoder(), prefix_causal=False, scan_layers=True)
+    assert config.llm.prefix_causal is False and config.llm.scan_layers is True
+    with pytest.raises(ValueError, match="decoder-only"):
+        llm3d.with_overrides(llm3d.LLM3DConfig.tiny(), scan_layers=True)
+
+
+@pytest.mark.parametrize("llm_dir", [None, "llama3"])
+def test_train_build_model_reads_scanqa_llama_style_configs(llm_dir):
+    """experiments/train.py: BLIP-2 OPT (or its Q-Former + another HF LLM), scanned layers."""
+    import ml_collections
+
+    from experiments.train import build_model
+
+    goldens = os.path.join(os.path.dirname(__file__), "..", "goldens", "decoder")
+    config = ml_collections.ConfigDict(
+        dict(
+            data=dict(num_points=16),
+            model=dict(
+                pretrained=os.path.join(goldens, "blip2_opt"),
+                llm_pretrained=os.path.join(goldens, llm_dir) if llm_dir else "",
+                prefix_causal=False,
+                scan_layers=True,
+                dtype="float32",
+                remat=False,
+            ),
+        )
+    )
+    module, params = build_model(config)
+    assert module.config.llm.scan_layers and not module.config.llm.prefix_causal
+    want = jax.tree.map(lambda x: x.shape, llm3d.abstract_params(module))
+    got = jax.tree.map(lambda x: np.shape(x), params)
+    assert got == want
