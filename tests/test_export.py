@@ -50,6 +50,7 @@ def _config(tok_dir, data_dir):
     config = demo.get_config()
     config.tokenizer = tok_dir
     config.data_dir = data_dir
+    config.model.preset = "tiny"  # the unit-test shapes, not the demo's
     config.data.num_points = NUM_POINTS
     config.data.prompt_len = PROMPT_LEN
     # The released 3D-LLM's split (frozen LLM), so the frozen part is regenerated and checked.

@@ -10,7 +10,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 300
+    c.total_steps = 1500
     c.batch_size = 8
     c.microbatches = 1  # gradient accumulation: batch_size / microbatches rows per pass
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1: all remaining devices
@@ -21,16 +21,17 @@ def get_config():
     c.data = ml_collections.ConfigDict(
         dict(
             datasets="synthetic",
-            num_points=256,
+            num_points=1024,
             prompt_len=32,
             answer_len=24,
             features_dtype="float32",
+            blind=False,  # True: zero features and voxels (the no-3D baseline of make demo)
         )
     )
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a BLIP-2 / exported model directory; "" = random init of `preset`
-    c.model.preset = "tiny"  # an LLM3DConfig constructor
+    c.model.preset = "demo"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,

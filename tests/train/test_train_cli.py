@@ -29,6 +29,7 @@ FLAGS = [
     "--config.log_every=1",
     "--config.eval_every=4",
     "--config.eval_steps=1",
+    "--config.model.preset=tiny",
     "--config.data.num_points=32",
     "--config.data.prompt_len=8",
     "--config.data.answer_len=6",

@@ -1,0 +1,188 @@
+r"""`make demo`: the whole 3D-LLM chain on synthetic scenes, a tiny model and a CPU.
+
+    python -m tools.demo --out demo_out [--scenes 32 --steps N]
+
+Stages, each one of the project's command lines (so the demo shows exactly what a user runs),
+each skipped when its output already exists (a rerun resumes):
+  scenes -> renders + contact sheets -> fusion features (random ViT) -> offline language data
+  -> tokenizer -> TFDS -> train the 3D-LLM -> train the blind baseline (no 3D input)
+  -> evaluate both on held-out scenes -> export -> ask -> PNGs (boxes, loss curves) -> table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def run(args: list[str], done_marker: str | None = None) -> None:
+    """Runs one stage's command line; skipped when `done_marker` exists."""
+    if done_marker and os.path.exists(done_marker):
+        print(f"(done already: {os.path.relpath(done_marker)})", flush=True)
+        return
+    print("$", " ".join(os.path.relpath(a) if os.path.exists(a) else a for a in args), flush=True)
+    start = time.time()
+    subprocess.run(args, cwd=REPO, check=True)
+    print(f"({time.time() - start:.0f} s)", flush=True)
+
+
+def train_tokenizer(records: str, out_dir: str) -> None:
+    from llm3d_jax.tokens import train_tokenizer as train
+
+    texts = []
+    with open(records, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            texts.append(r["prompt"])
+            texts.extend(r["answers"])
+    train(texts, vocab_size=1000, out_dir=out_dir)
+    print(f"tokenizer: {out_dir} ({len(texts)} texts)")
+
+
+def first_record(records: str, task: str, split: str = "val") -> dict:
+    with open(records, encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["task"] == task and r["meta"].get("split") == split:
+                return r
+    raise SystemExit(f"error: {records}: no {split} record of task {task}")
+
+
+def plot_losses(runs: dict[str, str], path: str) -> None:
+    """Training (and validation) loss of every run on one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, workdir in runs.items():
+        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        line = ax.plot(*zip(*train), label=f"{name} train")[0]
+        if val:
+            ax.plot(*zip(*val), "o--", color=line.get_color(), label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("answer cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"loss curves: {path}")
+
+
+def table(runs: dict[str, str]) -> str:
+    """Markdown: QA and grounding metrics of each run, side by side."""
+    rows = [
+        ("qa", "EM"),
+        ("qa", "EM-refined"),
+        ("qa", "BLEU-1"),
+        ("qa", "CIDEr"),
+        ("grounding", "Acc@0.25"),
+        ("grounding", "Acc@0.5"),
+        ("grounding", "mIoU"),
+        ("dense_caption", "CIDEr"),
+    ]
+    metrics = {}
+    for name, workdir in runs.items():
+        with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
+            metrics[name] = json.load(f)
+
+    def value(m: dict, task: str, key: str):
+        return m["metrics"].get(f"synthetic/{task}", {}).get(key)
+
+    lines = ["| task | metric | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for task, key in rows:
+        cells = []
+        for name in runs:
+            v = value(metrics[name], task, key)
+            cells.append("-" if v is None else f"{v:.1f}")
+        lines.append(f"| {task} | {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--scenes", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    scenes, features = f"{out}/scenes", f"{out}/features"
+    records, tokenizer, tfds_dir = f"{out}/language.jsonl", f"{out}/tokenizer", f"{out}/tfds"
+    start = time.time()
+
+    banner(f"1/9 synthetic scenes ({args.scenes})")
+    run([PY, "-m", "data_pipeline.scenes.synthetic", "--num-scenes", str(args.scenes),
+         "--seed", str(args.seed), "--out", scenes], f"{scenes}/synth_{args.scenes - 1:04d}.npz")
+
+    banner("2/9 multi-view renders + contact sheets")
+    run([PY, "-m", "data_pipeline.render", "--scenes", scenes, "--out", f"{scenes}/views",
+         "--views", "8", "--seed", str(args.seed)], f"{scenes}/views/synth_{args.scenes - 1:04d}.png")
+
+    banner("3/9 pixel-aligned features lifted by fusion (random ViT)")
+    run([PY, "-m", "data_pipeline.features", "--scenes", scenes, "--method", "fusion",
+         "--encoder", "random-vit:64", "--max-points", "4096", "--out", features])
+
+    banner("4/9 offline language data for every task")
+    run([PY, "-m", "data_pipeline.language", "--scenes", scenes, "--backend", "offline",
+         "--val-fraction", "0.25", "--seed", str(args.seed), "--out", records], records)
+
+    banner("5/9 tokenizer + TFDS")
+    if not os.path.exists(f"{tokenizer}/tokenizer.json"):
+        train_tokenizer(records, tokenizer)
+    run([PY, "-m", "data_pipeline.tfds", "--features", features, "--language", records,
+         "--out", tfds_dir], f"{tfds_dir}/build_report.synthetic.json")
+
+    runs = {"3D-LLM": f"{out}/run_3d", "blind (no 3D input)": f"{out}/run_blind"}
+    for i, (name, workdir) in enumerate(runs.items()):
+        banner(f"{6 + i}/9 train: {name}")
+        overrides = [f"--config.data_dir={tfds_dir}", f"--config.tokenizer={tokenizer}",
+                     f"--config.seed={args.seed}"]
+        if args.steps:
+            overrides.append(f"--config.total_steps={args.steps}")
+        if "blind" in name:
+            overrides.append("--config.data.blind=True")
+        run([PY, "experiments/train.py", "--config", "experiments/configs/demo.py",
+             "--workdir", workdir, *overrides])
+        run([PY, "experiments/eval.py", "--workdir", workdir, "--split", "validation"],
+            f"{workdir}/eval/metrics.json")
+
+    banner("8/9 export, ask, pictures")
+    model = f"{out}/model"
+    run([PY, "tools/export.py", "--workdir", runs["3D-LLM"], "--out", model], f"{model}/config.json")
+    question = first_record(records, "grounding")
+    scene_file = f"{features}/{question['scene_id']}.npz"
+    run([PY, "tools/ask.py", "--model", model, "--scene", scene_file, "--task", "grounding",
+         question["prompt"], "--png", f"{out}/ask.png"])
+    print(f"expected: {question['answers'][0]}")
+    run([PY, "tools/visualize.py", "--scene", scene_file, "--out", f"{out}/boxes.png",
+         "--predictions", f"{runs['3D-LLM']}/eval/predictions.jsonl", "--id", question["id"]])
+    plot_losses(runs, f"{out}/loss_curves.png")
+
+    banner(f"9/9 held-out scenes: 3D-LLM vs blind baseline ({time.time() - start:.0f} s in all)")
+    text = table(runs)
+    print(text)
+    with open(f"{out}/results.md", "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    print(f"\noutputs in {os.path.relpath(out)}/: scenes/views/*.png (renders), boxes.png, "
+          "loss_curves.png, run_*/eval/metrics.md, model/ (exported), results.md")
+
+
+if __name__ == "__main__":
+    main()
