@@ -116,7 +116,9 @@ def table(runs: dict[str, str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--scenes", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
@@ -128,51 +130,161 @@ def main() -> None:
     start = time.time()
 
     banner(f"1/9 synthetic scenes ({args.scenes})")
-    run([PY, "-m", "data_pipeline.scenes.synthetic", "--num-scenes", str(args.scenes),
-         "--seed", str(args.seed), "--out", scenes], f"{scenes}/synth_{args.scenes - 1:04d}.npz")
+    run(
+        [
+            PY,
+            "-m",
+            "data_pipeline.scenes.synthetic",
+            "--num-scenes",
+            str(args.scenes),
+            "--seed",
+            str(args.seed),
+            "--out",
+            scenes,
+        ],
+        f"{scenes}/synth_{args.scenes - 1:04d}.npz",
+    )
 
     banner("2/9 multi-view renders + contact sheets")
-    run([PY, "-m", "data_pipeline.render", "--scenes", scenes, "--out", f"{scenes}/views",
-         "--views", "8", "--seed", str(args.seed)], f"{scenes}/views/synth_{args.scenes - 1:04d}.png")
+    run(
+        [
+            PY,
+            "-m",
+            "data_pipeline.render",
+            "--scenes",
+            scenes,
+            "--out",
+            f"{scenes}/views",
+            "--views",
+            "8",
+            "--seed",
+            str(args.seed),
+        ],
+        f"{scenes}/views/synth_{args.scenes - 1:04d}.png",
+    )
 
     banner("3/9 pixel-aligned features lifted by fusion (random ViT)")
-    run([PY, "-m", "data_pipeline.features", "--scenes", scenes, "--method", "fusion",
-         "--encoder", "random-vit:64", "--max-points", "4096", "--out", features])
+    run(
+        [
+            PY,
+            "-m",
+            "data_pipeline.features",
+            "--scenes",
+            scenes,
+            "--method",
+            "fusion",
+            "--encoder",
+            "random-vit:64",
+            "--max-points",
+            "4096",
+            "--out",
+            features,
+        ]
+    )
 
     banner("4/9 offline language data for every task")
-    run([PY, "-m", "data_pipeline.language", "--scenes", scenes, "--backend", "offline",
-         "--val-fraction", "0.25", "--seed", str(args.seed), "--out", records], records)
+    run(
+        [
+            PY,
+            "-m",
+            "data_pipeline.language",
+            "--scenes",
+            scenes,
+            "--backend",
+            "offline",
+            "--val-fraction",
+            "0.25",
+            "--seed",
+            str(args.seed),
+            "--out",
+            records,
+        ],
+        records,
+    )
 
     banner("5/9 tokenizer + TFDS")
     if not os.path.exists(f"{tokenizer}/tokenizer.json"):
         train_tokenizer(records, tokenizer)
-    run([PY, "-m", "data_pipeline.tfds", "--features", features, "--language", records,
-         "--out", tfds_dir], f"{tfds_dir}/build_report.synthetic.json")
+    run(
+        [
+            PY,
+            "-m",
+            "data_pipeline.tfds",
+            "--features",
+            features,
+            "--language",
+            records,
+            "--out",
+            tfds_dir,
+        ],
+        f"{tfds_dir}/build_report.synthetic.json",
+    )
 
     runs = {"3D-LLM": f"{out}/run_3d", "blind (no 3D input)": f"{out}/run_blind"}
     for i, (name, workdir) in enumerate(runs.items()):
         banner(f"{6 + i}/9 train: {name}")
-        overrides = [f"--config.data_dir={tfds_dir}", f"--config.tokenizer={tokenizer}",
-                     f"--config.seed={args.seed}"]
+        overrides = [
+            f"--config.data_dir={tfds_dir}",
+            f"--config.tokenizer={tokenizer}",
+            f"--config.seed={args.seed}",
+        ]
         if args.steps:
             overrides.append(f"--config.total_steps={args.steps}")
         if "blind" in name:
             overrides.append("--config.data.blind=True")
-        run([PY, "experiments/train.py", "--config", "experiments/configs/demo.py",
-             "--workdir", workdir, *overrides])
-        run([PY, "experiments/eval.py", "--workdir", workdir, "--split", "validation"],
-            f"{workdir}/eval/metrics.json")
+        run(
+            [
+                PY,
+                "experiments/train.py",
+                "--config",
+                "experiments/configs/demo.py",
+                "--workdir",
+                workdir,
+                *overrides,
+            ]
+        )
+        run(
+            [PY, "experiments/eval.py", "--workdir", workdir, "--split", "validation"],
+            f"{workdir}/eval/metrics.json",
+        )
 
     banner("8/9 export, ask, pictures")
     model = f"{out}/model"
-    run([PY, "tools/export.py", "--workdir", runs["3D-LLM"], "--out", model], f"{model}/config.json")
+    run(
+        [PY, "tools/export.py", "--workdir", runs["3D-LLM"], "--out", model], f"{model}/config.json"
+    )
     question = first_record(records, "grounding")
     scene_file = f"{features}/{question['scene_id']}.npz"
-    run([PY, "tools/ask.py", "--model", model, "--scene", scene_file, "--task", "grounding",
-         question["prompt"], "--png", f"{out}/ask.png"])
+    run(
+        [
+            PY,
+            "tools/ask.py",
+            "--model",
+            model,
+            "--scene",
+            scene_file,
+            "--task",
+            "grounding",
+            question["prompt"],
+            "--png",
+            f"{out}/ask.png",
+        ]
+    )
     print(f"expected: {question['answers'][0]}")
-    run([PY, "tools/visualize.py", "--scene", scene_file, "--out", f"{out}/boxes.png",
-         "--predictions", f"{runs['3D-LLM']}/eval/predictions.jsonl", "--id", question["id"]])
+    run(
+        [
+            PY,
+            "tools/visualize.py",
+            "--scene",
+            scene_file,
+            "--out",
+            f"{out}/boxes.png",
+            "--predictions",
+            f"{runs['3D-LLM']}/eval/predictions.jsonl",
+            "--id",
+            question["id"],
+        ]
+    )
     plot_losses(runs, f"{out}/loss_curves.png")
 
     banner(f"9/9 held-out scenes: 3D-LLM vs blind baseline ({time.time() - start:.0f} s in all)")
@@ -180,8 +292,10 @@ def main() -> None:
     print(text)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    print(f"\noutputs in {os.path.relpath(out)}/: scenes/views/*.png (renders), boxes.png, "
-          "loss_curves.png, run_*/eval/metrics.md, model/ (exported), results.md")
+    print(
+        f"\noutputs in {os.path.relpath(out)}/: scenes/views/*.png (renders), boxes.png, "
+        "loss_curves.png, run_*/eval/metrics.md, model/ (exported), results.md"
+    )
 
 
 if __name__ == "__main__":
