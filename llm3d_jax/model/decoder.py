@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm3d_jax.model import location_rows
+
 FAMILIES = ("opt", "llama")
 MODEL_TYPES = {"opt": "opt", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -566,31 +568,22 @@ class Decoder(nn.Module):
     def embed(self, ids):
         """ids int [B,L] (base ids below loc_offset, location ids after) -> [B,L,token_dim]."""
         c = self.config
-        if not c.loc_bins:
-            x = jnp.take(self.embed_tokens, ids, axis=0)
-        else:
-            is_loc = ids >= c.loc_offset
-            base = jnp.take(self.embed_tokens, jnp.where(is_loc, 0, ids), axis=0)
-            loc = jnp.take(self.loc_embed, jnp.clip(ids - c.loc_offset, 0, c.loc_bins - 1), axis=0)
-            x = jnp.where(is_loc[..., None], loc, base)
-        return x.astype(c.compute_dtype)
+        loc_table = self.loc_embed if c.loc_bins else None
+        return location_rows.embed(
+            ids, self.embed_tokens, loc_table, c.loc_offset, c.loc_bins, c.compute_dtype
+        )
 
     def logits(self, h):
         """Final hidden states [..., token_dim] -> float32 logits [..., num_logits]."""
         c = self.config
-        h = h.astype(c.compute_dtype)
-        project = partial(jnp.einsum, preferred_element_type=jnp.float32)
-        if c.tie_word_embeddings:
-            base = project("...d,vd->...v", h, self.embed_tokens.astype(c.compute_dtype))
-        else:
-            base = project("...d,dv->...v", h, self.lm_head.astype(c.compute_dtype))
-        if not c.loc_bins:
-            return base
-        if c.tie_word_embeddings:
-            loc = project("...d,vd->...v", h, self.loc_embed.astype(c.compute_dtype))
-        else:
-            loc = project("...d,dv->...v", h, self.loc_head.astype(c.compute_dtype))
-        return jnp.concatenate([base[..., : c.loc_offset], loc], axis=-1)
+        tied = c.tie_word_embeddings
+        head = self.embed_tokens if tied else self.lm_head
+        loc_head = None
+        if c.loc_bins:
+            loc_head = self.loc_embed if tied else self.loc_head
+        return location_rows.logits(
+            h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
+        )
 
     def _inputs(self, x, positions, deterministic):
         """Token embeddings [B,L,token_dim] -> (layer input [B,L,d], rope tables or None)."""
