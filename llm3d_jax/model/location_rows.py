@@ -9,6 +9,17 @@ from functools import partial
 import jax.numpy as jnp
 
 
+def check_config(loc_offset: int, loc_bins: int, vocab_size: int) -> None:
+    """A config's location rows must start inside its base vocabulary."""
+    if loc_bins and not 0 < loc_offset <= vocab_size:
+        raise ValueError(f"loc_offset {loc_offset} must be in 1..vocab_size ({vocab_size})")
+
+
+def num_logits(vocab_size: int, loc_offset: int, loc_bins: int) -> int:
+    """Width of the logits (and the id space): base tokens then location tokens."""
+    return loc_offset + loc_bins if loc_bins else vocab_size
+
+
 def embed(ids, table, loc_table, loc_offset: int, loc_bins: int, dtype):
     """ids int [B,L] -> [B,L,d]: base rows of `table` [V,d], location rows of `loc_table` [B,d]."""
     if not loc_bins:

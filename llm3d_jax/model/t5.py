@@ -68,15 +68,12 @@ class T5Config:
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown T5 activation {self.activation!r}")
-        if self.loc_bins and not 0 < self.loc_offset <= self.vocab_size:
-            raise ValueError(
-                f"loc_offset {self.loc_offset} must be in 1..vocab_size ({self.vocab_size})"
-            )
+        location_rows.check_config(self.loc_offset, self.loc_bins, self.vocab_size)
 
     @property
     def num_logits(self) -> int:
         """Width of the logits (and the id space): base tokens then location tokens."""
-        return self.loc_offset + self.loc_bins if self.loc_bins else self.vocab_size
+        return location_rows.num_logits(self.vocab_size, self.loc_offset, self.loc_bins)
 
     @property
     def compute_dtype(self):
