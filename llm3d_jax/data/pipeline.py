@@ -137,6 +137,15 @@ def make_preprocess(data_dir, names, tokenizer, loc_bins, prompt_templates, trai
     ), encoder
 
 
+def _batch_iterator(ds, fn, encoder, seed, host_batch, read_threads, mesh, batch_size):
+    """(record source, Preprocess) -> host batches read by threads -> global-array iterator."""
+    ds = ds.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+    )
+    return BatchIterator(ds, mesh, batch_size, encoder.loc_offset)
+
+
 def make_train_iterator(
     data_dir: str,
     tokenizer=None,
@@ -182,11 +191,7 @@ def make_train_iterator(
         features_dtype=features_dtype,
         blind=blind,
     )
-    ds = mixed.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
-    ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
-    )
-    return BatchIterator(ds, mesh, batch_size, encoder.loc_offset)
+    return _batch_iterator(mixed, fn, encoder, seed, host_batch, read_threads, mesh, batch_size)
 
 
 def make_eval_iterator(
@@ -237,8 +242,4 @@ def make_eval_iterator(
         features_dtype=features_dtype,
         blind=blind,
     )
-    ds = ds.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
-    ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
-    )
-    return BatchIterator(ds, mesh, batch_size, encoder.loc_offset)
+    return _batch_iterator(ds, fn, encoder, seed, host_batch, read_threads, mesh, batch_size)
