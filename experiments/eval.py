@@ -39,6 +39,7 @@ from llm3d_jax.evaluate import (
     grounding_metrics,
     navigation_metrics,
     sqa3d_question_type,
+    strip_locations,
 )
 from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
 from llm3d_jax.infer import restore
@@ -48,7 +49,6 @@ from llm3d_jax.infer.generate import decode_answer, generate
 SPLITS = {"val": "validation", "validation": "validation", "train": "train"}
 TEXT_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM", "EM-refined")
 GROUNDING_COLUMNS = ("Acc@0.25", "Acc@0.5", "mIoU")
-_LOCATION_SPAN = re.compile(r"<(box|pt)>.*?</\1>", re.DOTALL)
 
 # Published numbers (shared/REFERENCE.md), shown beside ours in metrics.md.
 SCANQA_VAL = {
@@ -208,10 +208,6 @@ def predict(
 
 
 # ---------------------------------------------------------------------- metrics
-
-
-def strip_locations(text: str) -> str:
-    return re.sub(r"\s+", " ", _LOCATION_SPAN.sub(" ", text)).strip()
 
 
 def last_question(prompt: str) -> str:

@@ -28,8 +28,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from llm3d_jax.fileio import InputError, cli_main, write_text_atomic
+from llm3d_jax.infer.decode import DecodeConfig
 from llm3d_jax.model import llm3d
-from llm3d_jax.train import checkpoint, metrics, optimizer, sharding
+from llm3d_jax.train import checkpoint, metrics, optimizer, sharding, validation
 from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
 
@@ -45,7 +46,7 @@ def build_model(config):
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
-    # Decoder-only knobs (experiments/configs/scanqa_llama.py); T5 configs do not have them.
+    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
     for key in ("prefix_causal", "scan_layers"):
         if key in m:
             overrides[key] = m[key]
@@ -56,12 +57,9 @@ def build_model(config):
                 raise InputError(path, "pretrained model directory not found")
         module, params = llm3d.from_pretrained(m.pretrained, llm_path=llm_path)
         model_config = llm3d.with_overrides(module.config, **overrides)
-        if getattr(model_config.llm, "scan_layers", False) and not getattr(
-            module.config.llm, "scan_layers", False
-        ):  # a loaded decoder has per-layer params; nn.scan wants them stacked
-            from llm3d_jax.convert.decoder import stack_layers
-
-            params = {**params, "llm": stack_layers(params["llm"], model_config.llm.num_layers)}
+        # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
+        # exported scanned model may be trained unscanned).
+        params = llm3d.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
         return llm3d.LLM3D(model_config), params
     if not hasattr(llm3d.LLM3DConfig, m.preset):
         raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
@@ -173,6 +171,9 @@ def train(
     # ------------------------------------------------------------------ data
     train_data = build_data(config, mesh, module.config, train=True)
     eval_data = build_data(config, mesh, module.config, train=False) if config.eval_every else None
+    generation = build_generation(
+        config, module, eval_data, state_sh, frozen_sh, sharding.batch_sharding(mesh)
+    )
 
     # ------------------------------------------------------------------ state
     rng = jax.random.key(config.seed)
@@ -253,13 +254,13 @@ def train(
     writer = metrics.MetricWriter(workdir, start_step)
     meta = {"frozen": frozen_ref, "config": json.loads(config.to_json_best_effort())}
     tokens_per_step = config.batch_size * (config.data.prompt_len + config.data.answer_len)
-    val_losses = {}  # step -> validation loss, written with that step's row
+    val_rows = {}  # step -> validation metrics, written with that step's row
     # Step time = wall time between two logged steps, less the time spent saving checkpoints and
     # validating in between (host work, not the step's).
     clock = {"time": time.perf_counter(), "step": start_step, "excluded": 0.0}
 
     def log_step(done_step, device_metrics):
-        if done_step % config.log_every and done_step not in val_losses and done_step != last:
+        if done_step % config.log_every and done_step not in val_rows and done_step != last:
             return
         row = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         now = time.perf_counter()
@@ -270,8 +271,7 @@ def train(
             tokens_per_s=tokens_per_step / step_time,
             mfu=flops_per_step / step_time / peak,
         )
-        if done_step in val_losses:
-            row["val_loss"] = val_losses.pop(done_step)
+        row.update(val_rows.pop(done_step, {}))
         writer.write(done_step, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", mfu=f"{row['mfu']:.1%}")
 
@@ -296,8 +296,8 @@ def train(
         if eval_data is not None and step % config.eval_every == 0:
             jax.block_until_ready(state)
             start = time.perf_counter()
-            val_losses[step] = evaluate(
-                eval_step, state, frozen, eval_data, config.eval_steps, mesh
+            val_rows[step] = evaluate(
+                eval_step, state, frozen, eval_data, config.eval_steps, mesh, generation
             )
             clock["excluded"] += time.perf_counter() - start
         bar.update(1)
@@ -316,15 +316,63 @@ def train(
     return 0
 
 
-def evaluate(eval_step, state, frozen, eval_data, num_batches: int, mesh) -> float:
-    """Mean answer-token loss over `num_batches` validation batches."""
+def build_generation(config, module, eval_data, state_sh, frozen_sh, data_sh):
+    """-> (jitted generate step, number of batches, text decoder or None), or None when
+    `config.eval_generate_batches` is 0 (validation then reports the loss only)."""
+    num_batches = int(config.get("eval_generate_batches", 0))
+    if eval_data is None or num_batches <= 0:
+        return None
+    llm = module.config.llm
+    decode_config = DecodeConfig(
+        strategy="greedy",
+        max_new_tokens=config.data.answer_len,
+        eos_id=llm.eos_token_id,
+        pad_id=llm.pad_token_id,
+    )
+    # Compiled once (fixed validation shapes); ids stay sharded like the batch rows.
+    generate_step = jax.jit(
+        validation.make_generate_step(module, decode_config),
+        in_shardings=(state_sh.params, frozen_sh, data_sh),
+        out_shardings=data_sh,
+    )
+    decode = None
+    if config.data_source == "tfds":  # text and boxes: decode with the run's tokenizer
+        from llm3d_jax import tokens
+        from llm3d_jax.data.pipeline import load_tokenizer
+
+        m = config.model
+        tokenizer = load_tokenizer(m.get("llm_pretrained") or m.pretrained or config.tokenizer)
+        offset = tokens.add_location_tokens(tokenizer, llm.loc_bins)
+        if offset != llm.loc_offset:
+            raise InputError(
+                None, f"tokenizer puts <loc0> at {offset}, the model at {llm.loc_offset}"
+            )
+        decode = validation.text_decoder(tokenizer, llm)
+    return generate_step, num_batches, decode
+
+
+def evaluate(eval_step, state, frozen, eval_data, num_batches: int, mesh, generation=None) -> dict:
+    """Validation on the same batches every time -> {"val_loss": mean answer-token loss over
+    `num_batches` batches} and, with `generation` (`build_generation`), val_em / val_acc25 of
+    greedy answers to its first batches (llm3d_jax.train.validation)."""
+    generate_step, generate_batches, decode = generation or (None, 0, None)
     ce = count = 0.0
-    eval_data.reset()  # the same validation batches every time
+    counts = []
+    eval_data.reset()
     with jax.set_mesh(mesh):
-        for _ in range(num_batches):
-            sums = jax.device_get(eval_step(state.params, frozen, next(eval_data)))
-            ce, count = ce + float(sums[0]), count + float(sums[2])
-    return ce / max(count, 1.0)
+        for i in range(max(num_batches, generate_batches)):
+            batch = next(eval_data)
+            if i < num_batches:
+                sums = jax.device_get(eval_step(state.params, frozen, batch))
+                ce, count = ce + float(sums[0]), count + float(sums[2])
+            if i < generate_batches:
+                ids = generate_step(state.params, frozen, batch)
+                metadata = getattr(eval_data, "last_metadata", None)
+                counts.append(validation.batch_counts(ids, batch, metadata, decode))
+    row = {"val_loss": ce / max(count, 1.0)}
+    if generation is not None:  # every process sums its rows' counts into the totals
+        row.update(validation.summarize(validation.sum_over_processes(counts)))
+    return row
 
 
 def main(argv) -> None:

@@ -6,7 +6,7 @@
 Paper: AdamW (0.9, 0.999), weight decay 0.05 (not on biases and norms), 1k linear warmup steps
 then cosine, peak lr 1e-5 (the released LAVIS configs use 1e-4 decaying to 1e-5). LLM frozen;
 Q-Former, query tokens, projection and the location-token rows train. bf16 compute, fp32 master
-weights, remat of the T5 blocks.
+weights, remat of the T5 blocks, which run under nn.scan (the loaded blocks are stacked).
 """
 
 import ml_collections
@@ -38,6 +38,7 @@ def get_config():
     c.model.preset = "flan_t5_xl"  # shapes only: what tools/bench compiles without weights
     c.model.dtype = "bfloat16"
     c.model.remat = True
+    c.model.scan_layers = True  # T5 blocks under nn.scan: one compiled block per stack
     c.trainable = ()  # the model's default table
 
     c.optim = ml_collections.ConfigDict(
@@ -56,6 +57,7 @@ def get_config():
     c.eval_every = 1000
     c.eval_steps = 20
     c.eval_batch_size = 64
+    c.eval_generate_batches = 0  # > 0: also greedy answers to that many batches (val_em, val_acc25)
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     return c

@@ -70,6 +70,7 @@ def get_config():
     c.eval_every = 1000
     c.eval_steps = 20
     c.eval_batch_size = 64
+    c.eval_generate_batches = 0  # > 0: also greedy answers to that many batches (val_em, val_acc25)
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     return c

@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.convert.hf import Rule, apply_rules, transpose
+from llm3d_jax.convert.hf import Rule, apply_rules, stack_layers, transpose
 from llm3d_jax.fileio import InputError
 
 
@@ -69,15 +68,6 @@ def llama_rules(prefix: str = "") -> list[Rule]:
 
 
 RULES = {"opt": opt_rules, "llama": llama_rules}
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """`layers_0` .. `layers_{n-1}` subtrees -> one `layers` subtree with a leading layer axis
-    (the nn.scan layout)."""
-    params = dict(params)
-    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
-    params["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    return params
 
 
 def decoder_params(

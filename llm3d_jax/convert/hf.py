@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
@@ -160,3 +161,24 @@ def apply_rules(
             source, f"missing weights for {len(missing)} parameters, e.g. {missing[:3]}"
         )
     return out
+
+
+def stack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
+    """`{name}_0` .. `{name}_{n-1}` subtrees -> one `{name}` subtree with a leading layer axis
+    (the nn.scan layout). Host numpy arrays out."""
+    params = dict(params)
+    per_layer = [params.pop(f"{name}_{i}") for i in range(num_layers)]
+    params[name] = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    return params
+
+
+def unstack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
+    """The inverse of `stack_layers`: one `{name}` subtree [layers, ...] -> `{name}_<i>` subtrees."""
+    params = dict(params)
+    stacked = params.pop(name)
+    for leaf in jax.tree.leaves(stacked):
+        if leaf.shape[0] != num_layers:
+            raise ValueError(f"{name}: leading axis {leaf.shape[0]} != {num_layers} layers")
+    for i in range(num_layers):
+        params[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params

@@ -6,8 +6,10 @@ from llm3d_jax.evaluate.answers import (
     em_by_question_type,
     exact_match,
     normalize_answer,
+    normalized_exact_match,
     refined_exact_match,
     sqa3d_question_type,
+    strip_locations,
 )
 from llm3d_jax.evaluate.captions import (
     CAPTION_METRIC_NAMES,
@@ -29,6 +31,8 @@ __all__ = [
     "grounding_metrics",
     "navigation_metrics",
     "normalize_answer",
+    "normalized_exact_match",
     "refined_exact_match",
     "sqa3d_question_type",
+    "strip_locations",
 ]

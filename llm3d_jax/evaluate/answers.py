@@ -5,6 +5,8 @@ Refined EM: after `normalize_answer` (lowercase, punctuation stripped, numbers w
 articles dropped), one string with its spaces removed contains the other. An empty normalised
 prediction only matches an empty answer: a plain substring test would count "" as contained in
 every answer.
+Normalised EM (the validation metric of experiments/train.py): the normalised prediction equals
+one of the normalised answers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import string
 
 _ARTICLES = frozenset({"a", "an", "the"})
+_LOCATION_SPAN = re.compile(r"<(box|pt)>.*?</\1>", re.DOTALL)
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -45,6 +48,17 @@ def normalize_answer(text: str) -> str:
             continue
         words.append(number_to_words(int(word)) if word.isdigit() else word)
     return " ".join(words)
+
+
+def strip_locations(text: str) -> str:
+    """Text with its `<box>`/`<pt>` spans removed (scored apart, as boxes), single spaces."""
+    return re.sub(r"\s+", " ", _LOCATION_SPAN.sub(" ", text)).strip()
+
+
+def normalized_exact_match(pred: str, answers: list[str]) -> bool:
+    """`normalize_answer(pred)` equals one of the normalised answers (no containment)."""
+    pred = normalize_answer(pred)
+    return any(pred == normalize_answer(a) for a in answers)
 
 
 def exact_match(pred: str, answers: list[str]) -> bool:

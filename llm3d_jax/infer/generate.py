@@ -59,8 +59,13 @@ def pad_to_buckets(inputs: dict, pad_id: int) -> tuple[dict, int]:
     return out, rows
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(module, config: DecodeConfig, model_fns):
+def generate_fn(module, config: DecodeConfig, model_fns=None):
+    """-> run(params, inputs, rng) -> (ids int32 [B, max_new_tokens], scores float32 [B]):
+    prefill + the decoding loop on fixed shapes, not jitted (`generate` jits it for host
+    batches; experiments/train.py jits it with the shardings of its global validation batches).
+    inputs: features, voxels, point_mask, prompt_ids, prompt_mask (module doc)."""
+    model_fns = model_fns or default_model_fns()
+
     def run(params, inputs, rng):
         cache, logits0 = model_fns.prefill(
             module, params, **inputs, max_decode_len=config.max_new_tokens
@@ -68,7 +73,12 @@ def _compiled(module, config: DecodeConfig, model_fns):
         step = functools.partial(model_fns.decode_step, module, params)
         return decode(step, cache, logits0, config, rng)
 
-    return jax.jit(run)
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(module, config: DecodeConfig, model_fns):
+    return jax.jit(generate_fn(module, config, model_fns))
 
 
 def default_model_fns():

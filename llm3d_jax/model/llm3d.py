@@ -63,6 +63,10 @@ class LLM3DConfig:
     feature_dim: int = 1408  # D of the point features
     posembed_mode: str = "add"  # add | concat | none
     posembed_scale: float = 0.01
+    # LayerNorm on the point features before the position embedding. Unit-length features of
+    # width D have entries ~1/sqrt(D): too small for a from-scratch Q-Former's cross-attention
+    # to leave its uniform start (it stays a mean over the scene); off for BLIP-2 weights.
+    feature_norm: bool = False
     num_points: int = 5000  # points per scene the data pipeline samples or pads to
 
     def __post_init__(self):
@@ -105,7 +109,9 @@ class LLM3DConfig:
                 num_attention_heads=4,
                 intermediate_size=256,
                 encoder_hidden_size=64,
-                num_query_tokens=16,
+                num_query_tokens=32,
+                cross_attention_frequency=1,
+                initializer_range=0.1,
             ),
             llm=T5Config.tiny(
                 vocab_size=512,
@@ -121,6 +127,7 @@ class LLM3DConfig:
             feature_dim=64,
             num_points=1024,
             posembed_scale=1.0,
+            feature_norm=True,
         )
         return with_overrides(base, **overrides)
 
@@ -163,17 +170,19 @@ def with_overrides(
 
     dtype: compute dtype of the Q-Former and the LLM; remat: per LLM block; feature_dim: also
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
-    prefix_causal / scan_layers: decoder-only LLMs only (a loaded decoder's layers must then be
-    stacked, `convert.decoder.stack_layers`); other keywords are top-level fields
-    (posembed_mode, posembed_scale, num_points).
+    scan_layers: LLM blocks stacked and run with nn.scan (params of the other layout convert with
+    `relayout_llm_layers`); prefix_causal: decoder-only LLMs only; other keywords are top-level
+    fields (posembed_mode, posembed_scale, num_points).
     """
     qformer, llm = config.qformer, config.llm
-    for name, value in (("prefix_causal", prefix_causal), ("scan_layers", scan_layers)):
-        if value is None:
-            continue
+    if prefix_causal is not None:
         if not isinstance(llm, DecoderConfig):
-            raise ValueError(f"{name} applies to decoder-only LLMs, not {type(llm).__name__}")
-        llm = dataclasses.replace(llm, **{name: value})
+            raise ValueError(
+                f"prefix_causal applies to decoder-only LLMs, not {type(llm).__name__}"
+            )
+        llm = dataclasses.replace(llm, prefix_causal=prefix_causal)
+    if scan_layers is not None:
+        llm = dataclasses.replace(llm, scan_layers=scan_layers)
     if dtype is not None:
         qformer = dataclasses.replace(qformer, dtype=dtype)
         llm = dataclasses.replace(llm, dtype=dtype)
@@ -193,6 +202,26 @@ def with_overrides(
     return dataclasses.replace(config, qformer=qformer, llm=llm, feature_dim=feature_dim, **fields)
 
 
+def relayout_llm_layers(params: dict, config: LLM3DConfig, scan_layers: bool) -> dict:
+    """Whole-model params of `config` -> the same values in the `scan_layers` layout of the LLM
+    blocks (stacked on a leading axis for nn.scan, or one subtree per block). Loaders read the
+    unscanned layout; this is how a scanned model gets its weights (and an exported scanned model
+    its unscanned ones)."""
+    llm_config = config.llm
+    if llm_config.scan_layers == scan_layers:
+        return params
+    from llm3d_jax.convert.hf import stack_layers, unstack_layers
+    from llm3d_jax.convert.t5 import stack_blocks, unstack_blocks
+
+    if isinstance(llm_config, T5Config):
+        llm = (stack_blocks if scan_layers else unstack_blocks)(params["llm"], llm_config)
+    else:
+        llm = (stack_layers if scan_layers else unstack_layers)(
+            params["llm"], llm_config.num_layers
+        )
+    return {**params, "llm": llm}
+
+
 class LLM3D(nn.Module):
     """features [B,N,D] float, voxels [B,N,3] int, point_mask [B,N], prompt_ids / prompt_mask
     [B,Lp], answer_ids / answer_mask [B,La] -> logits float32 [B,La,V] (teacher forcing)."""
@@ -201,6 +230,8 @@ class LLM3D(nn.Module):
 
     def setup(self):
         c = self.config
+        if c.feature_norm:
+            self.feature_norm = nn.LayerNorm(epsilon=1e-6, param_dtype=jnp.float32)
         self.posembed = PositionEmbedding3D(c.posembed_mode, c.posembed_scale)
         self.qformer = QFormer(c.qformer)
         self.proj = nn.Dense(
@@ -220,6 +251,8 @@ class LLM3D(nn.Module):
 
     def query_embeds(self, features, voxels, point_mask, deterministic=True):
         """-> projected queries [B,Q,d_model]: the 3D scene as the LLM sees it."""
+        if self.config.feature_norm:
+            features = self.feature_norm(features.astype(jnp.float32))
         points = self.posembed(features, voxels)
         return self.proj(self.qformer(points, point_mask, deterministic))
 

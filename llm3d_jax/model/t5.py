@@ -14,6 +14,12 @@
 
 Decoding: `init_cache` + `decode_step` keep an explicit cache pytree in which every array has the
 batch on axis 0 (beam search can reorder it with `jnp.take(..., axis=0)`).
+
+`scan_layers=True` stacks each stack's block parameters on a leading `layers` axis (`block`
+instead of `block_0` .. `block_{n-1}`; `llm3d_jax.convert.t5.stack_blocks` converts) and runs them
+with `nn.scan`: one compiled block body per stack, so deep models compile in a fraction of the
+time. The decoding cache then holds stacked arrays [B, layers, ...] instead of one dict per layer.
+`remat=True` recomputes each block's activations in the backward pass (with or without scan).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class T5Config:
     loc_bins: int = 0  # number of location tokens; 0: a plain T5
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each block in the backward pass
+    scan_layers: bool = False  # stack blocks on a leading axis and run them with nn.scan
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -276,8 +283,16 @@ class T5MLP(nn.Module):
 class T5Block(nn.Module):
     """One encoder block (self-attn, FFN) or decoder block (self-attn, cross-attn, FFN).
 
-    __call__: x [B,L,d], bias [1,H,L,L], mask bool [B,1,L,L], encoded [B,Le,d] | None,
-    encoder_mask bool [B,1,1,Le] | None -> [B,L,d].
+    __call__(x [B,L,d], layer, ctx, deterministic) -> (x [B,L,d], per-block output or None).
+    The signature is the same with and without nn.scan (then `layer` is a traced scalar). `ctx`
+    is shared by every block of the stack and says what to do:
+    - full sequence: bias [1,H,L,L], mask bool [B,1,L,L]; decoder blocks also encoded [B,Le,d]
+      and encoder_mask bool [B,1,1,Le]. Output None.
+    - one decoding position of a scanned stack: the `step` ctx plus `cache` (k, v
+      [B,layers,Lmax,H,dk], cross_k, cross_v [B,layers,Le,H,dk]), of which `layer` picks this
+      block's slice. Output as `step`.
+    - `cross_kv_of` [B,Le,d] (a scanned stack's `init_cache`): x passes through, output the
+      cross-attention k, v [B,Le,H,dk].
     """
 
     config: T5Config
@@ -295,14 +310,20 @@ class T5Block(nn.Module):
         self.mlp = T5MLP(c)
         self.dropout = nn.Dropout(c.dropout_rate)
 
-    def __call__(self, x, bias, mask, encoded, encoder_mask, deterministic: bool):
+    def __call__(self, x, layer, ctx: dict, deterministic: bool):
+        if "cache" in ctx:
+            take = partial(jax.lax.dynamic_index_in_dim, index=layer, axis=1, keepdims=False)
+            return self.step(x, jax.tree.map(take, ctx["cache"]), ctx)
+        if "cross_kv_of" in ctx:
+            return x, self.cross_key_value(ctx["cross_kv_of"])
         h = self.self_attn_norm(x)
         k, v = self.self_attn.key_value(h)
-        x = x + self.dropout(self.self_attn(h, k, v, bias, mask, deterministic), deterministic)
+        attended = self.self_attn(h, k, v, ctx["bias"], ctx["mask"], deterministic)
+        x = x + self.dropout(attended, deterministic)
         if self.is_decoder:
-            ck, cv = self.cross_attn.key_value(encoded)
-            x = x + self._cross(x, ck, cv, encoder_mask, deterministic)
-        return x + self._mlp(x, deterministic)
+            ck, cv = self.cross_attn.key_value(ctx["encoded"])
+            x = x + self._cross(x, ck, cv, ctx["encoder_mask"], deterministic)
+        return x + self._mlp(x, deterministic), None
 
     def _cross(self, x, ck, cv, encoder_mask, deterministic):
         h = self.cross_attn_norm(x)
@@ -317,18 +338,21 @@ class T5Block(nn.Module):
         """encoded [B,Le,d] -> cross-attention k, v [B,Le,H,dk] (computed once per generation)."""
         return self.cross_attn.key_value(encoded)
 
-    def step(self, x, bias, mask, layer_cache, write, encoder_mask):
-        """One decoding position. x [B,1,d]; layer_cache k/v [B,Lmax,H,dk], cross_k/cross_v
-        [B,Le,H,dk]; write bool [B,Lmax] (the slot of this position) -> x [B,1,d], new cache."""
+    def step(self, x, layer_cache, ctx):
+        """One decoding position. x [B,1,d]; layer_cache: this block's k, v [B,Lmax,H,dk] and
+        cross_k, cross_v [B,Le,H,dk]; ctx: bias [B,H,1,Lmax], mask bool [B,1,1,Lmax], write bool
+        [B,Lmax] (the slot of this position), encoder_mask bool [B,1,1,Le]
+        -> (x [B,1,d], (k, v) [B,1,H,dk] of this position, for the caller to write)."""
         h = self.self_attn_norm(x)
         k_new, v_new = self.self_attn.key_value(h)
-        slot = write[:, :, None, None]
+        slot = ctx["write"][:, :, None, None]
         k = jnp.where(slot, k_new.astype(layer_cache["k"].dtype), layer_cache["k"])
         v = jnp.where(slot, v_new.astype(layer_cache["v"].dtype), layer_cache["v"])
-        x = x + self.self_attn(h, k, v, bias, mask, True)
-        x = x + self._cross(x, layer_cache["cross_k"], layer_cache["cross_v"], encoder_mask, True)
-        x = x + self._mlp(x, True)
-        return x, dict(layer_cache, k=k, v=v)
+        x = x + self.self_attn(h, k, v, ctx["bias"], ctx["mask"], True)
+        x = x + self._cross(
+            x, layer_cache["cross_k"], layer_cache["cross_v"], ctx["encoder_mask"], True
+        )
+        return x + self._mlp(x, True), (k_new, v_new)
 
 
 class T5Stack(nn.Module):
@@ -341,6 +365,11 @@ class T5Stack(nn.Module):
     config: T5Config
     is_decoder: bool
 
+    @property
+    def num_blocks(self) -> int:
+        c = self.config
+        return c.num_decoder_layers if self.is_decoder else c.num_layers
+
     def setup(self):
         c = self.config
         self.relpos_bias = self.param(
@@ -348,10 +377,19 @@ class T5Stack(nn.Module):
             _param_init(c.d_model**-0.5, ("relpos", None)),
             (c.relative_attention_num_buckets, c.num_heads),
         )
-        num = c.num_decoder_layers if self.is_decoder else c.num_layers
-        # deterministic (argument 6, counting self) selects dropout: static under remat.
-        block = nn.remat(T5Block, static_argnums=(6,)) if c.remat else T5Block
-        self.block = [block(c, self.is_decoder) for _ in range(num)]
+        # deterministic (argument 4, counting self) selects dropout: static under remat.
+        block = nn.remat(T5Block, static_argnums=(4,)) if c.remat else T5Block
+        if c.scan_layers:
+            self.block = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=self.num_blocks,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.is_decoder)
+        else:
+            self.block = [block(c, self.is_decoder) for _ in range(self.num_blocks)]
         self.final_norm = T5LayerNorm(c.layer_norm_epsilon, c.compute_dtype)
         self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -368,53 +406,81 @@ class T5Stack(nn.Module):
             max_distance=c.relative_attention_max_distance,
         )
 
+    def _scanned(self, x, ctx, deterministic: bool):
+        """All blocks through nn.scan -> (x, per-block outputs stacked on axis 1, [B,layers,...])."""
+        x, out = self.block(x, jnp.arange(self.num_blocks), ctx, deterministic)
+        return x, jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), out)
+
     def __call__(self, x, mask, encoded, encoder_mask, deterministic: bool):
         length = x.shape[1]
         positions = np.arange(length)
         bias = self._bias(self._buckets(positions[None, :] - positions[:, None]))[None]
         mask = mask.astype(bool)
-        attn_mask = mask[:, None, None, :]
+        ctx = dict(bias=bias, mask=mask[:, None, None, :])
         if self.is_decoder:
-            attn_mask = attn_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
-            encoder_mask = encoder_mask.astype(bool)[:, None, None, :]
+            ctx["mask"] = ctx["mask"] & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            ctx.update(encoded=encoded, encoder_mask=encoder_mask.astype(bool)[:, None, None, :])
         x = self.dropout(x, deterministic)
-        for block in self.block:
-            x = block(x, bias, attn_mask, encoded, encoder_mask, deterministic)
+        if self.config.scan_layers:
+            x, _ = self._scanned(x, ctx, deterministic)
+        else:
+            for i, block in enumerate(self.block):
+                x, _ = block(x, i, ctx, deterministic)
         return self.dropout(self.final_norm(x), deterministic)
 
     def init_cache(self, encoded, encoder_mask, max_decode_len: int) -> dict:
         c = self.config
         batch = encoded.shape[0]
+        cache = dict(index=jnp.zeros((batch,), jnp.int32), encoder_mask=encoder_mask.astype(bool))
+        if c.scan_layers:
+            _, (ck, cv) = self._scanned(encoded, dict(cross_kv_of=encoded), True)
+            shape = (batch, self.num_blocks, max_decode_len, c.num_heads, c.d_kv)
+            empty = jnp.zeros(shape, c.compute_dtype)
+            return dict(cache, k=empty, v=empty, cross_k=ck, cross_v=cv)
         layers = []
         for block in self.block:
             ck, cv = block.cross_key_value(encoded)
             empty = jnp.zeros((batch, max_decode_len, c.num_heads, c.d_kv), c.compute_dtype)
             layers.append(dict(k=empty, v=empty, cross_k=ck, cross_v=cv))
-        return dict(
-            index=jnp.zeros((batch,), jnp.int32),
-            encoder_mask=encoder_mask.astype(bool),
-            layers=tuple(layers),
-        )
+        return dict(cache, layers=tuple(layers))
 
     def step(self, x, cache):
         """x [B,1,d] embedded token at position cache['index'] -> ([B,1,d], new cache)."""
-        max_len = cache["layers"][0]["k"].shape[1]
+        scanned = self.config.scan_layers
+        max_len = (cache["k"] if scanned else cache["layers"][0]["k"]).shape[-3]
         index = cache["index"]
         keys = jnp.arange(max_len)
         # Bucket table over every possible key - query offset; indexed with the traced position.
         offsets = np.arange(-(max_len - 1), max_len)
         table = jnp.asarray(self._buckets(offsets))
         buckets = table[keys[None, :] - index[:, None] + max_len - 1]  # [B, Lmax]
-        bias = self._bias(buckets[:, None, :])  # [B, H, 1, Lmax]
-        mask = (keys[None, :] <= index[:, None])[:, None, None, :]
-        write = keys[None, :] == index[:, None]
-        encoder_mask = cache["encoder_mask"][:, None, None, :]
-        layers = []
-        for block, layer_cache in zip(self.block, cache["layers"]):
-            x, layer_cache = block.step(x, bias, mask, layer_cache, write, encoder_mask)
-            layers.append(layer_cache)
+        ctx = dict(
+            bias=self._bias(buckets[:, None, :]),  # [B, H, 1, Lmax]
+            mask=(keys[None, :] <= index[:, None])[:, None, None, :],
+            write=keys[None, :] == index[:, None],
+            encoder_mask=cache["encoder_mask"][:, None, None, :],
+        )
+        rows = jnp.arange(index.shape[0])
+        if scanned:
+            stacked = {n: cache[n] for n in ("k", "v", "cross_k", "cross_v")}
+            x, (k_new, v_new) = self._scanned(x, dict(ctx, cache=stacked), True)
+            # k_new [B, layers, 1, H, dk] -> slot `index` of each row, every layer (a scatter).
+            new = {
+                n: cache[n].at[rows, :, index].set(a[:, :, 0].astype(cache[n].dtype))
+                for n, a in (("k", k_new), ("v", v_new))
+            }
+        else:
+            layers = []
+            for block, layer_cache in zip(self.block, cache["layers"]):
+                x, (k_new, v_new) = block.step(x, layer_cache, ctx)
+                written = {
+                    n: layer_cache[n].at[rows, index].set(a[:, 0].astype(layer_cache[n].dtype))
+                    for n, a in (("k", k_new), ("v", v_new))
+                }
+                layers.append(dict(layer_cache, **written))
+            new = dict(layers=tuple(layers))
         x = self.final_norm(x)
-        return x, dict(cache, index=index + 1, layers=tuple(layers))
+        return x, dict(cache, index=index + 1, **new)
 
 
 class T5(nn.Module):
@@ -515,8 +581,10 @@ class T5(nn.Module):
         )
 
     def init_cache(self, encoded, encoder_mask, max_decode_len: int) -> dict:
-        """Decoding cache: index [B], encoder_mask [B,Le], per layer k/v [B,Lmax,H,dk] and the
-        cross-attention k/v [B,Le,H,dk]."""
+        """Decoding cache: index [B], encoder_mask [B,Le] and the decoder blocks' self-attention
+        k/v [B,Lmax,H,dk] and cross-attention k/v [B,Le,H,dk]: `layers`, a tuple of one dict
+        (k, v, cross_k, cross_v) per block, or with `scan_layers` the stacked arrays k, v
+        [B,layers,Lmax,H,dk] and cross_k, cross_v [B,layers,Le,H,dk]."""
         return self.decoder.init_cache(encoded, encoder_mask, max_decode_len)
 
     def decode_step(self, cache, token_ids):
@@ -561,11 +629,13 @@ def from_pretrained(
     loc_bins: int = 0,
     loc_offset: int | None = None,
     dtype: str = "float32",
+    **overrides: Any,
 ) -> tuple[T5, dict]:
     """(module, params) from a local HF T5 / FlanT5 directory (config.json + safetensors).
 
     With `loc_bins > 0` the model gains location-token rows (ids loc_offset.., default
-    loc_offset = vocab_size), initialised by `init_location_rows`.
+    loc_offset = vocab_size), initialised by `init_location_rows`. `overrides` are T5Config
+    fields (remat, scan_layers, ...).
     """
     from llm3d_jax.convert.hf import read_hf_dir
     from llm3d_jax.convert.t5 import t5_params
@@ -585,4 +655,5 @@ def from_pretrained(
         loc_bins=loc_bins,
         loc_offset=loc_offset,
         dtype=dtype,
+        **overrides,
     )

@@ -158,7 +158,8 @@ def test_decoder_knobs_through_with_overrides():
     config = llm3d.with_overrides(_tiny_decoder(), prefix_causal=False, scan_layers=True)
     assert config.llm.prefix_causal is False and config.llm.scan_layers is True
     with pytest.raises(ValueError, match="decoder-only"):
-        llm3d.with_overrides(llm3d.LLM3DConfig.tiny(), scan_layers=True)
+        llm3d.with_overrides(llm3d.LLM3DConfig.tiny(), prefix_causal=False)
+    assert llm3d.with_overrides(llm3d.LLM3DConfig.tiny(), scan_layers=True).llm.scan_layers
 
 
 @pytest.mark.parametrize("llm_dir", [None, "llama3"])

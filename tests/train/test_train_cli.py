@@ -1,6 +1,7 @@
 """experiments/train.py end to end on the tiny model and synthetic data: outputs, loss going
 down, kill -9 / SIGTERM and resume, two processes over CPU collectives, bad configs."""
 
+import json
 import os
 import random
 import signal
@@ -262,3 +263,47 @@ def test_trains_on_tfds_data_through_the_grain_pipeline(tmp_path):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0]
     assert os.listdir(workdir / "checkpoints" / "12" / "data")  # the grain iterator state
+
+
+def test_generation_metrics_and_a_scanned_t5_from_the_command_line(tmp_path):
+    """`--config.eval_generate_batches` (greedy answers scored on tokens: synthetic data has no
+    text) and `--config.model.scan_layers` on the T5, keys a config file may add to demo.py's."""
+    config = tmp_path / "config.py"
+    config.write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('demo', {FLAGS[1]!r})\n"
+        "demo = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(demo)\n\n\n"
+        "def get_config():\n"
+        "    c = demo.get_config()\n"
+        "    c.eval_generate_batches = 0\n"
+        "    c.model.scan_layers = False\n"
+        "    return c\n"
+    )
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(config),
+            *FLAGS[2:],
+            f"--workdir={workdir}",
+            "--config.total_steps=4",
+            "--config.eval_every=2",
+            "--config.eval_generate_batches=1",
+            "--config.model.scan_layers=True",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "val_em" in r] == [2, 4]
+    assert all(0.0 <= r["val_em"] <= 1.0 and "val_loss" in r for r in rows if "val_em" in r)
+    assert "val_acc25" not in rows[-1]  # synthetic batches hold no grounding rows
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["model"]["scan_layers"] and saved["eval_generate_batches"] == 1

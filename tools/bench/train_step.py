@@ -2,6 +2,7 @@
 
     python -m tools.bench.train_step                 # demo + compute-bound configs, XL memory
     python -m tools.bench.train_step --only speed    # or: --only memory
+    python -m tools.bench.train_step --only memory --scan-layers   # T5 blocks under nn.scan
 
 Throughput runs the real jitted train step (tiny-model demo config, and a config whose matmuls
 are large enough to be compute-bound) on synthetic batches and prints step time, tokens/s and
@@ -9,7 +10,7 @@ MFU, i.e. the ratio of the model FLOP/s to a peak measured side by side in the s
 (a jitted f32 2048^2 matmul on CPU; the datasheet bf16 number on GPU/TPU, with the measured
 bf16 matmul printed next to it). Memory compiles the FlanT5-XL 3D-LLM train step from
 ShapeDtypeStructs only (no weights) on (8,1,1) and (1,8,1) meshes and prints XLA's memory
-analysis per device.
+analysis per device and the compile time (`--scan-layers`: the blocks run under nn.scan).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 if "jax" not in sys.modules and "XLA_FLAGS" not in os.environ:
     # 8 simulated CPU devices for the memory analysis; no effect on GPU/TPU hosts.
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    if sys.argv[1:] == ["--only", "memory"]:
+    if sys.argv[1:3] == ["--only", "memory"]:
         # Nothing runs: LLVM code quality does not matter, and buffer sizes do not depend on it.
         os.environ["XLA_FLAGS"] += (
             " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -78,9 +79,9 @@ def xl_model():
     return llm3d.LLM3DConfig.flan_t5_xl(), 8, 5000, 64, 40
 
 
-def build_step(cfg, mesh, batch_size, microbatches, dtype, remat, shapes):
+def build_step(cfg, mesh, batch_size, microbatches, dtype, remat, shapes, scan_layers=False):
     """-> (jitted step, abstract state, state shardings, frozen shardings, init_fn, tx, patterns)."""
-    cfg = llm3d.with_overrides(cfg, dtype=dtype, remat=remat)
+    cfg = llm3d.with_overrides(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers)
     module = llm3d.LLM3D(cfg)
     num_points, prompt_len, answer_len = shapes
     example = {
@@ -189,18 +190,18 @@ def bench_speed(name, cfg, batch_size, shapes, dtype, steps, peak):
     )
 
 
-def bench_memory(batch_size=8):
+def bench_memory(batch_size=8, scan_layers=False):
     cfg, _, num_points, prompt_len, answer_len = xl_model()
+    shapes = (num_points, prompt_len, answer_len)
     for mesh_shape in ((8, 1, 1), (1, 8, 1)):
         mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
         start = time.perf_counter()
-        built = build_step(
-            cfg, mesh, batch_size, 1, "bfloat16", True, (num_points, prompt_len, answer_len)
-        )
+        built = build_step(cfg, mesh, batch_size, 1, "bfloat16", True, shapes, scan_layers)
         mem = built["compiled"].memory_analysis()
         count = lambda t: sum(x.size for x in jax.tree.leaves(t))
         print(
-            f"FlanT5-XL 3D-LLM, mesh {mesh_shape}, batch {batch_size}, {num_points} points, bf16 + remat "
+            f"FlanT5-XL 3D-LLM, mesh {mesh_shape}, batch {batch_size}, {num_points} points, bf16 + remat"
+            f"{' + scan' * scan_layers} "
             f"({count(built['trainable_abs']) / 1e6:.0f}M trainable, {count(built['frozen_abs']) / 1e9:.2f}B frozen), "
             f"compiled in {time.perf_counter() - start:.0f} s; per device: "
             f"arguments {mem.argument_size_in_bytes / GIB:.2f} GiB, outputs {mem.output_size_in_bytes / GIB:.2f} GiB, "
@@ -214,6 +215,9 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument(
         "--xl-speed", action="store_true", help="also time the FlanT5-XL step (GPU/TPU)"
+    )
+    parser.add_argument(
+        "--scan-layers", action="store_true", help="memory: T5 blocks under nn.scan"
     )
     args = parser.parse_args()
     device = jax.devices()[0]
@@ -232,7 +236,7 @@ def main():
             cfg, batch, *shapes = xl_model()
             bench_speed("FlanT5-XL 3D-LLM", cfg, batch, shapes, dtype, args.steps, peak)
     if args.only != "speed" and device.platform == "cpu":
-        bench_memory()
+        bench_memory(scan_layers=args.scan_layers)
 
 
 if __name__ == "__main__":
