@@ -79,6 +79,7 @@ def scene_features(
     params,
     masks: list[np.ndarray] | None = None,
     max_points: int | None = None,
+    balance: bool = False,
     field_config: FieldConfig = FieldConfig(),
     where: str | None = None,
 ) -> dict[str, np.ndarray]:
@@ -105,7 +106,7 @@ def scene_features(
     origin, voxel = grid_for_bounds(
         np.minimum(lo, lifted.points.min(axis=0)), np.maximum(hi, lifted.points.max(axis=0))
     )
-    out = voxelize(lifted, origin, voxel, max_points=max_points)
+    out = voxelize(lifted, origin, voxel, max_points=max_points, balance=balance)
     out["object_ids"] = np.array([o.id for o in scene.objects], np.int32)
     out["object_labels"] = np.array([o.label for o in scene.objects], dtype=np.str_)
     out["object_boxes"] = np.array([o.box for o in scene.objects], np.float32).reshape(-1, 6)
@@ -149,8 +150,9 @@ def preview_png(arrays: dict[str, np.ndarray], title: str) -> bytes:
     return buffer.getvalue()
 
 
-def is_valid_output(path: str, method: str, encoder: str) -> bool:
-    """True when `path` is a complete feature file made with this method and encoder."""
+def is_valid_output(path: str, settings: dict) -> bool:
+    """True when `path` is a complete feature file whose meta holds these settings (method,
+    encoder, sampling)."""
     if not os.path.exists(path):
         return False
     try:
@@ -160,8 +162,7 @@ def is_valid_output(path: str, method: str, encoder: str) -> bool:
         return False
     n = len(data["points"])
     return (
-        meta.get("method") == method
-        and meta.get("encoder") == encoder
+        all(meta.get(key) == value for key, value in settings.items())
         and data["features"].shape[0] == n
         and data["voxels"].shape == (n, 3)
         and n > 0
@@ -191,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-points", type=int, help="cap on voxelised points per scene")
     parser.add_argument(
+        "--balance",
+        action="store_true",
+        help="under --max-points, an equal share of points per object (background as one)",
+    )
+    parser.add_argument(
         "--preview", action="store_true", help="also write FEATURES/<scene_id>.png (top-down views)"
     )
     args = parser.parse_args(argv)
@@ -203,12 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
     module, params = load_encoder(args.encoder)
     views_dir = os.path.join(args.scenes, "views")
+    settings = {
+        "method": args.method,
+        "encoder": args.encoder,
+        "max_points": args.max_points,
+        "balance": args.balance,
+    }
     failed, skipped = [], 0
     bar = tqdm(paths, desc=f"features ({args.method})", unit="scene")
     for path in bar:
         scene_id = os.path.splitext(os.path.basename(path))[0]
         out_path = os.path.join(args.out, f"{scene_id}.npz")
-        if is_valid_output(out_path, args.method, args.encoder):
+        if is_valid_output(out_path, settings):
             skipped += 1
             continue
         try:
@@ -220,13 +232,20 @@ def main(argv: list[str] | None = None) -> int:
                 mask_path = os.path.join(args.masks, f"{scene.scene_id}.npz")
                 masks = features2d.load_mask_file(mask_path, views.depth.shape)
             arrays = scene_features(
-                scene, views, args.method, module, params, masks, args.max_points, where=where
+                scene,
+                views,
+                args.method,
+                module,
+                params,
+                masks,
+                args.max_points,
+                args.balance,
+                where=where,
             )
             meta = {
                 "scene_id": scene.scene_id,
                 "source": scene.meta.get("source", "unknown"),
-                "method": args.method,
-                "encoder": args.encoder,
+                **settings,
                 "dim": int(arrays["features"].shape[1]),
                 "num_views": int(len(views.depth)),
                 "format_version": FORMAT_VERSION,

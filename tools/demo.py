@@ -120,7 +120,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--scenes", type=int, default=32)
+    parser.add_argument("--scenes", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -176,7 +176,8 @@ def main() -> None:
             "--encoder",
             "random-vit:64",
             "--max-points",
-            "4096",
+            "1024",
+            "--balance",
             "--out",
             features,
         ]

@@ -54,6 +54,31 @@ def _majority(group: np.ndarray, labels: np.ndarray, num_groups: int) -> np.ndar
     return out
 
 
+def balanced_sample(owner: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of `k` of the items, each `owner` value getting an equal share; an owner
+    with fewer items than its share keeps all of them and the rest is shared among the others."""
+    owners, inverse, sizes = np.unique(owner, return_inverse=True, return_counts=True)
+    quota = np.zeros(len(owners), np.int64)
+    left = k
+    open_ = np.ones(len(owners), bool)
+    while left > 0 and open_.any():
+        share = max(left // int(open_.sum()), 1)
+        for i in np.flatnonzero(open_):
+            take = min(share, sizes[i] - quota[i], left)
+            quota[i] += take
+            left -= take
+            if quota[i] == sizes[i]:
+                open_[i] = False
+            if left == 0:
+                break
+    keep = [
+        rng.choice(np.flatnonzero(inverse == i), quota[i], replace=False)
+        for i in range(len(owners))
+        if quota[i]
+    ]
+    return np.sort(np.concatenate(keep))
+
+
 @jax.jit
 def _unit_f16(values):
     """Rows scaled to unit length, as float16 (XLA's vectorised conversion; numpy's is scalar)."""
@@ -94,11 +119,15 @@ def voxelize(
     voxel: float | None = None,
     max_points: int | None = None,
     seed: int = 0,
+    balance: bool = False,
 ) -> dict[str, np.ndarray]:
     """-> points float32 [N,3], features float16 [N,D] (unit rows), voxels uint8 [N,3],
     colors uint8 [N,3], instance int32 [N], grid_origin float32 [3], grid_voxel float32 [].
 
     Without `origin`/`voxel` the grid covers the points' AABB; a given grid must cover them.
+    `max_points` keeps a seeded sample of the voxels: uniform, or with `balance` an equal share
+    per instance (the background counts as one), so that small objects are not lost among the
+    floor and walls, which hold most of a room's surface.
     """
     if len(lifted) == 0:
         raise ValueError("no points to voxelize")
@@ -115,7 +144,12 @@ def voxelize(
     num = int(group.max()) + 1
     keep_groups = np.arange(num)
     if max_points is not None and num > max_points:
-        keep_groups = np.sort(np.random.default_rng(seed).choice(num, max_points, replace=False))
+        rng = np.random.default_rng(seed)
+        if balance:
+            owner = _majority(group, np.asarray(lifted.instance, np.int64), num)
+            keep_groups = balanced_sample(owner, max_points, rng)
+        else:
+            keep_groups = np.sort(rng.choice(num, max_points, replace=False))
         remap = np.full(num, -1, np.int64)
         remap[keep_groups] = np.arange(len(keep_groups))
         group = remap[group]

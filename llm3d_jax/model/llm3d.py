@@ -100,9 +100,13 @@ class LLM3DConfig:
     @classmethod
     def demo(cls, **overrides) -> LLM3DConfig:
         """`make demo`: a small model trained from scratch on a CPU in minutes (128-wide Q-Former
-        and FlanT5-shaped LLM, 16 queries, 1024 points). The position embedding is added at
-        scale 1 instead of the released 0.01: a from-scratch model has no pretrained feature
-        scale to protect, and grounding needs the positions to be visible."""
+        and FlanT5-shaped LLM, 32 queries as released, 1024 points). Differences from the
+        released shapes, each because everything starts from random init: the position
+        embedding is added at scale 1 (not 0.01: no pretrained feature scale to protect, and
+        grounding needs the positions); the features are layer-normed and the Q-Former
+        initialised with std 0.1 and cross-attends in every layer (at width 128 BLIP-2's 0.02
+        leaves the cross-attention uniform, a scene mean the same for every query: measured,
+        scene-to-scene spread of the query outputs 0.004 vs 0.65 with 0.1)."""
         base = cls(
             qformer=QFormerConfig.tiny(
                 hidden_size=128,

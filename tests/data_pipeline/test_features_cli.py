@@ -145,3 +145,32 @@ def test_released_features_import(goldens_dir, tmp_path, capsys):
     unit = dict(np.load(tmp_path / "unit" / "scene0000_00.npz"))
     assert float(unit["grid_voxel"]) == pytest.approx(1 / 256)
     assert unit["object_ids"].shape == (0,) and json.loads(str(unit["meta"]))["metric"] is False
+
+
+def test_balanced_cap_is_recorded_and_a_different_sampling_is_not_resumed(scenes_dir, tmp_path):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    shutil.copy(scenes_dir / "synth_0000.npz", scenes)
+    out = tmp_path / "out"
+    args = ["--scenes", str(scenes), "--method", "fusion", "--out", str(out), *SMALL]
+    assert features.main([*args, "--max-points", "64", "--balance"]) == 0
+    data = np.load(out / "synth_0000.npz")
+    meta = json.loads(str(data["meta"]))
+    assert meta["max_points"] == 64 and meta["balance"] is True
+    assert len(data["points"]) == 64
+    # each instance (the background counts as one) keeps min(its voxels, an equal share)
+    full = tmp_path / "full"
+    assert (
+        features.main(["--scenes", str(scenes), "--method", "fusion", "--out", str(full), *SMALL])
+        == 0
+    )
+    owners, voxels = np.unique(np.load(full / "synth_0000.npz")["instance"], return_counts=True)
+    assert len(owners) >= 3
+    kept = {i: int((data["instance"] == i).sum()) for i in owners}
+    assert all(kept[i] >= min(n, 64 // len(owners)) for i, n in zip(owners, voxels))
+    stamp = os.stat(out / "synth_0000.npz").st_mtime_ns
+    assert features.main([*args, "--max-points", "64", "--balance"]) == 0
+    assert os.stat(out / "synth_0000.npz").st_mtime_ns == stamp  # same settings: resumed
+    assert features.main([*args, "--max-points", "64"]) == 0
+    meta = json.loads(str(np.load(out / "synth_0000.npz")["meta"]))
+    assert meta["balance"] is False  # other settings: written again

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.lift import LiftedPoints
-from data_pipeline.lift.voxelize import grid_for_bounds, voxel_indices, voxelize
+from data_pipeline.lift.voxelize import balanced_sample, grid_for_bounds, voxel_indices, voxelize
 
 
 def lifted_points(points, rows, table, instance=None, colors=None, weights=None):
@@ -100,3 +100,35 @@ def test_per_point_tables_take_the_sparse_path():
     first = np.flatnonzero((idx == out["voxels"][0]).all(axis=1))
     want = table[first].mean(axis=0)
     np.testing.assert_allclose(out["features"][0], want / np.linalg.norm(want), atol=2e-3)
+
+
+def test_balanced_sample_gives_each_owner_an_equal_share_and_passes_on_what_is_left():
+    rng = np.random.default_rng(0)
+    owner = np.repeat([0, 1, 2, 3], [1000, 80, 5, 300])  # background, then three objects
+    keep = balanced_sample(owner, 200, rng)
+    assert len(keep) == 200 and len(np.unique(keep)) == 200 and np.all(np.diff(keep) > 0)
+    counts = np.bincount(owner[keep], minlength=4)
+    # the 5-item object keeps all of its items; the other three split the rest evenly
+    assert counts[2] == 5 and sorted(counts[[0, 1, 3]]) == [65, 65, 65]
+    assert len(balanced_sample(owner, len(owner), rng)) == len(owner)
+    np.testing.assert_array_equal(
+        balanced_sample(owner, 200, np.random.default_rng(1)),
+        balanced_sample(owner, 200, np.random.default_rng(1)),
+    )
+
+
+def test_balanced_cap_keeps_small_objects_that_a_uniform_cap_loses():
+    rng = np.random.default_rng(0)
+    floor = np.column_stack([rng.uniform(0, 5, 20000), rng.uniform(0, 5, 20000), np.zeros(20000)])
+    cup = rng.uniform([2.0, 2.0, 0.5], [2.1, 2.1, 0.6], size=(300, 3))
+    points = np.concatenate([floor, cup]).astype(np.float32)
+    instance = np.concatenate([np.zeros(20000), np.full(300, 9)]).astype(np.int32)
+    lifted = lifted_points(points, np.zeros(len(points)), np.eye(2), instance=instance)
+    uniform = voxelize(lifted, max_points=400)
+    balanced = voxelize(lifted, max_points=400, balance=True)
+    assert len(uniform["points"]) == len(balanced["points"]) == 400
+    cup_voxels = len(
+        np.unique(voxelize(lifted)["voxels"][voxelize(lifted)["instance"] == 9], axis=0)
+    )
+    assert (uniform["instance"] == 9).sum() < 40
+    assert (balanced["instance"] == 9).sum() == min(200, cup_voxels)

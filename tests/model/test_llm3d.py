@@ -267,6 +267,28 @@ def test_config_dict_roundtrip_and_overrides():
         llm3d.with_overrides(config, posembed_mode="sum")
 
 
+def test_feature_norm_makes_the_queries_independent_of_the_feature_scale():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 16, 64)).astype(np.float32)
+    voxels = rng.integers(0, 256, (2, 16, 3)).astype(np.int32)
+    mask = np.ones((2, 16), bool)
+    outputs = {}
+    for norm in (False, True):
+        config = llm3d.with_overrides(llm3d.LLM3DConfig.tiny(), feature_norm=norm, num_points=16)
+        module = llm3d.LLM3D(config)
+        params = llm3d.init_params(module, seed=0)
+        assert ("feature_norm" in params) == norm
+        queries = [
+            module.apply(
+                {"params": params}, scale * features, voxels, mask, method=module.query_embeds
+            )
+            for scale in (1.0, 0.05)  # unit-length rows of a wide encoder are this small
+        ]
+        outputs[norm] = float(jnp.max(jnp.abs(queries[0] - queries[1])))
+    assert outputs[True] < 1e-4 < outputs[False]
+    assert llm3d.LLM3DConfig.demo().feature_norm and not llm3d.LLM3DConfig.flan_t5_xl().feature_norm
+
+
 def test_bf16_compute_and_dropout_control(tiny):
     module, params, batch = tiny
     reference = np.asarray(_logits(module, params, **batch))
