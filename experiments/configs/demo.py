@@ -10,7 +10,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 2500
+    c.total_steps = 2000
     c.batch_size = 8
     c.microbatches = 1  # gradient accumulation: batch_size / microbatches rows per pass
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1: all remaining devices
@@ -54,7 +54,7 @@ def get_config():
     c.eval_every = 250  # 0: no validation
     c.eval_steps = 2
     c.eval_batch_size = 8
-    c.eval_generate_batches = 1  # greedy answers on this many validation batches: val_em
+    c.eval_generate_batches = 4  # greedy answers on this many validation batches: val_em
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     return c
