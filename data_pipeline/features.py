@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(args.scenes, "no .npz scene files")
     if args.views < 1 or args.width < 8 or args.height < 8:
         raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
+    if args.balance and not args.max_points:
+        raise InputError(None, "--balance shares out --max-points: give --max-points N too")
     module, params = load_encoder(args.encoder)
     views_dir = os.path.join(args.scenes, "views")
     settings = {

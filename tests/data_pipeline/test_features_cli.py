@@ -11,7 +11,7 @@ import pytest
 from data_pipeline import features, released
 from data_pipeline.render import render_scene
 from data_pipeline.scenes.synthetic import make_scene
-from llm3d_jax.fileio import cli_main
+from llm3d_jax.fileio import InputError, cli_main
 
 SMALL = ["--views", "2", "--width", "48", "--height", "36", "--encoder", "random-vit:16"]
 
@@ -174,3 +174,5 @@ def test_balanced_cap_is_recorded_and_a_different_sampling_is_not_resumed(scenes
     assert features.main([*args, "--max-points", "64"]) == 0
     meta = json.loads(str(np.load(out / "synth_0000.npz")["meta"]))
     assert meta["balance"] is False  # other settings: written again
+    with pytest.raises(InputError, match="--balance shares out --max-points"):
+        features.main([*args, "--balance"])
