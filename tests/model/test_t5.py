@@ -65,14 +65,12 @@ def test_relative_position_buckets_match_transformers(goldens_dir):
             np.testing.assert_array_equal(ours, table[f"{name}_{direction}"])
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_kv_cache_greedy_decoding_matches_reference(goldens_dir, name):
-    module, params, io = _golden(goldens_dir, name)
-    reference = io["generated"]  # [B, 1 + 8]: start token then 8 greedy tokens
-    steps = reference.shape[1] - 1
+def greedy_with_cache(module, params, input_ids, attention_mask, steps):
+    """Greedy decoding through encode -> init_cache -> decode_step, jitted; the start token is
+    0. -> (tokens [B,steps], logits [B,steps,V], final cache). Also used by test_t5_scan."""
 
     @jax.jit
-    def greedy(params, input_ids, attention_mask):
+    def run(params, input_ids, attention_mask):
         variables = {"params": params}
         encoded = module.apply(variables, input_ids, attention_mask, method=t5.T5.encode)
         cache = module.apply(variables, encoded, attention_mask, steps, method=t5.T5.init_cache)
@@ -87,7 +85,18 @@ def test_kv_cache_greedy_decoding_matches_reference(goldens_dir, name):
         (cache, _), (tokens, logits) = jax.lax.scan(step, (cache, start), length=steps)
         return tokens.T, logits.swapaxes(0, 1), cache
 
-    tokens, step_logits, cache = greedy(params, io["input_ids"], io["attention_mask"])
+    return run(params, input_ids, attention_mask)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_kv_cache_greedy_decoding_matches_reference(goldens_dir, name):
+    module, params, io = _golden(goldens_dir, name)
+    reference = io["generated"]  # [B, 1 + 8]: start token then 8 greedy tokens
+    steps = reference.shape[1] - 1
+
+    tokens, step_logits, cache = greedy_with_cache(
+        module, params, io["input_ids"], io["attention_mask"], steps
+    )
     np.testing.assert_array_equal(np.asarray(tokens), reference[:, 1:])
     assert int(cache["index"][0]) == steps
     # Every cache array carries the batch on axis 0 (beam search reorders along it).

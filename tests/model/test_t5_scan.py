@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_t5 import greedy_with_cache
 
 from llm3d_jax.convert.t5 import stack_blocks, unstack_blocks
 from llm3d_jax.model import llm3d, t5
@@ -89,33 +90,13 @@ def test_scanned_logits_equal_unscanned_and_transformers(goldens_dir, name):
     np.testing.assert_allclose(got, io["logits"], atol=1e-4, rtol=0)
 
 
-def _greedy(module, params, input_ids, attention_mask, steps):
-    @jax.jit
-    def run(params, input_ids, attention_mask):
-        variables = {"params": params}
-        encoded = module.apply(variables, input_ids, attention_mask, method=t5.T5.encode)
-        cache = module.apply(variables, encoded, attention_mask, steps, method=t5.T5.init_cache)
-
-        def step(carry, _):
-            cache, token = carry
-            logits, cache = module.apply(variables, cache, token, method=t5.T5.decode_step)
-            token = jnp.argmax(logits, -1).astype(jnp.int32)
-            return (cache, token), (token, logits)
-
-        start = jnp.zeros(input_ids.shape[:1], jnp.int32)
-        (cache, _), (tokens, logits) = jax.lax.scan(step, (cache, start), length=steps)
-        return tokens.T, logits.swapaxes(0, 1), cache
-
-    return run(params, input_ids, attention_mask)
-
-
 def test_scanned_cached_greedy_decoding_equals_unscanned(goldens_dir):
     module, params, io = _golden(goldens_dir, "flan_t5")
     scanned, stacked, _ = _golden(goldens_dir, "flan_t5", scan_layers=True)
     steps = io["generated"].shape[1] - 1
     args = (io["input_ids"], io["attention_mask"], steps)
-    tokens, logits, cache = _greedy(module, params, *args)
-    s_tokens, s_logits, s_cache = _greedy(scanned, stacked, *args)
+    tokens, logits, cache = greedy_with_cache(module, params, *args)
+    s_tokens, s_logits, s_cache = greedy_with_cache(scanned, stacked, *args)
     np.testing.assert_array_equal(np.asarray(s_tokens), np.asarray(tokens))
     np.testing.assert_array_equal(np.asarray(s_tokens), io["generated"][:, 1:])
     np.testing.assert_allclose(np.asarray(s_logits), np.asarray(logits), atol=1e-5, rtol=0)
