@@ -115,6 +115,32 @@ def table(runs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def qa_by_type(runs: dict[str, str], records: str) -> str:
+    """Markdown: QA exact match per question type (the records' `meta.qtype`), runs side by side.
+    Shows where the 3D input helps: the blind model can only learn each type's answer prior."""
+    from llm3d_jax.evaluate.answers import em_by_question_type
+
+    with open(records, encoding="utf-8") as f:
+        types = {r["id"]: r["meta"].get("qtype", r["task"]) for r in map(json.loads, f)}
+    columns, counts = {}, {}  # counts: questions per type (the same records in every run)
+    for name, workdir in runs.items():
+        preds, refs = {}, {}
+        with open(os.path.join(workdir, "eval", "predictions.jsonl"), encoding="utf-8") as f:
+            for row in map(json.loads, f):
+                if row["task"] == "qa":
+                    preds[row["id"]], refs[row["id"]] = row["prediction"], row["answers"]
+        columns[name] = em_by_question_type(preds, refs, types)
+        counts = {t: sum(types[key] == t for key in preds) for t in set(map(types.get, preds))}
+    lines = [
+        "| QA question type | n | " + " | ".join(runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for qtype in sorted(counts):
+        cells = [f"{columns[name][f'EM/{qtype}']:.1f}" for name in runs]
+        lines.append(f"| {qtype} | {counts[qtype]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,7 +315,7 @@ def main() -> None:
     plot_losses(runs, f"{out}/loss_curves.png")
 
     banner(f"9/9 held-out scenes: 3D-LLM vs blind baseline ({time.time() - start:.0f} s in all)")
-    text = table(runs)
+    text = table(runs) + "\n\nQA exact match per question type:\n\n" + qa_by_type(runs, records)
     print(text)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text + "\n")

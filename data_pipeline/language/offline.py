@@ -73,13 +73,16 @@ class Obj:
 
 @dataclass(frozen=True)
 class Room:
-    """The floor rectangle in metres (outer bounds of the room mesh) and the floor height."""
+    """The floor rectangle in metres (outer bounds of the room mesh), the floor height and the
+    floor / wall colour names ("" unknown: only synthetic rooms record them)."""
 
     x0: float
     y0: float
     x1: float
     y1: float
     floor_z: float
+    floor_color: str = ""
+    wall_color: str = ""
 
 
 def objects_of(scene) -> list[Obj]:
@@ -100,9 +103,18 @@ def objects_of(scene) -> list[Obj]:
 
 def room_of(scene) -> Room:
     """The floor rectangle: `meta["room"]` when known, else the mesh bounds, else objects + 1 m."""
-    room = getattr(scene, "meta", {}).get("room")
+    meta = getattr(scene, "meta", {})
+    room = meta.get("room")
     if room is not None and len(room) == 6:
-        return Room(float(room[0]), float(room[1]), float(room[3]), float(room[4]), float(room[2]))
+        return Room(
+            float(room[0]),
+            float(room[1]),
+            float(room[3]),
+            float(room[4]),
+            float(room[2]),
+            str(meta.get("floor_color", "")),
+            str(meta.get("wall_color", "")),
+        )
     vertices = np.asarray(getattr(scene, "vertices", np.zeros((0, 3))), np.float64).reshape(-1, 3)
     if len(vertices):
         lo, hi = vertices.min(0), vertices.max(0)
@@ -513,6 +525,24 @@ def _qa_between(facts: Facts, rng) -> list:
     return sample(rng, which, 2) + _balanced(rng, yes, no, 2)
 
 
+def _qa_room(facts: Facts, rng) -> list:
+    """Questions about the room as a whole (ScanQA asks these too): floor and wall colour, when
+    the scene records them, and how many objects it holds."""
+    out = [
+        (
+            "How many objects are in the room?",
+            number_word(len(facts.objects)),
+            [o.id for o in facts.objects],
+            "count_all",
+        )
+    ]
+    if facts.room.floor_color:
+        out.append(("What color is the floor?", facts.room.floor_color, [], "floor_color"))
+    if facts.room.wall_color:
+        out.append(("What color are the walls?", facts.room.wall_color, [], "wall_color"))
+    return out
+
+
 def questions(facts: Facts, rng) -> list:
     items = []
     for part in (
@@ -524,6 +554,7 @@ def questions(facts: Facts, rng) -> list:
         _qa_side,
         _qa_near,
         _qa_between,
+        _qa_room,
     ):
         items += part(facts, rng)
     return items

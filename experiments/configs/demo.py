@@ -10,7 +10,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 2000
+    c.total_steps = 4000
     c.batch_size = 8
     c.microbatches = 1  # gradient accumulation: batch_size / microbatches rows per pass
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1: all remaining devices
@@ -21,7 +21,7 @@ def get_config():
     c.data = ml_collections.ConfigDict(
         dict(
             datasets="synthetic",
-            num_points=1024,
+            num_points=256,  # sampled per step from the 1024 stored: half the step time
             prompt_len=32,
             answer_len=24,
             features_dtype="float32",
@@ -40,8 +40,11 @@ def get_config():
 
     c.optim = ml_collections.ConfigDict(
         dict(
-            lr=1e-3,
-            min_lr=1e-4,
+            # From scratch at batch 8, 1e-3 is too high: the 2+2-layer T5 then learns only the
+            # answer priors and never reads its input, so the 3D model tied the blind one
+            # (QA EM 49.5 vs 49.7 at 1e-3; see README for the figures at 2e-4).
+            lr=2e-4,
+            min_lr=2e-5,
             warmup_steps=20,
             b1=0.9,
             b2=0.999,
@@ -51,10 +54,10 @@ def get_config():
     )
 
     c.log_every = 10
-    c.eval_every = 250  # 0: no validation
+    c.eval_every = 500  # 0: no validation
     c.eval_steps = 2
     c.eval_batch_size = 8
     c.eval_generate_batches = 4  # greedy answers on this many validation batches: val_em
-    c.checkpoint_every = 100
+    c.checkpoint_every = 500
     c.keep_checkpoints = 2
     return c

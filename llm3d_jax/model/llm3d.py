@@ -100,7 +100,7 @@ class LLM3DConfig:
     @classmethod
     def demo(cls, **overrides) -> LLM3DConfig:
         """`make demo`: a small model trained from scratch on a CPU in minutes (128-wide Q-Former
-        and FlanT5-shaped LLM, 32 queries as released, 1024 points). Differences from the
+        and FlanT5-shaped LLM, 32 queries as released, 256 points). Differences from the
         released shapes, each because everything starts from random init: the position
         embedding is added at scale 1 (not 0.01: no pretrained feature scale to protect, and
         grounding needs the positions); the features are layer-normed and the Q-Former
@@ -129,7 +129,7 @@ class LLM3DConfig:
                 dropout_rate=0.0,
             ),
             feature_dim=64,
-            num_points=1024,
+            num_points=256,
             posembed_scale=1.0,
             feature_norm=True,
         )

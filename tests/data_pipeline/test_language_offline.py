@@ -116,6 +116,12 @@ def check_record(scene, r):
         label = re.fullmatch(r"What color is the (.+)\?", q).group(1)
         (o,) = [o for o in objs if o.label == label]
         assert a == o.color
+    elif kind == "count_all":
+        assert q == "How many objects are in the room?" and WORDS[a] == len(objs)
+    elif kind == "floor_color":
+        assert q == "What color is the floor?" and a == scene.meta["floor_color"]
+    elif kind == "wall_color":
+        assert q == "What color are the walls?" and a == scene.meta["wall_color"]
     elif kind == "on":
         base = named[re.fullmatch(r"What is on the (.+)\?", q).group(1)]
         tops = sorted({o.label for o in objs if o is not base and on(o, base)})
@@ -337,6 +343,18 @@ def test_answers_are_balanced_and_scene_dependent():
         by_prompt[r["prompt"]].add(r["answers"][0])
     varied = [p for p, a in by_prompt.items() if len(a) > 1]
     assert len(varied) >= 20
+
+
+def test_room_questions_come_from_the_scene_meta():
+    """Floor / wall colour questions only where the scene records the colours (synthetic rooms);
+    the object count everywhere."""
+    synth = make_scene(5, 0)
+    kinds = {r["meta"]["qtype"]: r for r in offline.generate(synth, seed=0, tasks=("qa",))}
+    assert kinds["floor_color"]["answers"] == [synth.meta["floor_color"]]
+    assert kinds["wall_color"]["answers"] == [synth.meta["wall_color"]]
+    assert kinds["count_all"]["answers"] == [offline.number_word(len(synth.objects))]
+    hand = {r["meta"]["qtype"] for r in offline.generate(hand_scene(), seed=0, tasks=("qa",))}
+    assert "count_all" in hand and not hand & {"floor_color", "wall_color"}
 
 
 def test_deterministic_per_seed():
