@@ -12,6 +12,7 @@ each skipped when its output already exists (a rerun resumes):
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -122,7 +123,7 @@ def qa_by_type(runs: dict[str, str], records: str) -> str:
 
     with open(records, encoding="utf-8") as f:
         types = {r["id"]: r["meta"].get("qtype", r["task"]) for r in map(json.loads, f)}
-    columns, counts = {}, {}  # counts: questions per type (the same records in every run)
+    columns, preds = {}, {}
     for name, workdir in runs.items():
         preds, refs = {}, {}
         with open(os.path.join(workdir, "eval", "predictions.jsonl"), encoding="utf-8") as f:
@@ -130,7 +131,7 @@ def qa_by_type(runs: dict[str, str], records: str) -> str:
                 if row["task"] == "qa":
                     preds[row["id"]], refs[row["id"]] = row["prediction"], row["answers"]
         columns[name] = em_by_question_type(preds, refs, types)
-        counts = {t: sum(types[key] == t for key in preds) for t in set(map(types.get, preds))}
+    counts = collections.Counter(types[key] for key in preds)  # every run has the same records
     lines = [
         "| QA question type | n | " + " | ".join(runs) + " |",
         "|---|---|" + "---|" * len(runs),
