@@ -30,11 +30,7 @@ INPUTS = (
 TEXT_VOCAB = 160  # of the golden BLIP-2's T5
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """fp32 parity needs true fp32 dots (GPUs default to TF32, ~2e-3 off); no-op on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 def _logits(module, params, **inputs):

@@ -18,11 +18,7 @@ VARIANTS = ["t5_v10", "flan_t5"]
 LOGICAL_NAMES = {"batch", "embed", "mlp", "heads", "kv", "vocab", "relpos", "norm", None}
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """fp32 parity needs true fp32 dots (GPUs default to TF32, ~2e-3 off); no-op on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 def _logits(module, params, **inputs):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_t5 import greedy_with_cache
+from test_t5 import _logits, greedy_with_cache
 
 from llm3d_jax.convert.t5 import stack_blocks, unstack_blocks
 from llm3d_jax.model import llm3d, t5
@@ -20,15 +20,7 @@ from llm3d_jax.model import llm3d, t5
 TINY = t5.T5Config.tiny(num_layers=3, num_decoder_layers=2, dropout_rate=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """fp32 parity needs true fp32 dots (GPUs default to TF32, ~2e-3 off); no-op on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
-
-
-def _logits(module, params, **inputs):
-    return jax.jit(lambda p, x: module.apply({"params": p}, **x))(params, inputs)
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 def _golden(goldens_dir, name, **overrides):
