@@ -23,11 +23,7 @@ VARIANTS = ["opt", "opt_postln", "llama3", "qwen2", "mistral"]
 LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "norm", "pos", "layers", None}
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-    """fp32 parity needs true fp32 dots (GPUs default to TF32); no-op on CPU."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 def _forward(module, params, **inputs):
