@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from tools import probe_features
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
@@ -317,6 +319,11 @@ def main() -> None:
 
     banner(f"9/9 held-out scenes: 3D-LLM vs blind baseline ({time.time() - start:.0f} s in all)")
     text = table(runs) + "\n\nQA exact match per question type:\n\n" + qa_by_type(runs, records)
+    text += (
+        "\n\nWhat the point features carry (tools/probe_features.py: a linear read-out of each "
+        "object's mean feature, fitted on the training scenes):\n\n"
+        + probe_features.markdown(probe_features.probe_features(features, scenes, records))
+    )
     print(text)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
         f.write(text + "\n")

@@ -58,6 +58,6 @@ def get_config():
     c.eval_steps = 2
     c.eval_batch_size = 8
     c.eval_generate_batches = 4  # greedy answers on this many validation batches: val_em
-    c.checkpoint_every = 500
+    c.checkpoint_every = 500  # 0: the final step only
     c.keep_checkpoints = 2
     return c

@@ -46,9 +46,13 @@ class IteratorState:
 
 
 def make_manager(directory: str, keep: int, save_every: int) -> ocp.CheckpointManager:
+    """`save_every` 0: no periodic saves (train.py still saves the final step, forced)."""
+    if save_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {save_every}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        save_interval_steps=save_every,
+        # None: orbax keeps only its initial save (the first step of a fresh run)
+        save_interval_steps=save_every or None,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,  # leftovers of a save killed half-way
     )

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from standin import TRAINABLE, build, run_steps
 
@@ -259,3 +260,17 @@ def test_real_model_default_table_trains_location_rows_and_keeps_the_llm_frozen(
     assert not np.array_equal(before[0]["proj"]["kernel"], after["proj"]["kernel"])
     adam = state.opt_state[1][0]
     assert optimizer.param_paths(adam.mu) == optimizer.param_paths(state.params)
+
+
+def test_checkpoint_every_zero_saves_no_step_on_its_own(tmp_path):
+    manager = checkpoint.make_manager(str(tmp_path), keep=2, save_every=0)
+    assert manager.should_save(1)  # orbax's initial save of a fresh run
+    manager.save(1, args=ocp.args.Composite(**{checkpoint.META: ocp.args.JsonSave({})}))
+    manager.wait_until_finished()
+    assert not any(manager.should_save(step) for step in (2, 500, 10**6))
+    every_3 = checkpoint.make_manager(str(tmp_path / "every_3"), keep=2, save_every=3)
+    every_3.save(1, args=ocp.args.Composite(**{checkpoint.META: ocp.args.JsonSave({})}))
+    every_3.wait_until_finished()
+    assert [s for s in range(2, 8) if every_3.should_save(s)] == [3, 6]
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        checkpoint.make_manager(str(tmp_path), keep=2, save_every=-1)
