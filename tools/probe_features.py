@@ -52,8 +52,8 @@ def object_table(features_dir: str, scenes_dir: str | None) -> dict[str, list]:
         colours = {}
         scene_path = os.path.join(scenes_dir, f"{scene_id}.npz") if scenes_dir else ""
         if scene_path and os.path.exists(scene_path):
-            scene = np.load(scene_path, allow_pickle=False)
-            if "object_colors" in scene.files:
+            scene = load_npz(scene_path, required=("object_ids",))
+            if "object_colors" in scene:
                 colours = dict(zip(scene["object_ids"].tolist(), scene["object_colors"].tolist()))
         features, instance = arrays["features"].astype(np.float64), arrays["instance"]
         for object_id in np.unique(instance[instance >= 0]).tolist():
