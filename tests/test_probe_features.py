@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline.language.records import make_record
 from tools import probe_features
 
 CATEGORIES = ["chair", "table", "lamp", "bed"]
@@ -43,7 +44,9 @@ def write_scenes(root, carries: str, scenes: int = 12, seed: int = 0):
         )
         np.savez(root / "scenes" / f"{scene_id}.npz", object_ids=ids, object_colors=colours)
         split = "val" if s >= scenes - 4 else "train"
-        records.append({"scene_id": scene_id, "meta": {"split": split}})
+        records.append(
+            make_record(scene_id, "qa", "Is there a chair?", ["yes"], meta={"split": split})
+        )
     (root / "language.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(root / "features"), str(root / "scenes"), str(root / "language.jsonl")
 
@@ -60,7 +63,8 @@ def test_colour_is_left_out_without_scene_colours_and_bad_records_fail(tmp_path)
     features, _, records = write_scenes(tmp_path, "category")
     assert list(probe_features.probe_features(features, None, records)) == ["category"]
     all_train = tmp_path / "all_train.jsonl"
-    all_train.write_text(json.dumps({"scene_id": "synth_0000", "meta": {"split": "train"}}))
+    record = make_record("synth_0000", "qa", "Is there a chair?", ["yes"], meta={"split": "train"})
+    all_train.write_text(json.dumps(record) + "\n")
     result = subprocess.run(
         [sys.executable, "-m", "tools.probe_features", "--features", features],
         capture_output=True,

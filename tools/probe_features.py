@@ -8,9 +8,9 @@ beat the blind baseline by much, however long the model trains.
 FEATURES/<scene_id>.npz: `features` [N,D], `instance` [N] (object id per point, -1 background),
 `object_ids` / `object_labels` (python -m data_pipeline.features writes these). Colour comes from
 SCENES/<scene_id>.npz `object_ids` / `object_colors` when that file has them (synthetic scenes).
-The held-out scenes are the ones whose records in --records have `meta.split` "val". The probe is ridge
-regression onto one-hot classes from each object's mean feature, standardised on the training
-scenes; `majority` is the held-out accuracy of always answering the training scenes' commonest
+The held-out scenes are the ones whose records in --records have `meta.split` "val". The
+probe is ridge regression onto one-hot classes from each object's mean feature, standardised on
+the training scenes; `majority` is the held-out accuracy of always answering the training scenes' commonest
 class.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -27,15 +26,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np  # noqa: E402
 
+from data_pipeline.language.records import read_records, record_split  # noqa: E402
 from llm3d_jax.fileio import InputError, cli_main, load_npz  # noqa: E402
 
 RIDGE = 1.0  # the features are standardised, so one strength suits any width
 
 
 def val_scenes(records: str) -> set[str]:
-    with open(records, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["scene_id"] for r in rows if r.get("meta", {}).get("split") == "val"}
+    rows, problems = read_records(records)
+    if problems:
+        print(f"{records}: {len(problems)} bad lines skipped ({problems[0]})", file=sys.stderr)
+    return {r["scene_id"] for r in rows if record_split(r) == "val"}
 
 
 def object_table(features_dir: str, scenes_dir: str | None) -> dict[str, list]:
