@@ -103,10 +103,14 @@ class LLM3DConfig:
         and FlanT5-shaped LLM, 32 queries as released, 256 points). Differences from the
         released shapes, each because everything starts from random init: the position
         embedding is added at scale 1 (not 0.01: no pretrained feature scale to protect, and
-        grounding needs the positions); the features are layer-normed and the Q-Former
-        initialised with std 0.1 and cross-attends in every layer (at width 128 BLIP-2's 0.02
-        leaves the cross-attention uniform, a scene mean the same for every query: measured,
-        scene-to-scene spread of the query outputs 0.004 vs 0.65 with 0.1)."""
+        grounding needs the positions); the features are layer-normed; the Q-Former
+        cross-attends in every layer and each query starts from one of 32 evenly spaced real
+        points (`seeded_queries`, `spread_seeds`). With learned query tokens alone a
+        from-scratch Q-Former does not learn to keep objects apart: its queries stay one scene
+        mean (cross-attention uniform at init 0.02) or scramble the features (init 0.1). On
+        one-hot category + colour points, "what colour is the <category>" is learnt with seeds
+        and stays near chance without (`test_seeded_queries_learn_what_learned_queries_do_not`
+        in tests/model/test_llm3d.py)."""
         base = cls(
             qformer=QFormerConfig.tiny(
                 hidden_size=128,
@@ -115,7 +119,7 @@ class LLM3DConfig:
                 encoder_hidden_size=64,
                 num_query_tokens=32,
                 cross_attention_frequency=1,
-                initializer_range=0.1,
+                seeded_queries=True,
             ),
             llm=T5Config.tiny(
                 vocab_size=512,
@@ -257,8 +261,12 @@ class LLM3D(nn.Module):
         """-> projected queries [B,Q,d_model]: the 3D scene as the LLM sees it."""
         if self.config.feature_norm:
             features = self.feature_norm(features.astype(jnp.float32))
-        points = self.posembed(features, voxels)
-        return self.proj(self.qformer(points, point_mask, deterministic))
+        points = self.posembed(features, voxels)  # [B,N,D']
+        seeds = None
+        if self.config.qformer.seeded_queries:
+            index = spread_seeds(point_mask, self.config.qformer.num_query_tokens)
+            seeds = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,Q,D']
+        return self.proj(self.qformer(points, point_mask, deterministic, query_seeds=seeds))
 
     def prefix(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
         """-> ([queries; embedded prompt] [B,Q+Lp,width], its mask bool [B,Q+Lp])."""
@@ -320,6 +328,22 @@ class LLM3D(nn.Module):
 
     def decode_step(self, cache, token_ids):
         return self.llm.decode_step(cache, token_ids)
+
+
+def spread_seeds(point_mask, count: int):
+    """point_mask [B,N] -> int32 [B,count]: `count` real points evenly spaced in stored order.
+    The pipeline stores points in voxel (raster) order and samples them uniformly or per
+    instance, so evenly spaced picks spread over the scene and hit each object about in
+    proportion to its points. (Farthest-point sampling was tried first: it puts most seeds on
+    the walls and floor, the scene's extremes, and leaves objects unseeded.) A scene with fewer
+    than `count` real points repeats some."""
+    real = jnp.asarray(point_mask, bool)
+    cumulative = jnp.cumsum(real, axis=1)  # [B,N]
+    total = cumulative[:, -1:]  # [B,1]
+    ranks = jnp.floor((jnp.arange(count) + 0.5) * total / count).astype(cumulative.dtype)
+    # index of the (rank+1)-th real point: the first position whose cumulative count exceeds rank
+    index = jax.vmap(lambda c, r: jnp.searchsorted(c, r, side="right"))(cumulative, ranks)
+    return jnp.minimum(index, real.shape[1] - 1).astype(jnp.int32)
 
 
 def prefill(

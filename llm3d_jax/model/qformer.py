@@ -45,6 +45,10 @@ class QFormerConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    # Each query starts as its learned token plus a projection of one seed point's state (the
+    # caller picks the seeds: `llm3d.spread_seeds`), so the queries begin as distinct
+    # local slots of the scene. False: learned tokens only, as BLIP-2.
+    seeded_queries: bool = False
     dtype: str = "float32"
 
     @classmethod
@@ -224,13 +228,28 @@ class BertLayer(nn.Module):
 
 
 class QFormer(nn.Module):
-    """encoder_hidden_states [B,N,D], encoder_attention_mask [B,N] (1 = real point) -> [B,Q,H]."""
+    """encoder_hidden_states [B,N,D], encoder_attention_mask [B,N] (1 = real point) -> [B,Q,H].
+
+    With `seeded_queries`, query_seeds [B,Q,D] (the states of Q chosen points) are projected and
+    added to the query tokens before the first LayerNorm.
+    """
 
     config: QFormerConfig
 
     @nn.compact
-    def __call__(self, encoder_hidden_states, encoder_attention_mask=None, deterministic=True):
+    def __call__(
+        self,
+        encoder_hidden_states,
+        encoder_attention_mask=None,
+        deterministic=True,
+        query_seeds=None,
+    ):
         cfg = self.config
+        if cfg.seeded_queries != (query_seeds is not None):
+            raise ValueError(
+                f"seeded_queries={cfg.seeded_queries} but query_seeds "
+                f"{'given' if query_seeds is not None else 'missing'}"
+            )
         dtype = jnp.dtype(cfg.dtype)
         query_tokens = self.param(
             "query_tokens",
@@ -242,6 +261,11 @@ class QFormer(nn.Module):
         )
         batch = encoder_hidden_states.shape[0]
         x = jnp.broadcast_to(query_tokens, (batch, *query_tokens.shape[1:])).astype(dtype)
+        if cfg.seeded_queries:
+            # [B,Q,D] -> [B,Q,H]
+            x = x + _dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "seed_proj")(
+                query_seeds.astype(dtype)
+            )
         x = _layer_norm(cfg, "layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         encoder_hidden_states = encoder_hidden_states.astype(dtype)
