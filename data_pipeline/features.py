@@ -1,7 +1,7 @@
 """Scene feature files: scenes -> views -> pixel-aligned 2D features -> 3D points -> 256^3 grid.
 
     python -m data_pipeline.features --scenes SCENES --method direct|fusion|neural_field \\
-        --encoder random-vit|random-vit:D|blip2:DIR|clip:DIR --out FEATURES
+        --encoder random-vit|random-vit:D|vit:DIR|blip2:DIR|clip:DIR --out FEATURES
 
 For each SCENES/<scene_id>.npz it uses SCENES/views/<scene_id>.npz when present (else renders
 `--views` views at `--width` x `--height`), computes ConceptFusion pixel features (masks from the
@@ -53,8 +53,9 @@ FEATURE_KEYS = (
 
 
 def load_encoder(spec: str):
-    """`random-vit`, `random-vit:D` (tiny random tower of width D, default 64), `blip2:DIR`,
-    `clip:DIR` -> (module, params)."""
+    """`random-vit`, `random-vit:D` (tiny random tower of width D, default 64), `vit:DIR` (a ViT
+    written by `vit.save_trained`, e.g. tools/train_encoder.py), `blip2:DIR`, `clip:DIR` ->
+    (module, params)."""
     kind, _, arg = spec.partition(":")
     if kind == "random-vit":
         try:
@@ -66,9 +67,13 @@ def load_encoder(spec: str):
         if dim < 4 or dim % 4:
             raise InputError(None, f"--encoder {spec}: width must be a positive multiple of 4")
         return vit.random_vit(dim)
+    if kind == "vit" and arg:
+        return vit.load_trained(arg)
     if kind in ("blip2", "clip") and arg:
         return vit.from_pretrained(arg, kind=kind)
-    raise InputError(None, f"--encoder {spec!r}: expected random-vit[:D], blip2:DIR or clip:DIR")
+    raise InputError(
+        None, f"--encoder {spec!r}: expected random-vit[:D], vit:DIR, blip2:DIR or clip:DIR"
+    )
 
 
 def scene_features(
@@ -183,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scenes", required=True, help="folder of <scene_id>.npz scene files")
     parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--encoder", required=True, help="random-vit[:D] | blip2:DIR | clip:DIR")
+    parser.add_argument(
+        "--encoder", required=True, help="random-vit[:D] | vit:DIR | blip2:DIR | clip:DIR"
+    )
     parser.add_argument("--out", required=True, help="folder for <scene_id>.npz feature files")
     parser.add_argument("--masks", help="folder of <scene_id>.npz mask files (default: instances)")
     parser.add_argument("--views", type=int, default=8, help="views to render when none exist")

@@ -49,11 +49,9 @@ class PixelFeatures:
 
 
 # ---------------------------------------------------------------- encoder
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
-    """Crops boxes [B,4] (y0, x0, y1, x1 in pixel-edge coordinates) of frames [V,H,W,3] uint8,
-    resizes each to the ViT input, encodes and pools: -> unit features [B,D]."""
-    size = module.config.image_size
+def crop_boxes(frames, frame_idx, boxes, size: int):
+    """Crops boxes [B,4] (y0, x0, y1, x1 in pixel-edge coordinates) of frames [V,H,W,3] uint8
+    and resizes each (stretched, antialiased) to size x size: -> float32 [B,size,size,3], 0..255."""
 
     def crop(index, box):
         scale = size / jnp.maximum(box[2:] - box[:2], 1.0)
@@ -67,7 +65,13 @@ def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
             antialias=True,
         )
 
-    images = jax.vmap(crop)(frame_idx, boxes)
+    return jax.vmap(crop)(frame_idx, boxes)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
+    """crop_boxes -> ViT -> mean of the patch tokens: -> unit features [B,D]."""
+    images = crop_boxes(frames, frame_idx, boxes, module.config.image_size)
     tokens = module.apply({"params": params}, normalize_images(images, module.config))
     pooled = tokens[:, 1:].astype(jnp.float32).mean(axis=1)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

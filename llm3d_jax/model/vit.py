@@ -24,6 +24,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # OpenAI CLIP normalisation, used by both the BLIP-2 and CLIP image processors.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -266,6 +267,67 @@ def from_pretrained(path: str | os.PathLike, kind: str | None = None) -> tuple[V
     return ViT(config), params
 
 
+def save_trained(directory: str | os.PathLike, config: ViTConfig, params: dict) -> None:
+    """Writes `config.json` (the ViTConfig fields) and `model.safetensors` (float32 params under
+    their "/"-joined paths), each atomically: the format of `load_trained` (`--encoder vit:DIR`)."""
+    import json
+
+    from flax import traverse_util
+    from safetensors.numpy import save
+
+    from llm3d_jax.fileio import write_bytes_atomic, write_text_atomic
+
+    os.makedirs(directory, exist_ok=True)
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
+    write_bytes_atomic(os.path.join(directory, "model.safetensors"), save(tensors))
+    write_text_atomic(
+        os.path.join(directory, "config.json"), json.dumps(dataclasses.asdict(config), indent=1)
+    )
+
+
+def load_trained(directory: str | os.PathLike) -> tuple[ViT, dict]:
+    """(module, params) of a directory written by `save_trained`; a missing or bad file, or a
+    tensor whose name or shape does not fit the config, is an InputError naming the file."""
+    import json
+
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+
+    from llm3d_jax.fileio import InputError
+
+    config_path = os.path.join(directory, "config.json")
+    weights_path = os.path.join(directory, "model.safetensors")
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise InputError(path, "file not found (expected a directory from save_trained)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            fields = json.load(f)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        config = ViTConfig(**fields)
+    except (ValueError, TypeError) as err:
+        raise InputError(config_path, f"not a ViTConfig: {err}") from None
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise InputError(weights_path, f"unreadable safetensors file: {err}") from None
+    want = traverse_util.flatten_dict(param_shapes(config), sep="/")
+    if set(tensors) != set(want):
+        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+        raise InputError(
+            weights_path,
+            f"tensors do not fit the config: missing {missing[:3]}, unexpected {extra[:3]}",
+        )
+    for name, shape in want.items():
+        if tensors[name].shape != shape.shape:
+            raise InputError(
+                weights_path, f"{name} has shape {tensors[name].shape}, config needs {shape.shape}"
+            )
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep="/")
+    return ViT(config), params
+
+
 def random_vit(hidden_size: int = 64, seed: int = 0) -> tuple[ViT, dict]:
     """The `random-vit` encoder: `ViTConfig.tiny(hidden_size)` with seeded random weights."""
     config = ViTConfig.tiny(hidden_size)
@@ -277,7 +339,9 @@ __all__ = [
     "ViTConfig",
     "from_pretrained",
     "init_params",
+    "load_trained",
     "normalize_images",
     "param_shapes",
     "random_vit",
+    "save_trained",
 ]
