@@ -103,14 +103,14 @@ class LLM3DConfig:
         and FlanT5-shaped LLM, 32 queries as released, 256 points). Differences from the
         released shapes, each because everything starts from random init: the position
         embedding is added at scale 1 (not 0.01: no pretrained feature scale to protect, and
-        grounding needs the positions); the features are layer-normed; the Q-Former
-        cross-attends in every layer and each query starts from one of 32 evenly spaced real
-        points (`seeded_queries`, `spread_seeds`). With learned query tokens alone a
-        from-scratch Q-Former does not learn to keep objects apart: its queries stay one scene
-        mean (cross-attention uniform at init 0.02) or scramble the features (init 0.1). On
-        one-hot category + colour points, "what colour is the <category>" is learnt with seeds
-        and stays near chance without (`test_seeded_queries_learn_what_learned_queries_do_not`
-        in tests/model/test_llm3d.py)."""
+        grounding needs the positions); the features are layer-normed and the Q-Former
+        initialised with std 0.1 and cross-attends in every layer (at width 128 BLIP-2's 0.02
+        leaves the cross-attention uniform, a scene mean the same for every query: measured,
+        scene-to-scene spread of the query outputs 0.004 vs 0.65 with 0.1).
+        `seeded_queries` (each query starting from one of 32 evenly spaced points) makes a
+        from-scratch Q-Former tell objects apart on a toy task (tests/model/test_llm3d.py), but
+        does not help on the demo data at this budget: held-out QA EM 49.8 vs 50.8 blind (52.7
+        vs 54.0 without), dense-caption CIDEr 85.5 vs 83.3 (100.1 vs 86.8). It stays off here."""
         base = cls(
             qformer=QFormerConfig.tiny(
                 hidden_size=128,
@@ -119,7 +119,7 @@ class LLM3DConfig:
                 encoder_hidden_size=64,
                 num_query_tokens=32,
                 cross_attention_frequency=1,
-                seeded_queries=True,
+                initializer_range=0.1,
             ),
             llm=T5Config.tiny(
                 vocab_size=512,

@@ -106,7 +106,7 @@ def test_encoder_of_the_wrong_kind_is_one_line(scenes_dir, tmp_path, capsys, gol
     assert len(err) == 1 and "expected a blip2 checkpoint" in err[0] and "clip_vision" in err[0]
     with pytest.raises(SystemExit):
         cli_main(lambda: features.main([*argv, "--encoder", "resnet"]))
-    assert "expected random-vit[:D], blip2:DIR or clip:DIR" in capsys.readouterr().err
+    assert "expected random-vit[:D], vit:DIR, blip2:DIR or clip:DIR" in capsys.readouterr().err
 
 
 def test_released_features_import(goldens_dir, tmp_path, capsys):

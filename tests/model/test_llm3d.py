@@ -376,8 +376,7 @@ def test_seeded_queries_start_from_their_seed_points():
     assert change[3] > 2 * np.delete(change, 3).max()
     with pytest.raises(ValueError, match="query_seeds missing"):
         QFormer(seeded.qformer).init(jax.random.key(0), jnp.zeros((1, 4, 64)))
-    assert llm3d.LLM3DConfig.demo().qformer.seeded_queries
-    assert not llm3d.LLM3DConfig.flan_t5_xl().qformer.seeded_queries
+    assert not llm3d.LLM3DConfig.flan_t5_xl().qformer.seeded_queries  # BLIP-2 has no seeds
 
 
 def _colour_question_batch(rng, size, categories=4, points=32):
@@ -445,7 +444,7 @@ def _colour_question_accuracy(seeded: bool, steps: int = 250) -> float:
 
 
 def test_seeded_queries_learn_what_learned_queries_do_not():
-    """Why the demo seeds its queries: from scratch, "what colour is the <category>" is learnt
+    """What seeded queries are for: from scratch, "what colour is the <category>" is learnt
     to 100% in 250 steps with seeded queries; learned query tokens alone stay near chance."""
     accuracy = {seeded: _colour_question_accuracy(seeded) for seeded in (True, False)}
     assert accuracy[True] > 0.95 and accuracy[False] < 0.6, accuracy
