@@ -68,13 +68,19 @@ def crop_boxes(frames, frame_idx, boxes, size: int):
     return jax.vmap(crop)(frame_idx, boxes)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
-    """crop_boxes -> ViT -> mean of the patch tokens: -> unit features [B,D]."""
-    images = crop_boxes(frames, frame_idx, boxes, module.config.image_size)
+def pooled_features(module: ViT, params, images):
+    """images [B,S,S,3] (0..255) -> ViT -> mean of the patch tokens (the class token excluded),
+    unit length: -> float32 [B,D]. The one pooling of the pipeline (and of tools/train_encoder)."""
     tokens = module.apply({"params": params}, normalize_images(images, module.config))
     pooled = tokens[:, 1:].astype(jnp.float32).mean(axis=1)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
+    """crop_boxes -> pooled_features: -> unit features [B,D]."""
+    images = crop_boxes(frames, frame_idx, boxes, module.config.image_size)
+    return pooled_features(module, params, images)
 
 
 def encode_boxes(

@@ -6,15 +6,17 @@ colour (tools/probe_features.py: category 28.8% held-out, majority 17.2%), and a
 from scratch on 48 rooms cannot learn the rest. This script gives the demo's encoder (the
 `random-vit:64` shape, `ViTConfig.tiny(64)`) that pretraining, in small: synthetic rooms of
 *another* seed than the demo's are rendered, every object's mask box is cropped exactly as the
-feature pipeline crops it (`features2d.crop_boxes`), and the ViT's pooled feature (mean of the
-patch tokens, unit length, as the pipeline pools) is trained to give the object's category
+feature pipeline crops it (`features2d.crop_boxes`), and the ViT's pooled feature
+(`features2d.pooled_features`, as the pipeline pools) is trained to give the object's category
 (walls and floor are a 13th class) and colour through two linear read-outs. Only the ViT is
 kept.
 
-    python -m tools.train_encoder --out DIR [--scenes 96] [--seed 1000] [--steps 1500]
+    python -m tools.train_encoder --out DIR [--scenes 384] [--seed 1000] [--steps 3000]
 
-DIR gets the ViT (`vit.save_trained`: `config.json`, `model.safetensors`) and `report.json` (train / held-out accuracy per read-out, held-out = the last 1/8 of the
-rooms); `python -m data_pipeline.features --encoder vit:DIR` then uses it.
+DIR gets the ViT (`vit.save_trained`: `config.json`, `model.safetensors`) and `report.json`
+(train / held-out accuracy per read-out; held-out = the last 1/8 of the rooms).
+`python -m data_pipeline.features --encoder vit:DIR` then uses it. With the defaults: 114 s on
+2 CPU cores, held-out category 66.2% (majority 16.5%), colour 94.4%.
 """
 
 from __future__ import annotations
@@ -69,13 +71,6 @@ def object_crops(num_scenes: int, seed: int, views: int, size: int):
     )
 
 
-def pooled_features(module, params, images):
-    """uint8 [B,S,S,3] -> unit-length mean of the patch tokens [B,D] (features2d's pooling)."""
-    tokens = module.apply({"params": params}, vit.normalize_images(images, module.config))
-    pooled = tokens[:, 1:].astype(jnp.float32).mean(axis=1)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-
-
 def train(crops, category, colour, config: vit.ViTConfig, steps: int, seed: int, batch: int = 128):
     """-> (ViT params, read-out params): Adam on the two cross-entropies (colour only where set)."""
     module = vit.ViT(config)
@@ -92,7 +87,7 @@ def train(crops, category, colour, config: vit.ViTConfig, steps: int, seed: int,
     state = optimizer.init(params)
 
     def loss_fn(params, images, cat, col):
-        feature = LOGIT_SCALE * pooled_features(module, params["vit"], images)
+        feature = LOGIT_SCALE * features2d.pooled_features(module, params["vit"], images)
         cat_loss = optax.softmax_cross_entropy_with_integer_labels(
             feature @ params["category"], cat
         )
@@ -123,7 +118,9 @@ def train(crops, category, colour, config: vit.ViTConfig, steps: int, seed: int,
 
 def accuracy(module, params, crops, category, colour) -> dict[str, float]:
     """Read-out accuracy (%) of category and colour (colour over the crops that have one)."""
-    predict = jax.jit(lambda images: LOGIT_SCALE * pooled_features(module, params["vit"], images))
+    predict = jax.jit(
+        lambda images: LOGIT_SCALE * features2d.pooled_features(module, params["vit"], images)
+    )
     feature = np.concatenate([predict(crops[i : i + 256]) for i in range(0, len(crops), 256)])
     cat_ok = (feature @ np.asarray(params["category"])).argmax(1) == category
     has = colour >= 0
@@ -140,10 +137,10 @@ def accuracy(module, params, crops, category, colour) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--scenes", type=int, default=96)
+    parser.add_argument("--scenes", type=int, default=384)
     parser.add_argument("--seed", type=int, default=1000, help="rooms of this seed (demo: 0)")
     parser.add_argument("--views", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--width", type=int, default=64, help="ViTConfig.tiny(width)")
     args = parser.parse_args(argv)
     if args.scenes < 2 or args.steps < 1:
