@@ -10,8 +10,8 @@ FEATURES/<scene_id>.npz: `features` [N,D], `instance` [N] (object id per point, 
 SCENES/<scene_id>.npz `object_ids` / `object_colors` when that file has them (synthetic scenes).
 The held-out scenes are the ones whose records in --records have `meta.split` "val". The
 probe is ridge regression onto one-hot classes from each object's mean feature, standardised on
-the training scenes; `majority` is the held-out accuracy of always answering the training scenes' commonest
-class.
+the training scenes; `majority` is the held-out accuracy of always answering the training
+scenes' commonest class.
 """
 
 from __future__ import annotations

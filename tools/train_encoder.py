@@ -72,7 +72,8 @@ def object_crops(num_scenes: int, seed: int, views: int, size: int):
 
 
 def train(crops, category, colour, config: vit.ViTConfig, steps: int, seed: int, batch: int = 128):
-    """-> (ViT params, read-out params): Adam on the two cross-entropies (colour only where set)."""
+    """-> params {"vit", "category", "colour"} (the ViT and its two linear read-outs): AdamW on
+    the two cross-entropies, colour only where the crop has one."""
     module = vit.ViT(config)
     rng = jax.random.key(seed)
     params = {

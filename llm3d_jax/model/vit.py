@@ -19,12 +19,17 @@ state [B,T,C]`, T = 1 + (H/p)(W/p), token 0 is the class token. Images must have
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save
+
+from llm3d_jax.fileio import InputError, write_bytes_atomic, write_text_atomic
 
 # OpenAI CLIP normalisation, used by both the BLIP-2 and CLIP image processors.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -270,13 +275,6 @@ def from_pretrained(path: str | os.PathLike, kind: str | None = None) -> tuple[V
 def save_trained(directory: str | os.PathLike, config: ViTConfig, params: dict) -> None:
     """Writes `config.json` (the ViTConfig fields) and `model.safetensors` (float32 params under
     their "/"-joined paths), each atomically: the format of `load_trained` (`--encoder vit:DIR`)."""
-    import json
-
-    from flax import traverse_util
-    from safetensors.numpy import save
-
-    from llm3d_jax.fileio import write_bytes_atomic, write_text_atomic
-
     os.makedirs(directory, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
@@ -289,13 +287,6 @@ def save_trained(directory: str | os.PathLike, config: ViTConfig, params: dict) 
 def load_trained(directory: str | os.PathLike) -> tuple[ViT, dict]:
     """(module, params) of a directory written by `save_trained`; a missing or bad file, or a
     tensor whose name or shape does not fit the config, is an InputError naming the file."""
-    import json
-
-    from flax import traverse_util
-    from safetensors.numpy import load_file
-
-    from llm3d_jax.fileio import InputError
-
     config_path = os.path.join(directory, "config.json")
     weights_path = os.path.join(directory, "model.safetensors")
     for path in (config_path, weights_path):
