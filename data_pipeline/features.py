@@ -87,6 +87,7 @@ def scene_features(
     balance: bool = False,
     field_config: FieldConfig = FieldConfig(),
     where: str | None = None,
+    masked_crops: bool = False,
 ) -> dict[str, np.ndarray]:
     """The arrays of one scene feature file (meta not included)."""
     where = where or scene.scene_id
@@ -94,7 +95,7 @@ def scene_features(
     if masks is None:
         rgb_only = method == "neural_field"  # the field never reads depth
         masks = features2d.instance_masks(views.instance, None if rgb_only else views.depth)
-    pixels = features2d.pixel_features(module, params, views.rgb, masks)
+    pixels = features2d.pixel_features(module, params, views.rgb, masks, masked=masked_crops)
     if not (pixels.mask_ids >= 0).any():
         raise InputError(where, "no pixel is covered by a mask (nothing to lift)")
     lo, hi = scene.vertices.min(axis=0), scene.vertices.max(axis=0)
@@ -204,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         help="under --max-points, an equal share of points per object (background as one)",
     )
     parser.add_argument(
+        "--masked-crops",
+        action="store_true",
+        help="crop each mask's box with the other pixels painted out (what tools/train_encoder "
+        "trains on; default: the plain box, as ConceptFusion)",
+    )
+    parser.add_argument(
         "--preview", action="store_true", help="also write FEATURES/<scene_id>.png (top-down views)"
     )
     args = parser.parse_args(argv)
@@ -223,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder": args.encoder,
         "max_points": args.max_points,
         "balance": args.balance,
+        "masked_crops": args.masked_crops,
     }
     failed, skipped = [], 0
     bar = tqdm(paths, desc=f"features ({args.method})", unit="scene")
@@ -250,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_points,
                 args.balance,
                 where=where,
+                masked_crops=args.masked_crops,
             )
             meta = {
                 "scene_id": scene.scene_id,

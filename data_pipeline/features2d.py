@@ -3,6 +3,8 @@
 Per frame, with masks m_1..m_K (instance renders by default, or an external segmenter's file):
   f_G = pooled feature of the whole frame, f_i = pooled feature of the crop of mask i (its
   bounding box, resized to the encoder's input size), both from the same ViT and L2-normalised;
+  with `masked=True` the crop shows only mask i's pixels, the rest of its box painted the
+  encoder's mean colour (zero once normalised), so neighbours in the box do not leak in;
   w_i = softmax_i( cos(f_G, f_i) - mean_j cos(f_i, f_j) )   (j over all K masks of the frame)
   g_i = normalize( w_i f_G + (1 - w_i) f_i )
 A pixel gets normalize(sum of g_i over the masks covering it); uncovered pixels get nothing and
@@ -76,6 +78,13 @@ def pooled_features(module: ViT, params, images):
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
+def mask_background(frames: np.ndarray, frame_idx, masks: np.ndarray, config) -> np.ndarray:
+    """frames uint8 [V,H,W,3], masks bool [N,H,W] -> uint8 [N,H,W,3]: frame frame_idx[n] with the
+    pixels outside mask n painted the encoder's mean colour (zero after `normalize_images`)."""
+    mean = np.round(255 * np.asarray(config.image_mean)).astype(np.uint8)
+    return np.where(masks[..., None], frames[np.asarray(frame_idx)], mean)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _encode_boxes(module: ViT, params, frames, frame_idx, boxes):
     """crop_boxes -> pooled_features: -> unit features [B,D]."""
@@ -90,9 +99,11 @@ def encode_boxes(
     frame_idx: np.ndarray,
     boxes: np.ndarray,
     batch_size: int = 16,
+    masks: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Pooled unit features [N,D] of N boxes, in fixed-size batches (one compilation)."""
-    frames = jnp.asarray(frames)
+    """Pooled unit features [N,D] of N boxes, in fixed-size batches (one compilation). With
+    masks bool [N,H,W], box n is cropped from `mask_background` of its frame and mask n."""
+    all_frames = jnp.asarray(frames)
     n = len(frame_idx)
     out = []
     for start in range(0, n, batch_size):
@@ -101,7 +112,13 @@ def encode_boxes(
         stop = min(n, start + batch_size)
         idx[: stop - start] = frame_idx[start:stop]
         box[: stop - start] = boxes[start:stop]
-        out.append(np.asarray(_encode_boxes(module, params, frames, idx, box))[: stop - start])
+        source = all_frames
+        if masks is not None:  # one masked frame per box of the batch (padding: frame 0 whole)
+            batch_masks = np.ones((batch_size, *frames.shape[1:3]), bool)
+            batch_masks[: stop - start] = masks[start:stop]
+            source = mask_background(frames, idx, batch_masks, module.config)
+            idx = np.arange(batch_size, dtype=np.int32)
+        out.append(np.asarray(_encode_boxes(module, params, source, idx, box))[: stop - start])
     dim = module.config.hidden_size
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
@@ -199,18 +216,28 @@ def pixel_features(
     rgb: np.ndarray,
     masks: list[np.ndarray],
     batch_size: int = 16,
+    masked: bool = False,
 ) -> PixelFeatures:
-    """rgb uint8 [V,H,W,3] + per-view masks bool [M_v,H,W] -> PixelFeatures (one table)."""
+    """rgb uint8 [V,H,W,3] + per-view masks bool [M_v,H,W] -> PixelFeatures (one table).
+    masked: crop each mask's box with the pixels outside the mask painted out (module docstring)."""
     v, h, w, _ = rgb.shape
     if len(masks) != v:
         raise ValueError(f"{len(masks)} mask stacks for {v} views")
     frame_idx = [np.arange(v)]
     boxes = [np.tile(np.array([0, 0, h, w], np.float32), (v, 1))]  # whole frames first
+    crop_masks = [np.ones((v, h, w), bool)]
     for k, stack in enumerate(masks):
         frame_idx.append(np.full(len(stack), k))
         boxes.append(mask_boxes(stack))
+        crop_masks.append(stack)
     features = encode_boxes(
-        module, params, rgb, np.concatenate(frame_idx), np.concatenate(boxes), batch_size
+        module,
+        params,
+        rgb,
+        np.concatenate(frame_idx),
+        np.concatenate(boxes),
+        batch_size,
+        np.concatenate(crop_masks) if masked else None,
     )
     global_features, local = features[:v], features[v:]
     mask_ids = np.full((v, h, w), -1, np.int32)

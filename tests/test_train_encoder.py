@@ -1,5 +1,6 @@
 """The demo encoder's pretraining: crops of other rooms, read-outs that learn, a loadable ViT."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,13 +34,16 @@ def test_trained_vit_round_trips_and_bad_directories_are_one_line_errors(tmp_pat
 
 
 def test_crops_are_labelled_and_the_read_outs_learn(tmp_path):
-    crops, category, colour, room = train_encoder.object_crops(3, seed=7, views=4, size=32)
+    config = vit.ViTConfig.tiny(16)
+    crops, category, colour, room = train_encoder.object_crops(3, seed=7, views=4, config=config)
     assert crops.shape[1:] == (32, 32, 3) and crops.dtype == np.uint8
+    # Masked crops: pixels outside the object are the encoder's mean colour, in every crop.
+    mean = np.round(255 * np.asarray(config.image_mean)).astype(np.uint8)
+    assert (crops == mean).all(axis=-1).any(axis=(1, 2)).mean() > 0.5
     assert len(crops) == len(category) == len(colour) == len(room)
     structure = category == train_encoder.STRUCTURE
     assert structure.any() and (colour[structure] == -1).all()  # walls / floor: no colour label
     assert (colour[~structure] >= 0).all() and set(room.tolist()) == {0, 1, 2}
-    config = vit.ViTConfig.tiny(16)
     module = vit.ViT(config)
     before = train_encoder.train(crops, category, colour, config, steps=1, seed=0)
     after = train_encoder.train(crops, category, colour, config, steps=150, seed=0)
@@ -52,10 +56,13 @@ def test_crops_are_labelled_and_the_read_outs_learn(tmp_path):
 def test_main_writes_an_encoder_the_feature_pipeline_loads(tmp_path):
     out = tmp_path / "encoder"
     assert (
-        train_encoder.main(["--out", str(out), "--scenes", "2", "--steps", "2", "--width", "16"])
+        train_encoder.main(
+            ["--out", str(out), "--scenes", "2", "--steps", "2", "--width", "16", "--layers", "3"]
+        )
         == 0
     )
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"train", "held_out", "seconds"} and report["held_out"]["crops"] > 0
     module, _ = features.load_encoder(f"vit:{out}")
-    assert module.config == vit.ViTConfig.tiny(16)
+    tiny = vit.ViTConfig.tiny(16)
+    assert module.config == dataclasses.replace(tiny, num_layers=3, intermediate_size=64)

@@ -4,9 +4,15 @@ r"""`make demo`: the whole 3D-LLM chain on synthetic scenes, a tiny model and a 
 
 Stages, each one of the project's command lines (so the demo shows exactly what a user runs),
 each skipped when its output already exists (a rerun resumes):
-  scenes -> renders + contact sheets -> fusion features (random ViT) -> offline language data
-  -> tokenizer -> TFDS -> train the 3D-LLM -> train the blind baseline (no 3D input)
-  -> evaluate both on held-out scenes -> export -> ask -> PNGs (boxes, loss curves) -> table.
+  scenes -> renders + contact sheets -> fusion features (the demo ViT, masked crops) -> offline
+  language data -> tokenizer -> TFDS -> fine-tune the pretrained 3D-LLM -> fine-tune the
+  pretrained blind baseline (no 3D input) -> evaluate both on held-out scenes -> export -> ask
+  -> PNGs (boxes, loss curves) -> table.
+
+Like 3D-LLM (a pretrained BLIP-2, then 3D-language pretraining, then fine-tuning), the demo
+starts from pretrained weights: assets/demo/, built by tools/pretrain_demo.py on rooms of
+another seed than the demo's. The blind baseline is pretrained and fine-tuned exactly like the
+3D-LLM, on the same rooms and steps, with its point features zeroed throughout.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from tools import probe_features
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+# Built by tools/pretrain_demo.py (rooms of seed 1000, never the demo's): the ViT that
+# encodes the crops, and the 3D-LLM and blind models the demo fine-tunes.
+ASSETS = os.path.join(REPO, "assets", "demo")
+ENCODER = f"vit:{ASSETS}/encoder"
+PRETRAINED = {"3d": f"{ASSETS}/pretrained_3d", "blind": f"{ASSETS}/pretrained_blind"}
 
 
 def banner(text: str) -> None:
@@ -144,34 +155,39 @@ def qa_by_type(runs: dict[str, str], records: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--scenes", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    out = os.path.abspath(args.out)
-    scenes, features = f"{out}/scenes", f"{out}/features"
-    records, tokenizer, tfds_dir = f"{out}/language.jsonl", f"{out}/tokenizer", f"{out}/tfds"
-    start = time.time()
-
-    banner(f"1/9 synthetic scenes ({args.scenes})")
+def build_data(
+    out: str,
+    num_scenes: int,
+    seed: int,
+    encoder: str,
+    val_fraction: float = 0.25,
+    tokenizer: str | None = None,
+) -> dict[str, str]:
+    """Stages 1-5: scenes -> renders -> fusion features -> offline language -> tokenizer (trained
+    on the records unless `tokenizer` is given) -> TFDS, each skipped when done. -> the paths
+    {scenes, features, records, tokenizer, tfds}. Also the data of tools/pretrain_demo.py."""
+    paths = {
+        "scenes": f"{out}/scenes",
+        "features": f"{out}/features",
+        "records": f"{out}/language.jsonl",
+        "tokenizer": tokenizer or f"{out}/tokenizer",
+        "tfds": f"{out}/tfds",
+    }
+    scenes = paths["scenes"]
+    banner(f"1/9 synthetic scenes ({num_scenes})")
     run(
         [
             PY,
             "-m",
             "data_pipeline.scenes.synthetic",
             "--num-scenes",
-            str(args.scenes),
+            str(num_scenes),
             "--seed",
-            str(args.seed),
+            str(seed),
             "--out",
             scenes,
         ],
-        f"{scenes}/synth_{args.scenes - 1:04d}.npz",
+        f"{scenes}/synth_{num_scenes - 1:04d}.npz",
     )
 
     banner("2/9 multi-view renders + contact sheets")
@@ -187,12 +203,13 @@ def main() -> None:
             "--views",
             "8",
             "--seed",
-            str(args.seed),
+            str(seed),
         ],
-        f"{scenes}/views/synth_{args.scenes - 1:04d}.png",
+        f"{scenes}/views/synth_{num_scenes - 1:04d}.png",
     )
 
-    banner("3/9 pixel-aligned features lifted by fusion (random ViT)")
+    banner(f"3/9 pixel-aligned features lifted by fusion ({encoder})")
+    masked = ["--masked-crops"] if encoder.startswith("vit:") else []  # as train_encoder crops
     run(
         [
             PY,
@@ -203,12 +220,13 @@ def main() -> None:
             "--method",
             "fusion",
             "--encoder",
-            "random-vit:64",
+            encoder,
+            *masked,
             "--max-points",
             "1024",
             "--balance",
             "--out",
-            features,
+            paths["features"],
         ]
     )
 
@@ -223,60 +241,95 @@ def main() -> None:
             "--backend",
             "offline",
             "--val-fraction",
-            "0.25",
+            str(val_fraction),
             "--seed",
-            str(args.seed),
+            str(seed),
             "--out",
-            records,
+            paths["records"],
         ],
-        records,
+        paths["records"],
     )
 
     banner("5/9 tokenizer + TFDS")
-    if not os.path.exists(f"{tokenizer}/tokenizer.json"):
-        train_tokenizer(records, tokenizer)
+    if tokenizer:
+        print(f"tokenizer: {os.path.relpath(tokenizer)}")
+    elif not os.path.exists(f"{paths['tokenizer']}/tokenizer.json"):
+        train_tokenizer(paths["records"], paths["tokenizer"])
     run(
         [
             PY,
             "-m",
             "data_pipeline.tfds",
             "--features",
-            features,
+            paths["features"],
             "--language",
-            records,
+            paths["records"],
             "--out",
-            tfds_dir,
+            paths["tfds"],
         ],
-        f"{tfds_dir}/build_report.synthetic.json",
+        f"{paths['tfds']}/build_report.synthetic.json",
     )
+    return paths
+
+
+def train_and_eval(
+    workdir: str,
+    data: dict[str, str],
+    seed: int,
+    blind: bool,
+    steps: int | None = None,
+    pretrained: str = "",
+) -> None:
+    """experiments/train.py with the demo config (+ experiments/eval.py on the held-out scenes)."""
+    overrides = [
+        f"--config.data_dir={data['tfds']}",
+        f"--config.tokenizer={data['tokenizer']}",
+        f"--config.seed={seed}",
+    ]
+    if steps:
+        overrides.append(f"--config.total_steps={steps}")
+    if pretrained:
+        overrides.append(f"--config.model.pretrained={pretrained}")
+    if blind:
+        overrides.append("--config.data.blind=True")
+    run(
+        [
+            PY,
+            "experiments/train.py",
+            "--config",
+            "experiments/configs/demo.py",
+            "--workdir",
+            workdir,
+            *overrides,
+        ]
+    )
+    run(
+        [PY, "experiments/eval.py", "--workdir", workdir, "--split", "validation"],
+        f"{workdir}/eval/metrics.json",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="demo_out")
+    parser.add_argument("--scenes", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=None, help="default: the demo config's")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    out = os.path.abspath(args.out)
+    start = time.time()
+    # The pretrained models' tokenizer (pretrain_demo trained it on its rooms' records).
+    data = build_data(out, args.scenes, args.seed, ENCODER, tokenizer=PRETRAINED["3d"])
+    records, features = data["records"], data["features"]
 
     runs = {"3D-LLM": f"{out}/run_3d", "blind (no 3D input)": f"{out}/run_blind"}
     for i, (name, workdir) in enumerate(runs.items()):
         banner(f"{6 + i}/9 train: {name}")
-        overrides = [
-            f"--config.data_dir={tfds_dir}",
-            f"--config.tokenizer={tokenizer}",
-            f"--config.seed={args.seed}",
-        ]
-        if args.steps:
-            overrides.append(f"--config.total_steps={args.steps}")
-        if "blind" in name:
-            overrides.append("--config.data.blind=True")
-        run(
-            [
-                PY,
-                "experiments/train.py",
-                "--config",
-                "experiments/configs/demo.py",
-                "--workdir",
-                workdir,
-                *overrides,
-            ]
-        )
-        run(
-            [PY, "experiments/eval.py", "--workdir", workdir, "--split", "validation"],
-            f"{workdir}/eval/metrics.json",
-        )
+        blind = "blind" in name
+        pretrained = PRETRAINED["blind" if blind else "3d"]
+        train_and_eval(workdir, data, args.seed, blind, args.steps, pretrained)
 
     banner("8/9 export, ask, pictures")
     model = f"{out}/model"
@@ -322,7 +375,7 @@ def main() -> None:
     text += (
         "\n\nWhat the point features carry (tools/probe_features.py: a linear read-out of each "
         "object's mean feature, fitted on the training scenes):\n\n"
-        + probe_features.markdown(probe_features.probe_features(features, scenes, records))
+        + probe_features.markdown(probe_features.probe_features(features, data["scenes"], records))
     )
     print(text)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:

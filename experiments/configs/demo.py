@@ -1,7 +1,10 @@
-"""Demo: a tiny random-init 3D-LLM trained on the demo data on a laptop CPU in a few minutes.
+"""Demo: the tiny 3D-LLM (`LLM3DConfig.demo`) on a laptop CPU in a few minutes.
 
+`make demo` fine-tunes the pretrained model for `total_steps`:
     python experiments/train.py --config experiments/configs/demo.py --workdir RUN \
-        --config.data_dir=demo_out/tfds
+        --config.data_dir=demo_out/tfds --config.model.pretrained=assets/demo/pretrained_3d
+tools/pretrain_demo.py trains it from random init with the same config (model.pretrained "",
+config.tokenizer set, --config.total_steps 12000, then 8000 on the attribute questions).
 """
 
 import ml_collections
@@ -10,7 +13,9 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 4000
+    # Fine-tuning from assets/demo: 2000 steps, 16k examples, ~4 passes over the demo's
+    # training records. From scratch, 4000 steps gave held-out QA EM 52.7 (3D) vs 54.0 (blind).
+    c.total_steps = 2000
     c.batch_size = 8
     c.microbatches = 1  # gradient accumulation: batch_size / microbatches rows per pass
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1: all remaining devices

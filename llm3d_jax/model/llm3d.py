@@ -99,18 +99,17 @@ class LLM3DConfig:
 
     @classmethod
     def demo(cls, **overrides) -> LLM3DConfig:
-        """`make demo`: a small model trained from scratch on a CPU in minutes (128-wide Q-Former
-        and FlanT5-shaped LLM, 32 queries as released, 256 points). Differences from the
-        released shapes, each because everything starts from random init: the position
-        embedding is added at scale 1 (not 0.01: no pretrained feature scale to protect, and
-        grounding needs the positions); the features are layer-normed and the Q-Former
-        initialised with std 0.1 and cross-attends in every layer (at width 128 BLIP-2's 0.02
-        leaves the cross-attention uniform, a scene mean the same for every query: measured,
-        scene-to-scene spread of the query outputs 0.004 vs 0.65 with 0.1).
-        `seeded_queries` (each query starting from one of 32 evenly spaced points) makes a
-        from-scratch Q-Former tell objects apart on a toy task (tests/model/test_llm3d.py), but
-        does not help on the demo data at this budget: held-out QA EM 49.8 vs 50.8 blind (52.7
-        vs 54.0 without), dense-caption CIDEr 85.5 vs 83.3 (100.1 vs 86.8). It stays off here."""
+        """`make demo`: a small model that trains on a CPU in minutes (128-wide Q-Former and
+        FlanT5-shaped LLM, 32 queries as released, 256 points); `make demo` fine-tunes it from
+        assets/demo (tools/pretrain_demo.py). Differences from the released shapes, each because
+        everything starts from random init: the position embedding is added at scale 1 (not
+        0.01: no pretrained feature scale to protect, and grounding needs the positions); the
+        features are layer-normed; the Q-Former cross-attends in every layer; and its queries
+        are `seeded_queries`, each starting from one of 32 evenly spaced points. From scratch,
+        learned query tokens do not learn to tell objects apart (tests/model/test_llm3d.py; at
+        init 0.02 their cross-attention stays uniform, at 0.1 they spread but still do not
+        separate objects), seeded ones do; at init 0.1 post-LN layers scramble the seeds, so
+        the init is BLIP-2's 0.02."""
         base = cls(
             qformer=QFormerConfig.tiny(
                 hidden_size=128,
@@ -119,7 +118,8 @@ class LLM3DConfig:
                 encoder_hidden_size=64,
                 num_query_tokens=32,
                 cross_attention_frequency=1,
-                initializer_range=0.1,
+                initializer_range=0.02,
+                seeded_queries=True,
             ),
             llm=T5Config.tiny(
                 vocab_size=512,

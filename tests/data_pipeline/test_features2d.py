@@ -88,6 +88,36 @@ def test_pixel_features_through_the_vit():
     assert crop[0] @ f[0] < 0.9999
 
 
+def test_masked_crops_see_only_their_mask():
+    """A masked crop ignores what else is inside its box; a plain box crop does not."""
+    module, params = vit.random_vit(hidden_size=16)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, size=(1, 24, 20, 3), dtype=np.uint8)
+    mask = np.zeros((1, 24, 20), bool)
+    mask[0, :12, 4:16] = True
+    mask[0, 6:12, 4:10] = False  # an L: the box [0, 4, 12, 16] holds pixels outside the mask
+    other = rgb.copy()
+    other[0, 6:12, 4:10] = 255 - other[0, 6:12, 4:10]  # change only those pixels
+    boxes = features2d.mask_boxes(mask)
+    np.testing.assert_array_equal(boxes, [[0, 4, 12, 16]])
+
+    def crop(frames, masks=None):
+        return features2d.encode_boxes(module, params, frames, np.array([0]), boxes, masks=masks)
+
+    assert crop(rgb) @ crop(other).T < 0.9999
+    np.testing.assert_allclose(crop(rgb, mask), crop(other, mask), atol=1e-6)
+    # Masked = the plain crop of the frame with the outside painted the encoder's mean colour.
+    painted = rgb.copy()
+    painted[0][~mask[0]] = np.round(255 * np.asarray(module.config.image_mean))
+    np.testing.assert_allclose(crop(rgb, mask), crop(painted), atol=1e-6)
+    # pixel_features passes masked= through (two masks, so the crops weigh in beside f_G).
+    masks = [np.concatenate([mask, ~mask])]
+    plain, masked = (
+        features2d.pixel_features(module, params, rgb, masks, masked=m).table for m in (False, True)
+    )
+    assert plain.shape == masked.shape and not np.allclose(plain, masked, atol=1e-4)
+
+
 def test_mask_file_formats_and_bad_shapes(tmp_path):
     stack = np.zeros((2, 3, 4, 5), bool)
     stack[0, 0, :2] = True
