@@ -81,3 +81,30 @@ def test_attribute_question_types_are_ones_the_language_generator_writes():
             qtypes.add(record["meta"]["qtype"])
     assert set(pretrain_demo.ATTRIBUTE_QUESTIONS) <= qtypes, qtypes
     assert qtypes - set(pretrain_demo.ATTRIBUTE_QUESTIONS)  # and not all of them
+
+
+def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
+    """The script that built assets/demo, at toy size: encoder, data, both models, both phases."""
+    out = tmp_path / "assets"
+    argv = ["--out", str(out), "--scenes", "8", "--encoder-scenes", "2", "--encoder-steps", "2"]
+    assert pretrain_demo.main(argv + ["--steps", "2", "--attribute-steps", "2"]) == 0
+    encoder, _ = features.load_encoder(f"vit:{out / 'encoder'}")
+    work = out / "work"
+    with open(work / "attributes.jsonl") as f:
+        qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
+    assert qtypes and qtypes <= set(pretrain_demo.ATTRIBUTE_QUESTIONS)
+    configs = {}
+    for mode in ("3d", "blind"):
+        module, _, tokenizer, description = exported.load_exported_bundle(
+            out / f"pretrained_{mode}"
+        )
+        configs[mode] = module.config
+        assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
+        # Phase (b) starts from phase (a)'s export and ends at its own last step.
+        assert description["source"]["step"] == 2
+        assert description["source"]["run"].endswith(f"run_{mode}_attributes")
+        for run in (f"run_{mode}", f"run_{mode}_attributes"):
+            assert (work / run / "eval" / "metrics.json").exists()
+    assert configs["3d"] == configs["blind"] and configs["3d"].qformer.seeded_queries
+    with open(work / "run_blind_attributes" / "config.json") as f:
+        assert json.load(f)["data"]["blind"] is True

@@ -18,9 +18,9 @@ DIR gets the ViT (`vit.save_trained`: `config.json`, `model.safetensors`) and `r
 (train / held-out accuracy per read-out; held-out = the last 1/8 of the rooms).
 `python -m data_pipeline.features --encoder vit:DIR --masked-crops` then uses it. With the
 defaults (as tools/pretrain_demo.py runs it, assets/demo/encoder/report.json): 835 s on 2 CPU
-cores, held-out category 84.7% (majority 17.4%), colour 99.6%. Throwaway runs (grey fill), 384 rooms, 3000
-steps: plain box crops and 2 blocks 66.2%, masked crops 75.3%; on 1536 rooms and 8000 steps,
-masked, 2 blocks 82.4%, 4 blocks 85.4%.
+cores, held-out category 84.7% (majority 17.4%), colour 99.6%. Throwaway runs (grey fill),
+384 rooms and 3000 steps: box crops with 2 blocks 66.2%, masked crops 75.3%; 1536 rooms and
+8000 steps, masked: 2 blocks 82.4%, 4 blocks 85.4%.
 """
 
 from __future__ import annotations
