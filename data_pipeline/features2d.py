@@ -103,7 +103,7 @@ def encode_boxes(
 ) -> np.ndarray:
     """Pooled unit features [N,D] of N boxes, in fixed-size batches (one compilation). With
     masks bool [N,H,W], box n is cropped from `mask_background` of its frame and mask n."""
-    all_frames = jnp.asarray(frames)
+    all_frames = jnp.asarray(frames) if masks is None else None  # masked: per-batch frames
     n = len(frame_idx)
     out = []
     for start in range(0, n, batch_size):

@@ -163,9 +163,10 @@ def build_data(
     val_fraction: float = 0.25,
     tokenizer: str | None = None,
 ) -> dict[str, str]:
-    """Stages 1-5: scenes -> renders -> fusion features -> offline language -> tokenizer (trained
-    on the records unless `tokenizer` is given) -> TFDS, each skipped when done. -> the paths
-    {scenes, features, records, tokenizer, tfds}. Also the data of tools/pretrain_demo.py."""
+    """Stages 1-5: scenes -> renders -> fusion features (`encoder`: a tools/train_encoder.py ViT,
+    on masked crops) -> offline language -> tokenizer (trained on the records unless `tokenizer`
+    is given) -> TFDS, each skipped when done. -> the paths {scenes, features, records,
+    tokenizer, tfds}. Also the data of tools/pretrain_demo.py."""
     paths = {
         "scenes": f"{out}/scenes",
         "features": f"{out}/features",
@@ -209,7 +210,6 @@ def build_data(
     )
 
     banner(f"3/9 pixel-aligned features lifted by fusion ({encoder})")
-    masked = ["--masked-crops"] if encoder.startswith("vit:") else []  # as train_encoder crops
     run(
         [
             PY,
@@ -221,7 +221,7 @@ def build_data(
             "fusion",
             "--encoder",
             encoder,
-            *masked,
+            "--masked-crops",  # as tools/train_encoder.py crops what it learns from
             "--max-points",
             "1024",
             "--balance",
