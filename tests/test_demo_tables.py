@@ -41,3 +41,16 @@ def test_qa_by_type_scores_each_question_type_per_run(tmp_path):
     lines = demo.qa_by_type(runs, str(records)).splitlines()
     assert lines[0] == "| QA question type | n | 3D-LLM | blind |"
     assert lines[2:] == ["| exist | 2 | 100.0 | 50.0 |", "| floor_color | 1 | 100.0 | 0.0 |"]
+
+
+def test_loss_curves_png_from_each_runs_metrics(tmp_path):
+    runs = {}
+    for name, scale in (("3d", 1.0), ("blind", 1.2)):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        rows = [{"step": s, "loss": scale * (2.0 - s / 400)} for s in range(10, 410, 10)]
+        rows += [{"step": 200, "val_loss": scale}, {"step": 400, "val_loss": scale * 0.9}]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = str(workdir)
+    demo.plot_losses(runs, str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -76,6 +76,7 @@ def first_record(records: str, task: str, split: str = "val") -> dict:
 def plot_losses(runs: dict[str, str], path: str) -> None:
     """Training (and validation) loss of every run on one PNG."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,9 +85,13 @@ def plot_losses(runs: dict[str, str], path: str) -> None:
     for name, workdir in runs.items():
         with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        steps, loss = zip(*[(r["step"], r["loss"]) for r in rows if "loss" in r])
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        line = ax.plot(*zip(*train), label=f"{name} train")[0]
+        # Each logged loss is one batch of 8: faint as logged, solid as a running mean of 20.
+        line = ax.plot(steps, loss, alpha=0.2)[0]
+        window = min(20, len(loss))
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color=line.get_color(), label=f"{name} train")
         if val:
             ax.plot(*zip(*val), "o--", color=line.get_color(), label=f"{name} validation")
     ax.set_xlabel("step")
