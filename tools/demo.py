@@ -260,21 +260,17 @@ def build_data(
         print(f"tokenizer: {os.path.relpath(tokenizer)}")
     elif not os.path.exists(f"{paths['tokenizer']}/tokenizer.json"):
         train_tokenizer(paths["records"], paths["tokenizer"])
-    run(
-        [
-            PY,
-            "-m",
-            "data_pipeline.tfds",
-            "--features",
-            paths["features"],
-            "--language",
-            paths["records"],
-            "--out",
-            paths["tfds"],
-        ],
-        f"{paths['tfds']}/build_report.synthetic.json",
-    )
+    build_tfds(paths["features"], paths["records"], paths["tfds"])
     return paths
+
+
+def build_tfds(features: str, records: str, tfds_dir: str) -> None:
+    """python -m data_pipeline.tfds of these feature files and records; skipped when built."""
+    run(
+        [PY, "-m", "data_pipeline.tfds", "--features", features, "--language", records]
+        + ["--out", tfds_dir],
+        f"{tfds_dir}/build_report.synthetic.json",
+    )
 
 
 def train_and_eval(

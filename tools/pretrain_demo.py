@@ -104,20 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(f"{attributes['tfds']}/build_report.synthetic.json"):
         count = attribute_records(data["records"], attributes["records"])
         print(f"{count} attribute questions -> {attributes['records']}")
-    demo.run(
-        [
-            demo.PY,
-            "-m",
-            "data_pipeline.tfds",
-            "--features",
-            data["features"],
-            "--language",
-            attributes["records"],
-            "--out",
-            attributes["tfds"],
-        ],
-        f"{attributes['tfds']}/build_report.synthetic.json",
-    )
+    demo.build_tfds(data["features"], attributes["records"], attributes["tfds"])
 
     for mode in ("3d", "blind"):
         blind = mode == "blind"
