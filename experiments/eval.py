@@ -236,6 +236,7 @@ def compute_metrics(rows: list[dict]) -> dict:
             if gt:
                 out[key] = {
                     **grounding_metrics(pred, np.asarray(gt)),
+                    "without box": 100.0 * sum(p is None for p in pred) / len(pred),
                     "count": len(gt),
                     "skipped_without_gt_box": len(group) - len(gt),
                 }
@@ -337,6 +338,12 @@ def parse_args(argv=None):
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--free_locations",
+        action="store_true",
+        help="decode location tokens without the grammar (by default a started location run "
+        "always becomes a point or whole boxes with min <= max)",
+    )
     return parser.parse_args(argv)
 
 
@@ -373,6 +380,8 @@ def main(argv=None) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            loc_offset=0 if args.free_locations else run.module.config.llm.loc_offset,
+            loc_bins=0 if args.free_locations else run.module.config.llm.loc_bins,
         )
     except ValueError as err:
         raise InputError(None, str(err)) from None

@@ -47,7 +47,8 @@ def build_model(config):
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
-    for key in ("prefix_causal", "scan_layers"):
+    # point_tokens / loc_table_dim (demo.py): a pretrained model without them grows them.
+    for key in ("prefix_causal", "scan_layers", "point_tokens", "loc_table_dim"):
         if key in m:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
@@ -60,7 +61,15 @@ def build_model(config):
         # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
         # exported scanned model may be trained unscanned).
         params = llm3d.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
-        return llm3d.LLM3D(model_config), params
+        loaded = module.config
+        module = llm3d.LLM3D(model_config)
+        if (loaded.point_tokens, loaded.llm.loc_table_dim) != (
+            model_config.point_tokens,
+            model_config.llm.loc_table_dim,
+        ):
+            params, new = llm3d.grow_params(module, params, seed=config.seed)
+            print(f"{m.pretrained}: new params initialised at random: {', '.join(new)}")
+        return module, params
     if not hasattr(llm3d.LLM3DConfig, m.preset):
         raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
     model_config = getattr(llm3d.LLM3DConfig, m.preset)()
@@ -328,6 +337,8 @@ def build_generation(config, module, eval_data, state_sh, frozen_sh, data_sh):
         max_new_tokens=config.data.answer_len,
         eos_id=llm.eos_token_id,
         pad_id=llm.pad_token_id,
+        loc_offset=llm.loc_offset,
+        loc_bins=llm.loc_bins,
     )
     # Compiled once (fixed validation shapes); ids stay sharded like the batch rows.
     generate_step = jax.jit(

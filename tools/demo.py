@@ -134,6 +134,79 @@ def table(runs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# QA question types about where objects are relative to each other (the offline generator's)
+RELATIONAL = ("between", "between_yn", "near", "on", "on_yn", "bigger", "taller", "side")
+
+
+def category_prior_boxes(records: str, features: str) -> dict[str, list[float]]:
+    """The no-model grounding baseline: the record id of every held-out grounding question ->
+    the mean box (metres) of the training grounding answers about objects of its category."""
+    import numpy as np
+
+    from llm3d_jax import tokens
+    from llm3d_jax.fileio import load_npz
+
+    labels: dict[str, dict[int, str]] = {}
+
+    def category(record: dict) -> str:
+        scene = record["scene_id"]
+        if scene not in labels:
+            data = load_npz(f"{features}/{scene}.npz", required=("object_ids", "object_labels"))
+            labels[scene] = dict(zip(data["object_ids"].tolist(), data["object_labels"].tolist()))
+        return labels[scene][record["object_ids"][0]]
+
+    with open(records, encoding="utf-8") as f:
+        grounding = [r for r in map(json.loads, f) if r["task"] == "grounding"]
+    boxes = collections.defaultdict(dict)  # category -> {(scene, object): box}
+    for r in grounding:
+        if r["meta"].get("split") == "train":
+            key = (r["scene_id"], r["object_ids"][0])
+            boxes[category(r)][key] = tokens.parse_boxes(r["answers"][0])[0]
+    mean = {c: np.mean(list(b.values()), axis=0).tolist() for c, b in boxes.items()}
+    return {r["id"]: mean.get(category(r)) for r in grounding if r["meta"].get("split") != "train"}
+
+
+def grounding_table(runs: dict[str, str], records: str, features: str) -> str:
+    """Markdown: held-out grounding of each run next to the category-prior baseline, and QA
+    exact match over the relational question types as one group."""
+    import numpy as np
+
+    from llm3d_jax import tokens
+    from llm3d_jax.evaluate import grounding_metrics
+    from llm3d_jax.evaluate.answers import exact_match
+
+    prior = category_prior_boxes(records, features)
+    columns: dict[str, dict[str, float]] = {}
+    with open(records, encoding="utf-8") as f:
+        types = {r["id"]: r["meta"].get("qtype", "") for r in map(json.loads, f)}
+    for name, workdir in runs.items():
+        with open(os.path.join(workdir, "eval", "predictions.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        ground = [r for r in rows if r["task"] == "grounding"]
+        gt = np.asarray([tokens.parse_boxes(r["answers"][0])[0] for r in ground])
+        pred = [r["boxes"][0] if r["boxes"] else None for r in ground]
+        relational = [r for r in rows if r["task"] == "qa" and types.get(r["id"]) in RELATIONAL]
+        columns[name] = {
+            **grounding_metrics(pred, gt),
+            "answers without a box (%)": 100.0 * sum(p is None for p in pred) / max(len(pred), 1),
+            "relational QA EM": 100.0
+            * np.mean([exact_match(r["prediction"], r["answers"]) for r in relational]),
+            "n": len(ground),
+        }
+    ids = [r["id"] for r in ground]
+    gt = np.asarray([tokens.parse_boxes(r["answers"][0])[0] for r in ground])
+    columns["category prior"] = {**grounding_metrics([prior.get(i) for i in ids], gt)}
+    names = list(columns)
+    lines = [
+        f"| held-out grounding ({len(ids)} questions) | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for key in ("Acc@0.25", "Acc@0.5", "mIoU", "answers without a box (%)", "relational QA EM"):
+        cells = [f"{columns[n][key]:.1f}" if key in columns[n] else "-" for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def qa_by_type(runs: dict[str, str], records: str) -> str:
     """Markdown: QA exact match per question type (the records' `meta.qtype`), runs side by side.
     Shows where the 3D input helps: the blind model can only learn each type's answer prior."""
@@ -372,7 +445,8 @@ def main() -> None:
     plot_losses(runs, f"{out}/loss_curves.png")
 
     banner(f"9/9 held-out scenes: 3D-LLM vs blind baseline ({time.time() - start:.0f} s in all)")
-    text = table(runs) + "\n\nQA exact match per question type:\n\n" + qa_by_type(runs, records)
+    text = table(runs) + "\n\n" + grounding_table(runs, records, features)
+    text += "\n\nQA exact match per question type:\n\n" + qa_by_type(runs, records)
     text += (
         "\n\nWhat the point features carry (tools/probe_features.py: a linear read-out of each "
         "object's mean feature, fitted on the training scenes):\n\n"

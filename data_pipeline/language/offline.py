@@ -560,13 +560,58 @@ def questions(facts: Facts, rng) -> list:
     return items
 
 
+GROUNDING_FORMS = (
+    "Where is the {}?",
+    "Find the {}.",
+    "Locate the {}.",
+    "Show me the {}.",
+    "Where can I find the {}?",
+    "Point out the {}.",
+)
+
+
+def referring_expressions(facts: Facts, o: Obj) -> list[tuple[str, str]]:
+    """(phrase, qtype) pairs that pick out `o` alone: its name, its colour and category when that
+    pair is unique, and for a category with several objects the biggest / smallest one and the one
+    closest to each named object of another category."""
+    out = []
+    if o.id in facts.names:
+        out.append((facts.names[o.id], "ground"))
+    pairs = [(p.color, p.label) for p in facts.objects]
+    if o.color and pairs.count((o.color, o.label)) == 1 and facts.names.get(o.id) == o.label:
+        out.append((f"{o.color} {o.label}", "ground_color"))
+    same = [p for p in facts.objects if p.label == o.label]
+    if len(same) < 2:
+        return out
+    volumes = sorted(volume(p.box) for p in same)
+    if volume(o.box) == volumes[-1] and volumes[-1] > 1.2 * volumes[-2]:
+        out.append((f"biggest {o.label}", "ground_size"))
+    if volume(o.box) == volumes[0] and volumes[1] > 1.2 * volumes[0]:
+        out.append((f"smallest {o.label}", "ground_size"))
+    for ref in facts.objects:
+        if ref.label == o.label or ref.id not in facts.names:
+            continue
+        gaps = sorted(box_distance(p.box, ref.box) for p in same)
+        # closest by a clear margin, so the answer does not hang on a centimetre
+        if box_distance(o.box, ref.box) == gaps[0] and gaps[1] - gaps[0] > 0.3:
+            out.append((f"{o.label} closest to the {facts.names[ref.id]}", "ground_relation"))
+    return out
+
+
 def grounding(facts: Facts, rng) -> list:
-    forms = ("Where is the {}?", "Find the {}.")
-    return [
-        (forms[int(rng.integers(2))].format(facts.names[o.id]), format_box(o.box), [o.id], "ground")
-        for o in facts.objects
-        if o.id in facts.names
-    ]
+    """Two phrasings of each referring expression of every object (`referring_expressions`),
+    at most two relational expressions per object."""
+    out = []
+    for o in facts.objects:
+        expressions = referring_expressions(facts, o)
+        relational = [e for e in expressions if e[1] == "ground_relation"]
+        expressions = [e for e in expressions if e[1] != "ground_relation"]
+        expressions += sample(rng, relational, 2)
+        for phrase, qtype in expressions:
+            for k in rng.choice(len(GROUNDING_FORMS), 2, replace=False):
+                prompt = GROUNDING_FORMS[int(k)].format(phrase)
+                out.append((prompt, format_box(o.box), [o.id], qtype))
+    return out
 
 
 def decompositions(facts: Facts, rng) -> list:

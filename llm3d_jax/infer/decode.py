@@ -46,6 +46,10 @@ class DecodeConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # Location grammar (`location_mask`): with loc_bins > 0, once a location token starts a run
+    # the run becomes a point (3 tokens) or whole boxes (6k) with min <= max on every axis.
+    loc_offset: int = 0
+    loc_bins: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -62,6 +66,52 @@ class DecodeConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.loc_bins < 0 or (self.loc_bins and self.loc_offset < 1):
+            raise ValueError(
+                f"loc_bins must be >= 0 and loc_offset >= 1, got {self.loc_bins}, {self.loc_offset}"
+            )
+
+
+def location_mask(history: jax.Array, t, max_len: int, vocab: int, loc_offset: int, loc_bins: int):
+    """Which tokens may come at position `t` so that every location run stays well formed.
+
+    history: int [R, max_len], the tokens so far (positions >= t are ignored) -> bool [R, vocab].
+    A run of consecutive location tokens must end as a point (3) or as whole boxes (6k, each
+    `xmin ymin zmin xmax ymax zmax` with max >= min): inside a run only location tokens are
+    allowed, a max coordinate only from its min on, and a run is started or extended only when it
+    can still be completed before `max_len`. Outside a run everything is allowed.
+    """
+    rows = history.shape[0]
+    position = jnp.arange(max_len)
+    before = position[None, :] < t
+    is_loc = (history >= loc_offset) & (history < loc_offset + loc_bins) & before
+    # run length: positions since the last non-location token before t
+    last_other = jnp.max(jnp.where(before & ~is_loc, position[None, :], -1), axis=1)  # [R]
+    run = t - 1 - last_other
+    phase = run % 6
+
+    def need_after(length):  # tokens still needed once the run has `length` tokens
+        return jnp.where(length <= 3, 3 - length, (6 - length % 6) % 6)
+
+    room = max_len - 1 - t  # tokens that can still follow position t
+    loc_ok = need_after(run + 1) <= room
+    # a max coordinate (phase 3, 4, 5 of a box) is at least its min, 3 tokens back
+    lower = jnp.take_along_axis(history, jnp.clip(t - 3, 0, max_len - 1)[None, None], axis=1)
+    lower = jnp.where((run >= 3) & (phase >= 3), lower[:, 0] - loc_offset, 0)
+    other_ok = (run == 0) | (run == 3) | ((run > 0) & (phase == 0))
+    ids = jnp.arange(vocab)[None, :]
+    loc_id = (ids >= loc_offset) & (ids < loc_offset + loc_bins)
+    loc_allowed = loc_ok[:, None] & (ids - loc_offset >= lower[:, None])
+    allowed = jnp.where(loc_id, loc_allowed, other_ok[:, None])
+    return jnp.broadcast_to(allowed, (rows, vocab))
+
+
+def constrain(logits: jax.Array, history, t, max_len: int, loc_offset: int, loc_bins: int):
+    """logits [R,V] with the tokens `location_mask` forbids set to -inf (no-op for loc_bins 0)."""
+    if not loc_bins:
+        return logits
+    allowed = location_mask(history, t, max_len, logits.shape[-1], loc_offset, loc_bins)
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -98,15 +148,19 @@ def _sequential_decode(
     max_len: int,
     eos_id: int,
     pad_id: int,
+    loc_offset: int = 0,
+    loc_bins: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row per step, chosen by `pick(logits [B,V], step) -> [B]`.
+    """One token per row per step, chosen by `pick(logits [B,V], step) -> [B]` among the tokens
+    the location grammar allows (`constrain`; off for loc_bins 0).
 
     Returns tokens int32 [B, max_len] and the model log-probability of each row float32 [B].
     """
     batch = logits0.shape[0]
 
     def choose(t, logits, tokens, done, logp):
-        tok = jnp.where(done, pad_id, pick(logits, t).astype(jnp.int32))
+        allowed = constrain(logits, tokens, t, max_len, loc_offset, loc_bins)
+        tok = jnp.where(done, pad_id, pick(allowed, t).astype(jnp.int32))
         logp = logp + jnp.where(done, 0.0, _token_logp(logits, tok))
         return tokens.at[:, t].set(tok), done | (tok == eos_id), logp
 
@@ -130,11 +184,12 @@ def _sequential_decode(
     return tokens, logp
 
 
-def greedy_decode(step_fn, cache, logits0, *, max_len: int, eos_id: int, pad_id: int):
-    """Argmax at every step. -> tokens int32 [B, max_len], log-probability float32 [B]."""
+def greedy_decode(step_fn, cache, logits0, *, max_len: int, eos_id: int, pad_id: int, **grammar):
+    """Argmax at every step. -> tokens int32 [B, max_len], log-probability float32 [B].
+    grammar: loc_offset, loc_bins (`constrain`)."""
     pick = lambda logits, t: jnp.argmax(logits, axis=-1)
     return _sequential_decode(
-        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **grammar
     )
 
 
@@ -150,6 +205,7 @@ def sample_decode(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    **grammar,
 ):
     """Ancestral sampling with temperature and top-k / top-p filtering.
 
@@ -161,7 +217,7 @@ def sample_decode(
         return jax.random.categorical(jax.random.fold_in(rng, t), scaled, axis=-1)
 
     return _sequential_decode(
-        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **grammar
     )
 
 
@@ -175,6 +231,8 @@ def beam_search(
     eos_id: int,
     pad_id: int,
     length_penalty: float = 0.0,
+    loc_offset: int = 0,
+    loc_bins: int = 0,
 ):
     """Beam search keeping `num_beams` alive and `num_beams` finished hypotheses per row.
 
@@ -214,7 +272,9 @@ def beam_search(
 
     def body(s):
         t = s["t"]
-        logp = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1).reshape(batch, k, vocab)
+        logp = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
+        history = s["alive_seq"].reshape(batch * k, max_len)
+        logp = constrain(logp, history, t, max_len, loc_offset, loc_bins).reshape(batch, k, vocab)
         cand = (s["alive_logp"][:, :, None] + logp).reshape(batch, k * vocab)
         top_logp, top_idx = jax.lax.top_k(cand, 2 * k)  # [B,2K], best first
         parent = top_idx // vocab
@@ -258,7 +318,13 @@ def beam_search(
 
 def decode(step_fn, cache, logits0, config: DecodeConfig, rng: jax.Array | None = None):
     """Dispatches on `config.strategy`. -> tokens int32 [B, max_new_tokens], scores float32 [B]."""
-    common = dict(max_len=config.max_new_tokens, eos_id=config.eos_id, pad_id=config.pad_id)
+    common = dict(
+        max_len=config.max_new_tokens,
+        eos_id=config.eos_id,
+        pad_id=config.pad_id,
+        loc_offset=config.loc_offset,
+        loc_bins=config.loc_bins,
+    )
     if config.strategy == "greedy":
         return greedy_decode(step_fn, cache, logits0, **common)
     if config.strategy == "beam":

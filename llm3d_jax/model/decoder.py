@@ -96,6 +96,9 @@ class DecoderConfig:
     pad_token_id: int = 0
     loc_offset: int = 0  # id of <loc0>; = vocab_size when no tokenizer says otherwise
     loc_bins: int = 0  # number of location tokens; 0: the plain LLM
+    # >0: location rows are learnt projections of the position embedding's sin/cos table of
+    # this width (location_rows.rows_from_table); 0: free rows
+    loc_table_dim: int = 0
     prefix_causal: bool = True  # False: slots < prefix_len attend bidirectionally
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each layer in the backward pass
@@ -520,7 +523,9 @@ class Decoder(nn.Module):
         if c.loc_bins:
             # Small tables: replicated (None) rather than split over the vocab axis.
             self.loc_embed = self.param(
-                "loc_embed", _param_init(c.init_std, (None, "embed")), (c.loc_bins, e)
+                "loc_embed",
+                _param_init(c.init_std, (None, "embed")),
+                (c.loc_table_dim or c.loc_bins, e),
             )
         if not c.tie_word_embeddings:
             self.lm_head = self.param(
@@ -528,7 +533,9 @@ class Decoder(nn.Module):
             )
             if c.loc_bins:
                 self.loc_head = self.param(
-                    "loc_head", _param_init(c.init_std, ("embed", None)), (e, c.loc_bins)
+                    "loc_head",
+                    _param_init(c.init_std, ("embed", None)),
+                    (e, c.loc_table_dim or c.loc_bins),
                 )
         if c.family == "opt":
             self.embed_positions = self.param(
@@ -565,7 +572,11 @@ class Decoder(nn.Module):
     def embed(self, ids):
         """ids int [B,L] (base ids below loc_offset, location ids after) -> [B,L,token_dim]."""
         c = self.config
-        loc_table = self.loc_embed if c.loc_bins else None
+        loc_table = None
+        if c.loc_bins:
+            loc_table, _ = location_rows.rows_from_table(
+                self.loc_embed, None, c.loc_bins, c.loc_table_dim
+            )
         return location_rows.embed(
             ids, self.embed_tokens, loc_table, c.loc_offset, c.loc_bins, c.compute_dtype
         )
@@ -577,7 +588,10 @@ class Decoder(nn.Module):
         head = self.embed_tokens if tied else self.lm_head
         loc_head = None
         if c.loc_bins:
-            loc_head = self.loc_embed if tied else self.loc_head
+            rows, head_rows = location_rows.rows_from_table(
+                self.loc_embed, None if tied else self.loc_head, c.loc_bins, c.loc_table_dim
+            )
+            loc_head = rows if tied else head_rows
         return location_rows.logits(
             h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
         )

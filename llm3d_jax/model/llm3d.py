@@ -68,6 +68,10 @@ class LLM3DConfig:
     # to leave its uniform start (it stays a mean over the scene); off for BLIP-2 weights.
     feature_norm: bool = False
     num_points: int = 5000  # points per scene the data pipeline samples or pads to
+    # >0: this many evenly spaced points (`spread_seeds`), each projected to the LLM width, follow
+    # the queries in the LLM input, so the LLM can read where things are directly (grounding);
+    # 0: the LLM sees the queries only, as the released 3D-LLM.
+    point_tokens: int = 0
 
     def __post_init__(self):
         if self.posembed_mode not in MODES:
@@ -170,6 +174,7 @@ def with_overrides(
     vocab_size: int | None = None,
     loc_offset: int | None = None,
     loc_bins: int | None = None,
+    loc_table_dim: int | None = None,
     prefix_causal: bool | None = None,
     scan_layers: bool | None = None,
     **fields,
@@ -204,6 +209,8 @@ def with_overrides(
         llm = dataclasses.replace(llm, loc_offset=loc_offset)
     if loc_bins is not None:
         llm = dataclasses.replace(llm, loc_bins=loc_bins)
+    if loc_table_dim is not None:
+        llm = dataclasses.replace(llm, loc_table_dim=loc_table_dim)
     feature_dim = config.feature_dim if feature_dim is None else feature_dim
     mode = fields.get("posembed_mode", config.posembed_mode)
     qformer = dataclasses.replace(qformer, encoder_hidden_size=output_dim(mode, feature_dim))
@@ -251,31 +258,54 @@ class LLM3D(nn.Module):
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         )
+        if c.point_tokens:
+            self.point_proj = nn.Dense(
+                c.llm_width,
+                dtype=c.llm.compute_dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(c.qformer.initializer_range), (None, "embed")
+                ),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+            )
         self.llm = T5(c.llm) if self.is_t5 else Decoder(c.llm)
 
     @property
     def is_t5(self) -> bool:
         return isinstance(self.config.llm, T5Config)
 
-    def query_embeds(self, features, voxels, point_mask, deterministic=True):
-        """-> projected queries [B,Q,d_model]: the 3D scene as the LLM sees it."""
-        if self.config.feature_norm:
+    def scene_tokens(self, features, voxels, point_mask, deterministic=True):
+        """-> (the 3D scene as the LLM sees it [B,S,width], its mask bool [B,S]): the projected
+        queries [B,Q,width], then with `point_tokens` P projected points [B,P,width]."""
+        c = self.config
+        if c.feature_norm:
             features = self.feature_norm(features.astype(jnp.float32))
         points = self.posembed(features, voxels)  # [B,N,D']
         seeds = None
-        if self.config.qformer.seeded_queries:
-            index = spread_seeds(point_mask, self.config.qformer.num_query_tokens)
+        if c.qformer.seeded_queries:
+            index = spread_seeds(point_mask, c.qformer.num_query_tokens)
             seeds = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,Q,D']
-        return self.proj(self.qformer(points, point_mask, deterministic, query_seeds=seeds))
+        tokens = self.proj(self.qformer(points, point_mask, deterministic, query_seeds=seeds))
+        mask = jnp.ones(tokens.shape[:2], bool)
+        if c.point_tokens:
+            index = spread_seeds(point_mask, c.point_tokens)  # [B,P]
+            picked = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,P,D']
+            tokens = jnp.concatenate([tokens, self.point_proj(picked).astype(tokens.dtype)], 1)
+            picked_mask = jnp.take_along_axis(jnp.asarray(point_mask, bool), index, axis=1)
+            mask = jnp.concatenate([mask, picked_mask], axis=1)
+        return tokens, mask
+
+    def query_embeds(self, features, voxels, point_mask, deterministic=True):
+        """-> projected queries [B,Q,width] (the scene tokens without the point tokens)."""
+        tokens, _ = self.scene_tokens(features, voxels, point_mask, deterministic)
+        return tokens[:, : self.config.qformer.num_query_tokens]
 
     def prefix(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
-        """-> ([queries; embedded prompt] [B,Q+Lp,width], its mask bool [B,Q+Lp])."""
-        queries = self.query_embeds(features, voxels, point_mask, deterministic)
+        """-> ([scene tokens; embedded prompt] [B,S+Lp,width], its mask bool [B,S+Lp])."""
+        scene, scene_mask = self.scene_tokens(features, voxels, point_mask, deterministic)
         dtype = self.config.llm.compute_dtype
-        embeds = jnp.concatenate([queries.astype(dtype), self.llm.embed(prompt_ids)], axis=1)
-        mask = jnp.concatenate(
-            [jnp.ones(queries.shape[:2], bool), prompt_mask.astype(bool)], axis=1
-        )
+        embeds = jnp.concatenate([scene.astype(dtype), self.llm.embed(prompt_ids)], axis=1)
+        mask = jnp.concatenate([scene_mask, prompt_mask.astype(bool)], axis=1)
         return embeds, mask
 
     def encode(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
@@ -399,6 +429,24 @@ def init_params(module: LLM3D, seed: int = 0, batch: int = 1, points: int = 4) -
     inputs = example_inputs(module.config, batch=batch, points=points)
     init = jax.jit(lambda rng: nn.unbox(module.init(rng, **inputs))["params"])
     return init(jax.random.key(seed))
+
+
+def grow_params(module: LLM3D, params: dict, seed: int = 0) -> tuple[dict, list[str]]:
+    """Params of another config of the same model (e.g. loaded before `point_tokens` or
+    `loc_table_dim` were set) -> (params for `module`, the "/"-joined paths initialised afresh):
+    every param `module` has keeps its loaded value when the shapes agree; the others are new
+    (a random init), and loaded params `module` does not have are dropped."""
+    fresh = traverse_util.flatten_dict(init_params(module, seed=seed))
+    loaded = traverse_util.flatten_dict(params)
+    out, new = {}, []
+    for path, value in fresh.items():
+        old = loaded.get(path)
+        if old is not None and tuple(old.shape) == tuple(value.shape):
+            out[path] = old
+        else:
+            out[path] = value
+            new.append("/".join(path))
+    return traverse_util.unflatten_dict(out), new
 
 
 def abstract_params(module: LLM3D) -> dict:

@@ -68,6 +68,9 @@ class T5Config:
     eos_token_id: int = 1
     loc_offset: int = 0  # id of <loc0>; = vocab_size when no tokenizer says otherwise
     loc_bins: int = 0  # number of location tokens; 0: a plain T5
+    # >0: location rows are learnt projections of the position embedding's sin/cos table of
+    # this width (location_rows.rows_from_table); 0: free rows
+    loc_table_dim: int = 0
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each block in the backward pass
     scan_layers: bool = False  # stack blocks on a leading axis and run them with nn.scan
@@ -499,8 +502,11 @@ class T5(nn.Module):
         )
         if c.loc_bins:
             # Small tables: replicated (None) rather than split over the vocab axis.
+            rows = c.loc_table_dim or c.loc_bins
+            # table rows: entries ~1, so scale the projection to give unit-variance embeddings
+            std = (2.0 / c.loc_table_dim) ** 0.5 if c.loc_table_dim else 1.0
             self.loc_embed = self.param(
-                "loc_embed", _param_init(1.0, (None, "embed")), (c.loc_bins, c.d_model)
+                "loc_embed", _param_init(std, (None, "embed")), (rows, c.d_model)
             )
         if not c.tie_word_embeddings:
             self.lm_head = self.param(
@@ -512,7 +518,7 @@ class T5(nn.Module):
                 self.loc_head = self.param(
                     "loc_head",
                     _param_init(c.d_model**-0.5, ("embed", None)),
-                    (c.d_model, c.loc_bins),
+                    (c.d_model, c.loc_table_dim or c.loc_bins),
                 )
         self.encoder = T5Stack(c, is_decoder=False)
         self.decoder = T5Stack(c, is_decoder=True)
@@ -520,7 +526,11 @@ class T5(nn.Module):
     def embed(self, ids):
         """ids int [B,L] (base ids below loc_offset, location ids after) -> [B,L,d]."""
         c = self.config
-        loc_table = self.loc_embed if c.loc_bins else None
+        loc_table = None
+        if c.loc_bins:
+            loc_table, _ = location_rows.rows_from_table(
+                self.loc_embed, None, c.loc_bins, c.loc_table_dim
+            )
         return location_rows.embed(
             ids, self.shared, loc_table, c.loc_offset, c.loc_bins, c.compute_dtype
         )
@@ -534,7 +544,10 @@ class T5(nn.Module):
         head = self.shared if tied else self.lm_head
         loc_head = None
         if c.loc_bins:
-            loc_head = self.loc_embed if tied else self.loc_head
+            rows, head_rows = location_rows.rows_from_table(
+                self.loc_embed, None if tied else self.loc_head, c.loc_bins, c.loc_table_dim
+            )
+            loc_head = rows if tied else head_rows
         return location_rows.logits(
             h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
         )

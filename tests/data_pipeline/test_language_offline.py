@@ -175,8 +175,26 @@ def check_record(scene, r):
             assert a == ("yes" if 0.2 <= t <= 0.8 and d <= 0.5 else "no"), q
             if a == "no":
                 assert t < -0.1 or t > 1.1 or d > 1.2
-    elif kind == "ground":
-        o = named[re.fullmatch(r"(?:Where is|Find) the (.+?)[?.]", q).group(1)]
+    elif kind.startswith("ground"):
+        forms = "|".join(re.escape(f.split("{}")[0]) for f in offline.GROUNDING_FORMS)
+        phrase = re.fullmatch(rf"(?:{forms})(.+?)(?: is)?[?.]", q).group(1)
+        size = re.fullmatch(r"(biggest|smallest) (.+)", phrase)
+        near = re.fullmatch(r"(.+?) closest to the (.+)", phrase)
+        if kind == "ground":
+            o = named[phrase]
+        elif kind == "ground_color":
+            (o,) = [p for p in objs if f"{p.color} {p.label}" == phrase]
+            assert len(by_label(objs, o.label)) == 1
+        elif kind == "ground_size":
+            same = sorted(
+                by_label(objs, size.group(2)), key=lambda p: np.prod(p.box[3:] - p.box[:3])
+            )
+            o = same[-1] if size.group(1) == "biggest" else same[0]
+        else:
+            ref = named[near.group(2)]
+            same = sorted(by_label(objs, near.group(1)), key=lambda p: gap(p, ref))
+            assert len(same) >= 2 and gap(same[1], ref) - gap(same[0], ref) > 0.3, q
+            o = same[0]
         boxes, _ = parse_locations(a)
         np.testing.assert_allclose(boxes[0], o.box, atol=0.006)
         assert r["object_ids"] == [o.id]
