@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data_pipeline.lift.voxelize import GRID, grid_for_bounds
 from data_pipeline.scenes import Scene
 from llm3d_jax.convert.pth import read_pth
-from llm3d_jax.fileio import InputError, cli_main, save_npz_atomic
+from llm3d_jax.fileio import InputError, child_path, cli_main, save_npz_atomic
 
 FORMAT_VERSION = 1
 
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             scene = None
             if args.scenes:
-                scene = Scene.load(os.path.join(args.scenes, f"{scene_id}.npz"))
-            arrays = import_scene(path, os.path.join(args.voxels, f"{scene_id}.npy"), scene)
-            save_npz_atomic(os.path.join(args.out, f"{scene_id}.npz"), **arrays)
+                scene = Scene.load(child_path(args.scenes, scene_id, ".npz", path))
+            arrays = import_scene(path, child_path(args.voxels, scene_id, ".npy", path), scene)
+            save_npz_atomic(child_path(args.out, scene_id, ".npz", path), **arrays)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed.append(scene_id)

@@ -40,7 +40,7 @@ from data_pipeline.language import boxes_demo, chatcaptioner, importers, offline
 from data_pipeline.language.openai_client import ChatClient, ChatConfig, OfflineChat
 from data_pipeline.language.records import TASKS, read_records, validate_record
 from data_pipeline.language.stats import write_report
-from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic
+from llm3d_jax.fileio import InputError, child_path, cli_main, write_jsonl_atomic
 
 PROCEDURES = ("offline", "boxes_demo", "chatcaptioner", "revision")
 IMPORTS = ("scanqa", "sqa3d", "scanrefer", "3dllm")
@@ -164,7 +164,12 @@ def scene_files(directory: str | None) -> dict[str, str]:
 def load_scene(path: str):
     from data_pipeline.scenes import Scene
 
-    return Scene.load(path)
+    scene = Scene.load(path)
+    # Records name their scene by its id and are joined with `<scene_id>.npz` downstream.
+    name = os.path.basename(path)[: -len(".npz")]
+    if scene.scene_id != name:
+        raise InputError(path, f"meta.scene_id {scene.scene_id!r} differs from the file name")
+    return scene
 
 
 def assign_splits(records: list[dict], val_fraction: float, seed: int) -> None:
@@ -228,7 +233,7 @@ def make_worker(args, tasks: tuple[str, ...], sources: dict[str, list[dict]] | N
 
             scene = load_scene(path)
             if args.views:
-                views = Views.load(os.path.join(args.views, f"{sid}.npz"))
+                views = Views.load(child_path(args.views, sid, ".npz"))
             else:
                 views = render_scene(scene, num_views=args.num_views, seed=args.seed)
             if vision is None:
@@ -414,7 +419,7 @@ def import_dataset(args) -> int:
 
         def scene_of(sid):
             if sid not in scenes:
-                raise InputError(os.path.join(args.scenes, f"{sid}.npz"), "file not found")
+                raise InputError(child_path(args.scenes, sid, ".npz", args.input), "file not found")
             return load_scene(scenes[sid])
 
         records, problems = importers.import_scanrefer(args.input, scene_of, known)

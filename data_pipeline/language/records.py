@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from llm3d_jax.fileio import InputError
+from llm3d_jax.fileio import InputError, name_problem
 
 TASKS = (
     "caption",
@@ -171,6 +171,8 @@ def validate_record(record, known_scenes: set[str] | None = None) -> None:
             parse_locations(text)
         except ValueError as err:
             raise ValueError(f"malformed location in {where}: {err}") from None
+    if name_problem(record["scene_id"]):  # it names the scene's files
+        raise ValueError(f"scene_id {record['scene_id']!r:.80} {name_problem(record['scene_id'])}")
     if known_scenes is not None and record["scene_id"] not in known_scenes:
         raise ValueError(f"unknown scene {record['scene_id']!r}")
 

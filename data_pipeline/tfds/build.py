@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data_pipeline.tfds.builders import CONFIGS, TASKS, Llm3dLanguage, Llm3dScenes
 from llm3d_jax import tokens
 from llm3d_jax.data.sources import LANGUAGE_DATASET, SCENE_DATASET
-from llm3d_jax.fileio import InputError, load_npz, write_text_atomic
+from llm3d_jax.fileio import InputError, child_path, load_npz, name_problem, write_text_atomic
 
 SPLITS = ("train", "validation")
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation"}
@@ -88,6 +88,8 @@ def _check_record(raw: dict, config) -> str | None:
     for key in ("id", "scene_id", "task", "prompt"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             return f"bad field: {key!r} must be a non-empty string"
+    if name_problem(raw["scene_id"]):  # it names a file in the features folder
+        return f"bad scene id: {raw['scene_id']!r:.80} {name_problem(raw['scene_id'])}"
     if raw["task"] not in TASKS:
         return f"unknown task: {raw['task']!r}"
     answers = raw.get("answers")
@@ -291,7 +293,7 @@ def build(
     wanted: dict[str, set[str]] = {s: set() for s in SPLITS}
     kept = []
     for r in records:
-        if not os.path.isfile(os.path.join(features_dir, r["scene_id"] + ".npz")):
+        if not os.path.isfile(child_path(features_dir, r["scene_id"], ".npz", records_path)):
             report.reject_record(r["id"], r["line"], f"missing scene: {r['scene_id']}.npz")
             continue
         wanted[r["split"]].add(r["scene_id"])
@@ -300,7 +302,7 @@ def build(
     if not records:
         raise InputError(records_path, _no_records(report))
     all_ids = sorted(set().union(*wanted.values()))
-    paths = {s: os.path.join(features_dir, s + ".npz") for s in all_ids}
+    paths = {s: child_path(features_dir, s, ".npz", records_path) for s in all_ids}
     dim = _feature_width([paths[s] for s in all_ids])
     if dim is None:
         raise InputError(features_dir, "no readable scene feature file referenced by the records")
