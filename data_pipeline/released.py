@@ -46,6 +46,8 @@ def read_released_features(path: str) -> np.ndarray:
         raise InputError(
             path, f"features must be a float [N,D] tensor, got {features.dtype} {features.shape}"
         )
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(path, f"the feature tensor holds no rows (shape {features.shape})")
     if not np.isfinite(features).all():
         raise InputError(path, "features contain NaN or inf")
     return features.astype(np.float32)
