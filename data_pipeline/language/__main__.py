@@ -134,11 +134,43 @@ def parse_args(argv):
         help="import: meta.split of every imported record",
     )
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.out.endswith(".jsonl"):
         raise InputError(args.out, "--out must name a .jsonl file")
     if not 0.0 <= args.val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     return args
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(None, f"--temperatures: {part.strip()!r} is not a number") from None
+        if not 0.0 <= value <= 2.0:
+            raise InputError(None, f"--temperatures must be in [0, 2], got {part.strip()}")
+        values.append(value)
+    return tuple(values)
+
+
+def check_numbers(args) -> None:
+    """One-line errors for numbers no run can use (negative timeouts, no attempts, ...)."""
+    # `not x > 0` also refuses NaN.
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise InputError(None, f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.max_retries < 0:
+        raise InputError(None, f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.concurrency < 1:
+        raise InputError(None, f"--concurrency must be >= 1, got {args.concurrency}")
+    if not args.backoff >= 0:
+        raise InputError(None, f"--backoff must be >= 0 seconds, got {args.backoff}")
+    if args.num_views < 1:
+        raise InputError(None, f"--num-views must be >= 1, got {args.num_views}")
+    if args.rounds < 1:
+        raise InputError(None, f"--rounds must be >= 1, got {args.rounds}")
+    args.temperature_values = parse_temperatures(args.temperatures)
 
 
 def out_paths(out: str) -> dict[str, str]:
@@ -221,8 +253,10 @@ def make_worker(args, tasks: tuple[str, ...], sources: dict[str, list[dict]] | N
         return lambda sid, path: (offline.generate(load_scene(path), args.seed, tasks), [])
     if args.procedure == "boxes_demo":
         chat = make_chat(args, boxes_demo.offline_respond)
-        temps = tuple(float(t) for t in args.temperatures.split(","))
-        btasks = tuple(t for t in tasks if t in boxes_demo.TASKS) or boxes_demo.TASKS
+        temps = args.temperature_values
+        btasks = (
+            tuple(t for t in tasks if t in boxes_demo.TASKS) if args.tasks else boxes_demo.TASKS
+        )
         return lambda sid, path: boxes_demo.records_for_scene(load_scene(path), chat, btasks, temps)
     if args.procedure == "chatcaptioner":
         questioner = make_chat(args, chatcaptioner.offline_respond)
@@ -316,6 +350,18 @@ def generate(args) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise InputError(None, f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    if args.tasks and args.procedure in ("chatcaptioner", "revision"):
+        raise InputError(
+            None, f"--tasks is for offline and boxes_demo; {args.procedure} makes its own tasks"
+        )
+    if args.tasks and args.procedure == "boxes_demo":
+        cannot = [t for t in tasks if t not in boxes_demo.TASKS]
+        if cannot:  # never silently swapped for other tasks
+            raise InputError(
+                None,
+                f"--tasks: boxes_demo does not make {cannot[0]!r} "
+                f"(it makes {', '.join(boxes_demo.TASKS)})",
+            )
     sources = revision_sources(args.input) if args.procedure == "revision" and args.input else None
     if sources is not None and not scenes:
         scenes = dict.fromkeys(sorted(sources))
