@@ -5,10 +5,12 @@
 scene's records share a split), reads each referenced scene feature file once, and rejects bad
 items with a reason instead of stopping:
 
-  scene:  unreadable file or missing keys, NaN/Inf points or features, feature width differing
-          from the dataset's (the first good scene's width), inconsistent shapes, no points, bad grid
-  record: invalid JSON or fields, empty answers, unknown task, source not in the config,
-          duplicate id, missing scene file, rejected scene, malformed location placeholder
+  scene:  unreadable file or missing keys, NaN/Inf points or features, voxels that are not
+          integers in 0..255, feature width differing from the dataset's (the first good
+          scene's width), inconsistent shapes, no points, bad grid
+  record: invalid UTF-8 or JSON or fields, a scene id that is not a plain file name, empty
+          answers, unknown task, source not in the config, duplicate id, missing scene file,
+          rejected scene, malformed location placeholder
 
 The report (counts, every rejection with its reason, bytes on disk per scene against the raw
 npz) is returned, written to TFDS_DIR/build_report.<config>.json and summarised on stdout.
@@ -113,13 +115,18 @@ def read_records(path: str, config, val_fraction: float, seed: int, report: Repo
     if not os.path.isfile(path):
         raise InputError(path, "file not found")
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     for line_no, line in enumerate(tqdm(lines, desc="records", unit="rec"), start=1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:  # one bad line, not a bad file
+            report.reject_record(None, line_no, f"invalid UTF-8: {err.reason} at byte {err.start}")
+            continue
+        try:
+            raw = json.loads(text)
         except json.JSONDecodeError as err:
             report.reject_record(None, line_no, f"invalid JSON: {err.msg}")
             continue
@@ -171,6 +178,13 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
     if not np.all(np.isfinite(features16)):
         raise bad("NaN/Inf in features")
     voxels = np.asarray(data["voxels"])
+    if voxels.dtype.kind == "f":
+        if not np.all(np.isfinite(voxels)):
+            raise bad("NaN/Inf in voxels")
+        if np.any(voxels != np.round(voxels)):
+            raise bad("voxels must be integers")
+    elif voxels.dtype.kind not in "iu":
+        raise bad(f"voxels must be integers, got {voxels.dtype}")
     if voxels.min() < 0 or voxels.max() > 255:
         raise bad("voxels outside 0..255")
     origin = np.asarray(data["grid_origin"], np.float32).reshape(-1)
