@@ -37,8 +37,10 @@ from llm3d_jax.fileio import (
     child_path,
     cli_main,
     load_npz,
+    output_folder,
     save_npz_atomic,
     write_bytes_atomic,
+    writing,
 )
 from llm3d_jax.model import vit
 
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.balance and not args.max_points:
         raise InputError(None, "--balance shares out --max-points: give --max-points N too")
     module, params = load_encoder(args.encoder)
+    output_folder(args.out)
     views_dir = os.path.join(args.scenes, "views")
     settings = {
         "method": args.method,
@@ -275,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                 "num_views": int(len(views.depth)),
                 "format_version": FORMAT_VERSION,
             }
-            save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
-            if args.preview:
-                title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
-                png = preview_png(arrays, title)
-                write_bytes_atomic(child_path(args.out, scene.scene_id, ".png"), png)
+            with writing(args.out):
+                save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
+                if args.preview:
+                    title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
+                    png = preview_png(arrays, title)
+                    write_bytes_atomic(child_path(args.out, scene.scene_id, ".png"), png)
             bar.set_postfix(points=len(arrays["points"]), s=f"{time.perf_counter() - start:.1f}")
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)

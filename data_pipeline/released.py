@@ -29,7 +29,14 @@ from tqdm import tqdm
 from data_pipeline.lift.voxelize import GRID, grid_for_bounds
 from data_pipeline.scenes import Scene
 from llm3d_jax.convert.pth import read_pth
-from llm3d_jax.fileio import InputError, child_path, cli_main, save_npz_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    output_folder,
+    save_npz_atomic,
+    writing,
+)
 
 FORMAT_VERSION = 1
 
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(glob.glob(os.path.join(args.features, "*.pt")))
     if not paths:
         raise InputError(args.features, "no .pt feature files")
+    output_folder(args.out)
     failed = []
     for path in tqdm(paths, desc="import released", unit="scene"):
         scene_id = os.path.splitext(os.path.basename(path))[0]
@@ -147,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.scenes:
                 scene = Scene.load(child_path(args.scenes, scene_id, ".npz", path))
             arrays = import_scene(path, child_path(args.voxels, scene_id, ".npy", path), scene)
-            save_npz_atomic(child_path(args.out, scene_id, ".npz", path), **arrays)
+            out_path = child_path(args.out, scene_id, ".npz", path)
+            with writing(out_path):
+                save_npz_atomic(out_path, **arrays)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed.append(scene_id)

@@ -41,8 +41,10 @@ from llm3d_jax.fileio import (
     cli_main,
     load_npz,
     name_problem,
+    output_folder,
     save_npz_atomic,
     write_bytes_atomic,
+    writing,
 )
 
 VIEW_KEYS = ("rgb", "depth", "instance", "normals", "K", "cam_to_world", "scene_id")
@@ -658,8 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         sheet = contact_sheet_png(views)
-        views.save(args.out)
-        write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
+        output_folder(args.out)
+        with writing(args.out):
+            views.save(args.out)
+            write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
         print(f"wrote {len(views.depth)} frames of {views.scene_id} into {args.out}")
         return 0
     if os.path.isdir(args.scenes):
@@ -671,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise InputError(args.scenes, "no .npz scene files")
     cameras = _read_cameras(args.cameras) if args.cameras else None
+    output_folder(args.out)
     failed = 0
     for path in tqdm(paths, desc="render", unit="scene", disable=None):
         try:
@@ -690,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                     where=f"{args.cameras} (scene {path})",
                 )
             sheet = contact_sheet_png(views)
-            views.save(args.out)
-            write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
+            with writing(args.out):
+                views.save(args.out)
+                write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed += 1

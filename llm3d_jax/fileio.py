@@ -6,6 +6,7 @@ Every command line wraps its `main` with `cli_main`, so bad input ends as one li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -130,3 +131,34 @@ def child_path(
     if problem:
         raise InputError(source if source is not None else folder, f"id {name!r:.80} {problem}")
     return os.path.join(os.fspath(folder), name + suffix)
+
+
+def output_folder(path: str | os.PathLike, option: str = "--out") -> str:
+    """Creates `path` if needed and checks a file can be made in it; InputError (one line) if not.
+
+    Run before the first output is written, so an `--out` that is a file, unwritable or on a
+    read-only file system (`/proc/x`) is one line instead of a traceback after the work.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(path, f"{option} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise InputError(
+            path, f"{option} is not a writable folder ({err.strerror or err})"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """An OSError while writing `path` (disk full, file too large, no permission) becomes an
+    InputError naming it: one line from `cli_main`, or one skipped item in a batch."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(path, f"cannot write ({err.strerror or err})") from None

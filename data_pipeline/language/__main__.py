@@ -40,7 +40,14 @@ from data_pipeline.language import boxes_demo, chatcaptioner, importers, offline
 from data_pipeline.language.openai_client import ChatClient, ChatConfig, OfflineChat
 from data_pipeline.language.records import TASKS, read_records, validate_record
 from data_pipeline.language.stats import write_report
-from llm3d_jax.fileio import InputError, child_path, cli_main, write_jsonl_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    output_folder,
+    write_jsonl_atomic,
+    writing,
+)
 
 PROCEDURES = ("offline", "boxes_demo", "chatcaptioner", "revision")
 IMPORTS = ("scanqa", "sqa3d", "scanrefer", "3dllm")
@@ -139,6 +146,8 @@ def parse_args(argv):
         raise InputError(args.out, "--out must name a .jsonl file")
     if not 0.0 <= args.val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if os.path.isdir(args.out):
+        raise InputError(args.out, "--out is a folder; name the records file (.jsonl)")
     return args
 
 
@@ -389,7 +398,8 @@ def generate(args) -> int:
         )
     }
     records, done = read_partial(paths["partial"], fingerprint)
-    write_partial_header(paths["partial"], fingerprint, records, done)
+    with writing(paths["partial"]):
+        write_partial_header(paths["partial"], fingerprint, records, done)
     todo = [sid for sid in scenes if sid not in done]
     incomplete, skipped = {}, {sid: p for sid, p in done.items() if p}
     bar = tqdm(
@@ -399,7 +409,7 @@ def generate(args) -> int:
         initial=len(done),
         total=len(scenes),
     )
-    with open(paths["partial"], "a", encoding="utf-8") as partial:
+    with writing(paths["partial"]), open(paths["partial"], "a", encoding="utf-8") as partial:
         for sid in bar:
             try:
                 new, failures = worker(sid, scenes[sid])
@@ -420,13 +430,12 @@ def generate(args) -> int:
         validate_record(r, known)
     records, duplicates = dedupe(records)
     assign_splits(records, args.val_fraction, args.seed)
-    write_jsonl_atomic(args.out, records)
     extra = {
         "duplicates_dropped": duplicates,
         "skipped_scenes": skipped,
         "incomplete_scenes": {sid: f[:5] for sid, f in incomplete.items()},
     }
-    stats = write_report(records, paths["stats"], paths["png"], extra)
+    stats = write_report(records, args.out, paths["stats"], paths["png"], extra)
     print(
         f"wrote {len(records)} records of {stats['scenes']} scenes to {args.out} ({duplicates} duplicates dropped)"
     )
@@ -483,14 +492,13 @@ def import_dataset(args) -> int:
     records, duplicates = dedupe(records)
     for r in records:
         r["meta"]["split"] = args.split
-    write_jsonl_atomic(args.out, records)
     paths = out_paths(args.out)
     extra = {
         "duplicates_dropped": duplicates,
         "problems": len(problems),
         "first_problems": problems[:100],
     }
-    write_report(records, paths["stats"], paths["png"], extra)
+    write_report(records, args.out, paths["stats"], paths["png"], extra)
     print(
         f"imported {len(records)} {args.dataset} records to {args.out} ({len(problems)} entries skipped)"
     )
@@ -499,6 +507,7 @@ def import_dataset(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output_folder(os.path.dirname(args.out) or ".", "the folder of --out")
     if args.dataset:
         return import_dataset(args)
     args.procedure = args.procedure or ("offline" if args.backend == "offline" else "boxes_demo")

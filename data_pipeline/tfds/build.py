@@ -33,7 +33,14 @@ from tqdm import tqdm
 from data_pipeline.tfds.builders import CONFIGS, TASKS, Llm3dLanguage, Llm3dScenes
 from llm3d_jax import tokens
 from llm3d_jax.data.sources import LANGUAGE_DATASET, SCENE_DATASET
-from llm3d_jax.fileio import InputError, child_path, load_npz, name_problem, write_text_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    load_npz,
+    name_problem,
+    output_folder,
+    write_text_atomic,
+)
 
 SPLITS = ("train", "validation")
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation"}
@@ -289,6 +296,9 @@ def build(
         raise InputError(features_dir, "not a directory")
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not os.path.isfile(records_path):
+        raise InputError(records_path, "file not found")
+    output_folder(out_dir)
     config = CONFIGS[config_name]
     version = str(config.version)
     targets = [
@@ -391,9 +401,11 @@ def build(
                 builder.download_and_prepare(download_dir=download_dir)
                 if cls is Llm3dScenes:
                     store_uncompressed(builder.data_dir)
-        except BaseException:
+        except BaseException as err:
             for target in targets:  # no half-built dataset pair
                 shutil.rmtree(target, ignore_errors=True)
+            if isinstance(err, OSError):  # a full disk, a quota: one line, not a traceback
+                raise InputError(out_dir, f"cannot write ({err.strerror or err})") from None
             raise
 
     raw_bytes = sum(os.path.getsize(paths[i]) for rows in scene_rows.values() for i in rows)
@@ -419,7 +431,11 @@ def build(
         "per_scene_raw_npz": raw_bytes / max(n_scenes, 1),
     }
     result = report.as_dict()
-    write_text_atomic(
-        os.path.join(out_dir, f"build_report.{config_name}.json"), json.dumps(result, indent=1)
-    )
+    report_path = os.path.join(out_dir, f"build_report.{config_name}.json")
+    try:
+        write_text_atomic(report_path, json.dumps(result, indent=1))
+    except OSError as err:
+        for target in targets:  # the datasets without their report are not a finished build
+            shutil.rmtree(target, ignore_errors=True)
+        raise InputError(report_path, f"cannot write ({err.strerror or err})") from None
     return result
