@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llm3d_jax.fileio import write_text_atomic
+from llm3d_jax.fileio import InputError, write_text_atomic
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -174,7 +174,21 @@ class ChatClient:
     def __init__(self, config: ChatConfig, sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self._sleep = sleep
-        self._key = os.environ.get(config.api_key_env) or None
+        # Stripped: a key read from a file often ends in a newline, and http.client would put
+        # the header value, key and all, into its error message.
+        self._key = (os.environ.get(config.api_key_env) or "").strip() or None
+        if self._key and any(ord(c) < 32 or ord(c) == 127 for c in self._key):
+            raise InputError(
+                None,
+                f"${config.api_key_env} holds a control character; it cannot be sent in a header",
+            )
+        # The forms a server may echo the key in: as is, and as a JSON string ("/" maybe escaped).
+        escaped = json.dumps(self._key or "")[1:-1]
+        self._key_forms = sorted(
+            {f for f in (self._key, escaped, escaped.replace("/", "\\/")) if f},
+            key=len,
+            reverse=True,
+        )
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(base_url={self.config.base_url!r}, model={self.config.model!r})"
@@ -202,7 +216,9 @@ class ChatClient:
 
     def _scrub(self, text: str) -> str:
         """`text` without the key; always before cutting it short (no half key survives)."""
-        return text.replace(self._key, "***") if self._key else text
+        for form in self._key_forms:
+            text = text.replace(form, "***")
+        return text
 
     def _post(self, body: dict) -> str:
         """One HTTP attempt -> the reply content; raises _Retry or ChatError."""

@@ -66,8 +66,8 @@ class Report:
     counts: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
 
-    def reject_scene(self, scene_id: str, reason: str) -> None:
-        self.rejected_scenes.append({"scene_id": scene_id, "reason": reason})
+    def reject_scene(self, scene_id: str, reason: str, file: str | None = None) -> None:
+        self.rejected_scenes.append({"scene_id": scene_id, "reason": reason, "file": file})
 
     def reject_record(self, record_id, line: int, reason: str) -> None:
         self.rejected_records.append({"id": record_id, "line": line, "reason": reason})
@@ -173,12 +173,11 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
         )
     if dim is not None and features.shape[1] != dim:
         raise bad(f"wrong feature width: {features.shape[1]} (dataset has {dim})")
-    for key, width in (("features", None), ("voxels", 3), ("instance", None), ("colors", 3)):
-        if key not in data:
-            continue
-        shape = data[key].shape
-        if shape[0] != n or (width is not None and shape[1:] != (width,)):
-            raise bad(f"{key} has shape {list(shape)}, expected {n} rows to match points")
+    for key, shape in (("voxels", (n, 3)), ("instance", (n,)), ("colors", (n, 3))):
+        if key in data and data[key].shape != shape:
+            raise bad(f"{key} has shape {list(data[key].shape)}, expected {list(shape)}")
+    if features.shape[0] != n:
+        raise bad(f"features has shape {list(features.shape)}, expected {n} rows to match points")
     if not np.all(np.isfinite(points)):
         raise bad("NaN/Inf in points")
     features16 = features.astype(np.float16)
@@ -201,6 +200,8 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
     if not (np.isfinite(voxel.reshape(())) and voxel.reshape(()) > 0):
         raise bad(f"bad grid: grid_voxel {float(voxel.reshape(()))} must be > 0")
     ids = np.asarray(data["object_ids"])
+    if ids.dtype.kind not in "iu":
+        raise bad(f"object_ids must be integers, got {ids.dtype}")
     boxes = np.asarray(data["object_boxes"], np.float32)
     labels = np.asarray(data["object_labels"])
     m = len(ids)
@@ -296,6 +297,8 @@ def build(
         raise InputError(features_dir, "not a directory")
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if max_points < 0:
+        raise InputError(None, f"--max-points must be >= 0, got {max_points}")
     if not os.path.isfile(records_path):
         raise InputError(records_path, "file not found")
     output_folder(out_dir)
@@ -340,7 +343,7 @@ def build(
                 **_scene_example(paths[scene_id], scene_id, dim, max_points),
             }
         except InputError as err:
-            report.reject_scene(scene_id, err.problem)
+            report.reject_scene(scene_id, err.problem, paths[scene_id])
     scene_rows = {s: sorted(i for i in wanted[s] if i in examples) for s in SPLITS}
     scene_index = {s: {i: k for k, i in enumerate(rows)} for s, rows in scene_rows.items()}
     bad_scenes = {r["scene_id"]: r["reason"] for r in report.rejected_scenes}

@@ -37,6 +37,9 @@ def test_tfds_skips_bad_feature_files_and_a_non_utf8_line(tmp_path):
         "negative_voxels": {"voxels": base["voxels"].astype(np.int32) - 1},
         "fraction_voxels": {"voxels": base["voxels"].astype(np.float32) + 0.5},
         "inf_features": {"features": inf_features},
+        "scalar_voxels": {"voxels": np.array(7, np.uint8)},
+        "wide_instance": {"instance": np.zeros((30, 2), np.int32)},
+        "float_ids": {"object_ids": base["object_ids"].astype(np.float32) + 0.5},
     }
     for scene_id, changes in bad.items():
         save_npz_atomic(os.path.join(features_dir, scene_id + ".npz"), **{**base, **changes})
@@ -53,7 +56,10 @@ def test_tfds_skips_bad_feature_files_and_a_non_utf8_line(tmp_path):
     )  # fmt: skip
     assert_no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
-    assert "rejected: 5 scenes, 6 records" in proc.stdout, proc.stdout
+    assert "rejected: 8 scenes, 9 records" in proc.stdout, proc.stdout
+    for scene_id in bad:  # each rejected file named on stderr, one line each
+        path = os.path.join(features_dir, scene_id + ".npz")
+        assert sum(line.startswith(f"warning: {path}: ") for line in proc.stderr.splitlines()) == 1
     with open(out / "build_report.synthetic.json") as f:
         report = json.load(f)
     reasons = {r["scene_id"]: r["reason"] for r in report["rejected_scenes"]}
@@ -63,6 +69,9 @@ def test_tfds_skips_bad_feature_files_and_a_non_utf8_line(tmp_path):
     assert "voxels outside 0..255" in reasons["negative_voxels"]
     assert "voxels must be integers" in reasons["fraction_voxels"]
     assert "NaN/Inf in features" in reasons["inf_features"]
+    assert "voxels has shape []" in reasons["scalar_voxels"]
+    assert "instance has shape [30, 2]" in reasons["wide_instance"]
+    assert "object_ids must be integers" in reasons["float_ids"]
     (line,) = [r for r in report["rejected_records"] if r["id"] is None]
     assert line["reason"].startswith("invalid UTF-8") and line["line"] == len(rows) + 1
     assert report["counts"]["records"] == {"train": 2 * 2 + 1}
@@ -83,3 +92,40 @@ def test_language_skips_a_renamed_scene_file(tmp_path):
     assert {r["scene_id"] for r in rows} == {"synth_0000"}
     with open(tmp_path / "r.stats.json") as f:
         assert list(json.load(f)["skipped_scenes"]) == ["kitchen"]
+
+
+def test_tfds_negative_max_points_is_one_line(tmp_path):
+    features_dir, records_path, _, _ = write_fixture(
+        str(tmp_path), num_scenes=1, records_per_scene=1
+    )
+    proc = run_module(
+        "data_pipeline.tfds", "--features", features_dir, "--language", records_path,
+        "--out", str(tmp_path / "out"), "--max-points", "-1",
+    )  # fmt: skip
+    assert_no_traceback(proc)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: --max-points must be >= 0, got -1"]
+
+
+def test_released_skips_an_unreadable_voxel_file(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "convert"))
+    from test_pth import _tensor_pickle, _write_zip
+
+    features, voxels = tmp_path / "pt", tmp_path / "npy"
+    features.mkdir()
+    voxels.mkdir()
+    data = np.random.default_rng(0).normal(size=(4, 8)).astype("<f4")
+    for name in ("a_garbage", "b_good"):
+        _write_zip(
+            features / f"{name}.pt", _tensor_pickle(0, (4, 8), (8, 1), 32), {"0": data.tobytes()}
+        )
+    (voxels / "a_garbage.npy").write_bytes(b"\x93NUMPY garbage that is not an array")
+    np.save(voxels / "b_good.npy", np.arange(12).reshape(4, 3))
+    proc = run_module(
+        "data_pipeline.released", "--features", str(features), "--voxels", str(voxels),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert_no_traceback(proc)
+    assert proc.returncode == 1
+    assert "1 imported, 1 failed" in proc.stdout
+    assert f"error: {voxels / 'a_garbage.npy'}: " in proc.stderr

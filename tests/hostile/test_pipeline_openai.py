@@ -20,9 +20,9 @@ from data_pipeline.language import boxes_demo
 from data_pipeline.language.openai_client import ChatClient, ChatConfig, ChatError, ChatRequest
 from data_pipeline.scenes.synthetic import make_scene
 
-SECRET = "sk-hostile-4f9c2a7d1e8b60535aa1"
+SECRET = "sk-hostile/4f9c2a7d1e8b60535aa1"
 # Pieces of the key a truncated echo could leave behind.
-FRAGMENTS = (SECRET, SECRET[:14], SECRET[-14:], "4f9c2a7d", "60535aa1")
+FRAGMENTS = (SECRET, SECRET[:14], SECRET[-14:], "4f9c2a7d", "60535aa1", "sk-hostile")
 
 
 class HostileServer:
@@ -64,6 +64,8 @@ class HostileServer:
             content = "x" * 74 + echo
         elif mode == "echo_valid_content":  # valid JSON: the key would land in the records
             content = json.dumps({"description": f"a room. {echo}"})
+        elif mode == "echo_json_escaped":  # the key as a JSON string with "/" escaped
+            payload = (json.dumps({"you_sent": auth}).replace("/", "\\/")).encode() + b" <"
         elif mode == "echo_nontext_content":
             content = {"echo": echo}
         elif mode == "answer":
@@ -136,7 +138,7 @@ def everything_written(root) -> str:
     "mode",
     [
         "echo_body", "echo_body_cut", "echo_401", "echo_500", "echo_content",
-        "echo_valid_content", "echo_nontext_content",
+        "echo_valid_content", "echo_nontext_content", "echo_json_escaped",
     ],
 )  # fmt: skip
 def test_the_key_is_never_shown_or_written(server, scenes, tmp_path, mode):
@@ -234,3 +236,28 @@ def test_tasks_a_procedure_cannot_make_are_refused(server, scenes, tmp_path):
         + ", ".join(boxes_demo.TASKS)
         + ")"
     ], proc.stderr
+
+
+def test_a_key_with_a_trailing_newline_is_used_stripped(server, scenes, tmp_path):
+    """A key read from a file often ends in a newline; http.client would put the header value,
+    key included, into its error message."""
+    server.mode = "answer"
+    server.requests.clear()
+    proc = run_module(
+        "data_pipeline.language", "--scenes", str(scenes), "--out", str(tmp_path / "r.jsonl"),
+        "--backend", "openai", "--base-url", server.url, "--api-key-env", "HOSTILE_KEY",
+        "--tasks", "caption", "--temperatures", "0.2", "--max-retries", "0",
+        env={"HOSTILE_KEY": SECRET + "\n"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not any(f in proc.stdout + proc.stderr for f in FRAGMENTS)
+    proc = run_module(
+        "data_pipeline.language", "--scenes", str(scenes), "--out", str(tmp_path / "s.jsonl"),
+        "--backend", "openai", "--base-url", server.url, "--api-key-env", "HOSTILE_KEY",
+        "--tasks", "caption", env={"HOSTILE_KEY": "sk-a\nb-4f9c2a7d"},
+    )  # fmt: skip
+    assert_no_traceback(proc)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "error: $HOSTILE_KEY holds a control character; it cannot be sent in a header"
+    ]
