@@ -129,3 +129,41 @@ def test_released_skips_an_unreadable_voxel_file(tmp_path):
     assert proc.returncode == 1
     assert "1 imported, 1 failed" in proc.stdout
     assert f"error: {voxels / 'a_garbage.npy'}: " in proc.stderr
+
+
+def test_language_revision_input_skips_a_non_utf8_line(tmp_path):
+    scenes = tmp_path / "scenes"
+    make_scene(6, 0).save(scenes)
+    source = tmp_path / "source.jsonl"
+    first = run_module(
+        "data_pipeline.language",
+        "--scenes",
+        str(scenes),
+        "--out",
+        str(source),
+        "--tasks",
+        "caption",
+    )
+    assert first.returncode == 0, first.stderr
+    with open(source, "ab") as f:
+        f.write(b'{"id": "caf\xe9"}\n')
+    out = tmp_path / "r.jsonl"
+    proc = run_module(
+        "data_pipeline.language", "--procedure", "revision", "--input", str(source),
+        "--scenes", str(scenes), "--out", str(out),
+    )  # fmt: skip
+    assert_no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    n = len(source.read_bytes().splitlines())
+    assert f"warning: {source}: line {n}: invalid UTF-8" in proc.stderr
+    assert out.read_text().strip()
+
+
+def test_language_import_input_that_is_a_folder_is_one_line(tmp_path):
+    proc = run_module(
+        "data_pipeline.language", "--import", "scanqa", "--input", str(tmp_path),
+        "--out", str(tmp_path / "r.jsonl"),
+    )  # fmt: skip
+    assert_no_traceback(proc)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"error: {tmp_path}: cannot read (Is a directory)"]
