@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
     if args.balance and not args.max_points:
         raise InputError(None, "--balance shares out --max-points: give --max-points N too")
+    output_folder(args.out)  # before the encoder loads: a bad --out fails in a second
     module, params = load_encoder(args.encoder)
-    output_folder(args.out)
     views_dir = os.path.join(args.scenes, "views")
     settings = {
         "method": args.method,

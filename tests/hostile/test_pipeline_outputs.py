@@ -77,6 +77,19 @@ def test_synthetic_out(tmp_path, an_existing_file, where):
     assert line.startswith(f"error: {out}: --out ")
 
 
+@pytest.mark.parametrize("module", ["data_pipeline.render", "data_pipeline.features"])
+@pytest.mark.parametrize("where", ["file", "unwritable"])
+def test_render_and_features_out(tmp_path, an_existing_file, module, where):
+    make_scene(8, 0).save(tmp_path / "scenes")
+    out = str(an_existing_file) if where == "file" else UNWRITABLE
+    args = ["--scenes", str(tmp_path / "scenes"), "--out", out, "--views", "1"]
+    if module == "data_pipeline.features":
+        args += ["--method", "direct", "--encoder", "random-vit:16"]
+    line = one_error_line(run_module(module, *args))
+    assert line.startswith(f"error: {out}: --out ")
+    assert an_existing_file.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("where", ["folder", "unwritable"])
 def test_language_out(tmp_path, where):
     make_scene(8, 0).save(tmp_path / "scenes")
