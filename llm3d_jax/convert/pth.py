@@ -51,7 +51,7 @@ class PthLimits:
     max_view_slack_bytes: int = 64 << 20
     max_compression_ratio: float = 200.0
     max_depth: int = 100
-    max_objects: int = 1_000_000  # containers and leaves visited, shared ones counted each time
+    max_objects: int = 10_000_000  # nodes of the expanded object, shared ones counted each time
 
 
 # torch storage class name -> numpy dtype (little-endian form); bfloat16 is read as uint16 bits.
@@ -274,30 +274,49 @@ def _check_archive(archive: zipfile.ZipFile, path: str, limits: PthLimits) -> No
         )
 
 
+def _children(node: Any) -> list | None:
+    if isinstance(node, dict):
+        return [x for item in node.items() for x in item]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return None
+
+
 def _check_structure(obj: Any, path: str, limits: PthLimits) -> None:
     """Bounds the depth and the node count (shared nodes counted each time) of the saved object.
 
     `flatten` and any other walk visit every path through the object, so a self-referencing
     list never ends and 60 levels of shared halves give 2**60 leaves; both stop here instead.
+    Each container is visited once (its expanded size is memoised), so this takes time linear
+    in the pickle, whatever it expands to.
     """
-    stack, visited = [(obj, 0)], 0
+    sizes: dict[int, int] = {}  # id -> nodes of the expanded tree rooted there
+    ancestors: set[int] = set()
+    stack = [(obj, False)]
     while stack:
-        node, depth = stack.pop()
-        visited += 1
-        if visited > limits.max_objects:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children is None or (not children_done and id(node) in sizes):
+            continue
+        if children_done:
+            ancestors.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > limits.max_objects:
+                raise InputError(
+                    path,
+                    f"the saved object expands to more than {limits.max_objects} nodes "
+                    "(shared ones counted each time)",
+                )
+            continue
+        if id(node) in ancestors:
+            raise InputError(path, "the saved object refers to itself (a cycle)")
+        ancestors.add(id(node))
+        if len(ancestors) > limits.max_depth:
             raise InputError(
-                path,
-                f"the saved object has more than {limits.max_objects} nodes (shared ones counted each time)",
+                path, f"the saved object is nested deeper than {limits.max_depth} levels"
             )
-        if depth > limits.max_depth:
-            raise InputError(
-                path,
-                f"the saved object is nested deeper than {limits.max_depth} levels (refers to itself?)",
-            )
-        if isinstance(node, dict):
-            stack.extend((child, depth + 1) for item in node.items() for child in item)
-        elif isinstance(node, (list, tuple, set, frozenset)):
-            stack.extend((child, depth + 1) for child in node)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
 
 
 def load_pth(path: str | os.PathLike, limits: PthLimits = PthLimits()) -> Any:
