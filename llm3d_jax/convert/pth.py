@@ -49,6 +49,9 @@ class PthLimits:
     max_tensor_bytes: int = 16 << 30  # one rebuilt tensor
     # A tensor may repeat its storage's elements (stride 0, e.g. an expanded tensor) by this much.
     max_view_slack_bytes: int = 64 << 20
+    # All rebuilt tensors together may hold this many times the archive's bytes (tensors sharing
+    # a storage, e.g. tied weights, each get a copy) plus the slack above, once per file.
+    max_rebuilt_ratio: float = 4.0
     max_compression_ratio: float = 200.0
     max_depth: int = 100
     max_objects: int = 10_000_000  # nodes of the expanded object, shared ones counted each time
@@ -121,6 +124,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.archive, self.prefix, self.path, self.limits = archive, prefix, path, limits
         self.tensor_bytes = 0  # bytes of all tensors rebuilt so far
+        archive_bytes = sum(info.file_size for info in archive.infolist())
+        self.tensor_budget = min(
+            limits.max_total_bytes,
+            int(limits.max_rebuilt_ratio * archive_bytes) + limits.max_view_slack_bytes,
+        )
         byteorder = prefix + "byteorder"
         names = set(archive.namelist())
         self.big_endian = byteorder in names and archive.read(byteorder).decode().strip() == "big"
@@ -212,10 +220,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{self.limits.max_tensor_bytes} bytes per tensor",
             )
         self.tensor_bytes += nbytes
-        if self.tensor_bytes > self.limits.max_total_bytes:
+        if self.tensor_bytes > self.tensor_budget:
             raise InputError(
                 self.path,
-                f"tensors total more than the limit of {self.limits.max_total_bytes} bytes",
+                f"tensors total more than {self.tensor_budget} bytes (the limit for a file of "
+                "this size: a tiny file may not rebuild into gigabytes)",
             )
         if 0 not in size:
             last = offset + sum((n - 1) * s for n, s in zip(size, stride))

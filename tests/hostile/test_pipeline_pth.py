@@ -93,8 +93,31 @@ def test_declared_sizes_bounded(tmp_path):
     small = pth.PthLimits(max_total_bytes=2000)
     with pytest.raises(InputError, match="more than the limit of 2000 bytes"):
         pth.read_pth(path, small)
+    tensors_only = pth.PthLimits(max_rebuilt_ratio=0.5, max_view_slack_bytes=0)
+    with pytest.raises(InputError, match="tensors total more than"):
+        pth.read_pth(path, tensors_only)
     with pytest.raises(InputError, match="more than the limit of 1000 bytes per tensor"):
         pth.read_pth(path, pth.PthLimits(max_tensor_bytes=1000))
+
+
+def many_views(n: int) -> bytes:
+    """A list of `n` stride-0 [4096, 4096] float views (64 MiB each) of one 4-byte storage."""
+    one = _tensor_pickle(0, (4096, 4096), (0, 0), 1)[2:-1]  # without header and STOP
+    return b"\x80\x02](" + one * n + b"e."
+
+
+def test_memory_stays_small_for_many_views_of_one_element(tmp_path):
+    path = _write_zip(tmp_path / "v.pt", many_views(20), {"0": np.zeros(1, "<f4").tobytes()})
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))\n"
+        "from llm3d_jax.convert.pth import read_pth\n"
+        "from llm3d_jax.fileio import cli_main\n"
+        f"cli_main(lambda: read_pth({path!r}))\n"
+    )
+    proc = run_module_code(code)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "tensors total more than" in proc.stderr and "MemoryError" not in proc.stderr
 
 
 def test_memory_stays_small_for_a_huge_declared_tensor(tmp_path):
