@@ -21,8 +21,12 @@ def run_module(
 ) -> subprocess.CompletedProcess:
     """`python -m module args` with this checkout first on the path; text output captured."""
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", **kwargs.pop("env", {})}
+    # A shell set-up line (e.g. `ulimit -f 8`) runs in bash before python replaces it; no
+    # preexec_fn, which would fork a process that has JAX's threads.
+    setup = kwargs.pop("shell_setup", None)
+    prefix = ["bash", "-c", f'{setup} && exec "$0" "$@"'] if setup else []
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [*prefix, sys.executable, "-m", module, *args],
         cwd=kwargs.pop("cwd", REPO),
         capture_output=True,
         text=True,

@@ -6,7 +6,6 @@ No traceback, exit status 1, and no partial output.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 
 import numpy as np
@@ -99,11 +98,6 @@ def test_language_out(tmp_path, where):
     assert tree(tmp_path) == {"scenes/synth_0000.npz"}
 
 
-def small_files():
-    """Files may not grow past 8 KiB (`ulimit -f 8`): a full disk, as far as the writer can tell."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
-
-
 @pytest.mark.parametrize("tasks", ["all", "caption"])
 def test_language_full_disk_leaves_no_partial_output(tmp_path, tasks):
     """`all`: the resume file outgrows the limit; `caption`: only the histogram PNG does,
@@ -115,7 +109,8 @@ def test_language_full_disk_leaves_no_partial_output(tmp_path, tasks):
     args = ["--scenes", str(scenes), "--out", str(out)]
     if tasks != "all":
         args += ["--tasks", tasks]
-    proc = run_module("data_pipeline.language", *args, preexec_fn=small_files)
+    # Files may not grow past 8 KiB: a full disk, as far as the writer can tell.
+    proc = run_module("data_pipeline.language", *args, shell_setup="ulimit -f 8")
     line = one_error_line(proc)
     assert "cannot write (File too large)" in line
     left = tree(tmp_path / "out")
