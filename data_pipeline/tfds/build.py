@@ -18,9 +18,11 @@ npz) is returned, written to TFDS_DIR/build_report.<config>.json and summarised 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -280,6 +282,30 @@ def _dir_bytes(path: str) -> int:
     )
 
 
+def _write_failure(err: BaseException) -> str | None:
+    """The reason when `err` is a failed write (full disk, quota, file-size limit), else None."""
+    if isinstance(err, OSError):
+        return str(err.strerror or err)
+    # ArrayRecord's C++ writer reports a failed write(2) as a RuntimeError.
+    if isinstance(err, RuntimeError):
+        found = re.search(r"write\(\) failed: ([^;]+)", str(err))
+        if found:
+            return found.group(1)
+    return None
+
+
+def _remove_partial_build(targets: list[str], new_dirs: list[str]) -> None:
+    """Removes what a failed build left: the version folders, TFDS's `incomplete.*` folders
+    next to them, and the dataset folders the build created."""
+    for target in targets:
+        shutil.rmtree(target, ignore_errors=True)
+        parent, version = os.path.split(target)
+        for left in glob.glob(os.path.join(parent, f"incomplete.*_{version}")):
+            shutil.rmtree(left, ignore_errors=True)
+    for folder in new_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def build(
     features_dir: str,
     records_path: str,
@@ -392,6 +418,12 @@ def build(
         "val_fraction": val_fraction,
         "prompt_templates": dict(config.prompt_templates),
     }
+    # Dataset folders this build creates, removed with the pair when it fails (no partial output).
+    new_dirs = [
+        d
+        for d in (os.path.join(out_dir, SCENE_DATASET), os.path.join(out_dir, LANGUAGE_DATASET))
+        if not os.path.exists(d)
+    ]
     with tempfile.TemporaryDirectory() as download_dir:
         try:
             for cls, stream in ((Llm3dScenes, scene_stream), (Llm3dLanguage, language_stream)):
@@ -405,10 +437,10 @@ def build(
                 if cls is Llm3dScenes:
                     store_uncompressed(builder.data_dir)
         except BaseException as err:
-            for target in targets:  # no half-built dataset pair
-                shutil.rmtree(target, ignore_errors=True)
-            if isinstance(err, OSError):  # a full disk, a quota: one line, not a traceback
-                raise InputError(out_dir, f"cannot write ({err.strerror or err})") from None
+            _remove_partial_build(targets, new_dirs)
+            problem = _write_failure(err)
+            if problem:  # a full disk, a quota: one line, not a traceback
+                raise InputError(out_dir, f"cannot write ({problem})") from None
             raise
 
     raw_bytes = sum(os.path.getsize(paths[i]) for rows in scene_rows.values() for i in rows)
@@ -437,8 +469,7 @@ def build(
     report_path = os.path.join(out_dir, f"build_report.{config_name}.json")
     try:
         write_text_atomic(report_path, json.dumps(result, indent=1))
-    except OSError as err:
-        for target in targets:  # the datasets without their report are not a finished build
-            shutil.rmtree(target, ignore_errors=True)
+    except OSError as err:  # the datasets without their report are not a finished build
+        _remove_partial_build(targets, new_dirs)
         raise InputError(report_path, f"cannot write ({err.strerror or err})") from None
     return result

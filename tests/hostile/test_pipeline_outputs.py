@@ -120,3 +120,17 @@ def test_language_full_disk_leaves_no_partial_output(tmp_path, tasks):
         assert line.startswith(f"error: {out}.partial: ")  # the resume file a rerun goes on from
     else:
         assert line.startswith(f"error: {tmp_path / 'out' / 'r.lengths.png'}: ")
+
+
+def test_tfds_full_disk_leaves_no_partial_output(tmp_path):
+    features_dir, records, _, _ = write_fixture(
+        str(tmp_path), num_scenes=4, records_per_scene=2, num_points=2000, dim=64
+    )
+    out = tmp_path / "out"
+    proc = run_module(
+        "data_pipeline.tfds", "--features", features_dir, "--language", records, "--out", str(out),
+        shell_setup="ulimit -f 100",
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert line == f"error: {out}: cannot write (File too large)"
+    assert tree(out) == set() and os.listdir(out) == []
