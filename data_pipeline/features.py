@@ -32,7 +32,16 @@ from data_pipeline.lift.neural_field import FieldConfig, lift_neural_field
 from data_pipeline.lift.voxelize import grid_for_bounds, voxelize
 from data_pipeline.render import Views, render_scene
 from data_pipeline.scenes import Scene
-from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic, write_bytes_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    load_npz,
+    output_folder,
+    save_npz_atomic,
+    write_bytes_atomic,
+    writing,
+)
 from llm3d_jax.model import vit
 
 FORMAT_VERSION = 1
@@ -176,7 +185,7 @@ def is_valid_output(path: str, settings: dict) -> bool:
 
 
 def _load_or_render(scene: Scene, views_dir: str, args) -> tuple[Views, str]:
-    path = os.path.join(views_dir, f"{scene.scene_id}.npz")
+    path = child_path(views_dir, scene.scene_id, ".npz")
     if os.path.exists(path):
         return Views.load(path), path
     views = render_scene(scene, args.views, args.width, args.height, args.seed)
@@ -223,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
     if args.balance and not args.max_points:
         raise InputError(None, "--balance shares out --max-points: give --max-points N too")
+    output_folder(args.out)  # before the encoder loads: a bad --out fails in a second
     module, params = load_encoder(args.encoder)
     views_dir = os.path.join(args.scenes, "views")
     settings = {
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(paths, desc=f"features ({args.method})", unit="scene")
     for path in bar:
         scene_id = os.path.splitext(os.path.basename(path))[0]
-        out_path = os.path.join(args.out, f"{scene_id}.npz")
+        out_path = child_path(args.out, scene_id, ".npz")
         if is_valid_output(out_path, settings):
             skipped += 1
             continue
@@ -246,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             views, where = _load_or_render(scene, views_dir, args)
             masks = None
             if args.masks:
-                mask_path = os.path.join(args.masks, f"{scene.scene_id}.npz")
+                mask_path = child_path(args.masks, scene.scene_id, ".npz")
                 masks = features2d.load_mask_file(mask_path, views.depth.shape)
             arrays = scene_features(
                 scene,
@@ -268,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                 "num_views": int(len(views.depth)),
                 "format_version": FORMAT_VERSION,
             }
-            save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
-            if args.preview:
-                title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
-                png = preview_png(arrays, title)
-                write_bytes_atomic(os.path.join(args.out, f"{scene.scene_id}.png"), png)
+            with writing(args.out):
+                save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
+                if args.preview:
+                    title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
+                    png = preview_png(arrays, title)
+                    write_bytes_atomic(child_path(args.out, scene.scene_id, ".png"), png)
             bar.set_postfix(points=len(arrays["points"]), s=f"{time.perf_counter() - start:.1f}")
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)

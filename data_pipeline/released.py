@@ -29,7 +29,14 @@ from tqdm import tqdm
 from data_pipeline.lift.voxelize import GRID, grid_for_bounds
 from data_pipeline.scenes import Scene
 from llm3d_jax.convert.pth import read_pth
-from llm3d_jax.fileio import InputError, cli_main, save_npz_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    output_folder,
+    save_npz_atomic,
+    writing,
+)
 
 FORMAT_VERSION = 1
 
@@ -46,6 +53,8 @@ def read_released_features(path: str) -> np.ndarray:
         raise InputError(
             path, f"features must be a float [N,D] tensor, got {features.dtype} {features.shape}"
         )
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(path, f"the feature tensor holds no rows (shape {features.shape})")
     if not np.isfinite(features).all():
         raise InputError(path, "features contain NaN or inf")
     return features.astype(np.float32)
@@ -137,15 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(glob.glob(os.path.join(args.features, "*.pt")))
     if not paths:
         raise InputError(args.features, "no .pt feature files")
+    output_folder(args.out)
     failed = []
     for path in tqdm(paths, desc="import released", unit="scene"):
         scene_id = os.path.splitext(os.path.basename(path))[0]
         try:
             scene = None
             if args.scenes:
-                scene = Scene.load(os.path.join(args.scenes, f"{scene_id}.npz"))
-            arrays = import_scene(path, os.path.join(args.voxels, f"{scene_id}.npy"), scene)
-            save_npz_atomic(os.path.join(args.out, f"{scene_id}.npz"), **arrays)
+                scene = Scene.load(child_path(args.scenes, scene_id, ".npz", path))
+            arrays = import_scene(path, child_path(args.voxels, scene_id, ".npy", path), scene)
+            out_path = child_path(args.out, scene_id, ".npz", path)
+            with writing(out_path):
+                save_npz_atomic(out_path, **arrays)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed.append(scene_id)

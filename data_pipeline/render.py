@@ -35,7 +35,17 @@ from tqdm import tqdm
 
 from data_pipeline.scenes.scannet import read_axis_alignment
 from data_pipeline.scenes.scene import Scene
-from llm3d_jax.fileio import InputError, cli_main, load_npz, save_npz_atomic, write_bytes_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    load_npz,
+    name_problem,
+    output_folder,
+    save_npz_atomic,
+    write_bytes_atomic,
+    writing,
+)
 
 VIEW_KEYS = ("rgb", "depth", "instance", "normals", "K", "cam_to_world", "scene_id")
 # A requested camera closer than this to the mesh is touching it; sampled cameras keep more room.
@@ -62,7 +72,7 @@ class Views:
     cam_to_world: np.ndarray
 
     def save(self, directory: str | os.PathLike) -> str:
-        path = os.path.join(os.fspath(directory), f"{self.scene_id}.npz")
+        path = child_path(directory, self.scene_id, ".npz")
         save_npz_atomic(path, **self._arrays())
         return path
 
@@ -94,7 +104,10 @@ class Views:
         for key, shape in expected.items():
             if data[key].shape != shape:
                 raise InputError(path, f"{key} has shape {data[key].shape}, expected {shape}")
-        return cls(scene_id=str(data["scene_id"]), **{k: data[k] for k in expected}, depth=depth)
+        scene_id = str(data["scene_id"])
+        if name_problem(scene_id):  # it names the files written for these views
+            raise InputError(path, f"scene_id {scene_id!r:.80} {name_problem(scene_id)}")
+        return cls(scene_id=scene_id, **{k: data[k] for k in expected}, depth=depth)
 
 
 # ---------------------------------------------------------------- cameras
@@ -647,8 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         sheet = contact_sheet_png(views)
-        views.save(args.out)
-        write_bytes_atomic(os.path.join(args.out, f"{views.scene_id}.png"), sheet)
+        output_folder(args.out)
+        with writing(args.out):
+            views.save(args.out)
+            write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
         print(f"wrote {len(views.depth)} frames of {views.scene_id} into {args.out}")
         return 0
     if os.path.isdir(args.scenes):
@@ -660,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise InputError(args.scenes, "no .npz scene files")
     cameras = _read_cameras(args.cameras) if args.cameras else None
+    output_folder(args.out)
     failed = 0
     for path in tqdm(paths, desc="render", unit="scene", disable=None):
         try:
@@ -679,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
                     where=f"{args.cameras} (scene {path})",
                 )
             sheet = contact_sheet_png(views)
-            views.save(args.out)
-            write_bytes_atomic(os.path.join(args.out, f"{views.scene_id}.png"), sheet)
+            with writing(args.out):
+                views.save(args.out)
+                write_bytes_atomic(child_path(args.out, views.scene_id, ".png"), sheet)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed += 1

@@ -6,6 +6,7 @@ Every command line wraps its `main` with `cli_main`, so bad input ends as one li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -99,3 +100,65 @@ def load_npz(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[str,
     if missing:
         raise InputError(path, f"missing keys {missing}")
     return out
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` (an id read from a file) is not a plain file name, or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return "must be a non-empty string"
+    if name.startswith("."):
+        return "must not start with '.'"  # '..', hidden files and our own temp files
+    if any(c in name for c in ("/", "\\", "\0")) or any(ord(c) < 32 for c in name):
+        return "must not hold a path separator or a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > 200:
+        return "is longer than 200 bytes"
+    return None
+
+
+def child_path(
+    folder: str | os.PathLike,
+    name: object,
+    suffix: str = "",
+    source: str | os.PathLike | None = None,
+) -> str:
+    """`folder/<name><suffix>` for an id read from a file (a scene id, a record's scene_id).
+
+    The one place an id from a file becomes a path: anything but a plain file name (absolute,
+    `..`, a separator, NUL, empty, a leading dot) is an InputError naming `source` (the file the
+    id came from, default `folder`), so no file outside `folder` is ever read or written.
+    """
+    problem = name_problem(name)
+    if problem:
+        raise InputError(source if source is not None else folder, f"id {name!r:.80} {problem}")
+    return os.path.join(os.fspath(folder), name + suffix)
+
+
+def output_folder(path: str | os.PathLike, option: str = "--out") -> str:
+    """Creates `path` if needed and checks a file can be made in it; InputError (one line) if not.
+
+    Run before the first output is written, so an `--out` that is a file, unwritable or on a
+    read-only file system (`/proc/x`) is one line instead of a traceback after the work.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(path, f"{option} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise InputError(
+            path, f"{option} is not a writable folder ({err.strerror or err})"
+        ) from None
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """An OSError while writing `path` (disk full, file too large, no permission) becomes an
+    InputError naming it: one line from `cli_main`, or one skipped item in a batch."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(path, f"cannot write ({err.strerror or err})") from None

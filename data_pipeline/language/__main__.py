@@ -40,7 +40,14 @@ from data_pipeline.language import boxes_demo, chatcaptioner, importers, offline
 from data_pipeline.language.openai_client import ChatClient, ChatConfig, OfflineChat
 from data_pipeline.language.records import TASKS, read_records, validate_record
 from data_pipeline.language.stats import write_report
-from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    cli_main,
+    output_folder,
+    write_jsonl_atomic,
+    writing,
+)
 
 PROCEDURES = ("offline", "boxes_demo", "chatcaptioner", "revision")
 IMPORTS = ("scanqa", "sqa3d", "scanrefer", "3dllm")
@@ -134,11 +141,45 @@ def parse_args(argv):
         help="import: meta.split of every imported record",
     )
     args = p.parse_args(argv)
+    check_numbers(args)
     if not args.out.endswith(".jsonl"):
         raise InputError(args.out, "--out must name a .jsonl file")
     if not 0.0 <= args.val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if os.path.isdir(args.out):
+        raise InputError(args.out, "--out is a folder; name the records file (.jsonl)")
     return args
+
+
+def parse_temperatures(text: str) -> tuple[float, ...]:
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise InputError(None, f"--temperatures: {part.strip()!r} is not a number") from None
+        if not 0.0 <= value <= 2.0:
+            raise InputError(None, f"--temperatures must be in [0, 2], got {part.strip()}")
+        values.append(value)
+    return tuple(values)
+
+
+def check_numbers(args) -> None:
+    """One-line errors for numbers no run can use (negative timeouts, no attempts, ...)."""
+    # `not x > 0` also refuses NaN.
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        raise InputError(None, f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.max_retries < 0:
+        raise InputError(None, f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.concurrency < 1:
+        raise InputError(None, f"--concurrency must be >= 1, got {args.concurrency}")
+    if not args.backoff >= 0:
+        raise InputError(None, f"--backoff must be >= 0 seconds, got {args.backoff}")
+    if args.num_views < 1:
+        raise InputError(None, f"--num-views must be >= 1, got {args.num_views}")
+    if args.rounds < 1:
+        raise InputError(None, f"--rounds must be >= 1, got {args.rounds}")
+    args.temperature_values = parse_temperatures(args.temperatures)
 
 
 def out_paths(out: str) -> dict[str, str]:
@@ -164,7 +205,12 @@ def scene_files(directory: str | None) -> dict[str, str]:
 def load_scene(path: str):
     from data_pipeline.scenes import Scene
 
-    return Scene.load(path)
+    scene = Scene.load(path)
+    # Records name their scene by its id and are joined with `<scene_id>.npz` downstream.
+    name = os.path.basename(path)[: -len(".npz")]
+    if scene.scene_id != name:
+        raise InputError(path, f"meta.scene_id {scene.scene_id!r} differs from the file name")
+    return scene
 
 
 def assign_splits(records: list[dict], val_fraction: float, seed: int) -> None:
@@ -216,8 +262,10 @@ def make_worker(args, tasks: tuple[str, ...], sources: dict[str, list[dict]] | N
         return lambda sid, path: (offline.generate(load_scene(path), args.seed, tasks), [])
     if args.procedure == "boxes_demo":
         chat = make_chat(args, boxes_demo.offline_respond)
-        temps = tuple(float(t) for t in args.temperatures.split(","))
-        btasks = tuple(t for t in tasks if t in boxes_demo.TASKS) or boxes_demo.TASKS
+        temps = args.temperature_values
+        btasks = (
+            tuple(t for t in tasks if t in boxes_demo.TASKS) if args.tasks else boxes_demo.TASKS
+        )
         return lambda sid, path: boxes_demo.records_for_scene(load_scene(path), chat, btasks, temps)
     if args.procedure == "chatcaptioner":
         questioner = make_chat(args, chatcaptioner.offline_respond)
@@ -228,7 +276,7 @@ def make_worker(args, tasks: tuple[str, ...], sources: dict[str, list[dict]] | N
 
             scene = load_scene(path)
             if args.views:
-                views = Views.load(os.path.join(args.views, f"{sid}.npz"))
+                views = Views.load(child_path(args.views, sid, ".npz"))
             else:
                 views = render_scene(scene, num_views=args.num_views, seed=args.seed)
             if vision is None:
@@ -311,6 +359,18 @@ def generate(args) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise InputError(None, f"--tasks: unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
+    if args.tasks and args.procedure in ("chatcaptioner", "revision"):
+        raise InputError(
+            None, f"--tasks is for offline and boxes_demo; {args.procedure} makes its own tasks"
+        )
+    if args.tasks and args.procedure == "boxes_demo":
+        cannot = [t for t in tasks if t not in boxes_demo.TASKS]
+        if cannot:  # never silently swapped for other tasks
+            raise InputError(
+                None,
+                f"--tasks: boxes_demo does not make {cannot[0]!r} "
+                f"(it makes {', '.join(boxes_demo.TASKS)})",
+            )
     sources = revision_sources(args.input) if args.procedure == "revision" and args.input else None
     if sources is not None and not scenes:
         scenes = dict.fromkeys(sorted(sources))
@@ -338,7 +398,8 @@ def generate(args) -> int:
         )
     }
     records, done = read_partial(paths["partial"], fingerprint)
-    write_partial_header(paths["partial"], fingerprint, records, done)
+    with writing(paths["partial"]):
+        write_partial_header(paths["partial"], fingerprint, records, done)
     todo = [sid for sid in scenes if sid not in done]
     incomplete, skipped = {}, {sid: p for sid, p in done.items() if p}
     bar = tqdm(
@@ -348,7 +409,7 @@ def generate(args) -> int:
         initial=len(done),
         total=len(scenes),
     )
-    with open(paths["partial"], "a", encoding="utf-8") as partial:
+    with writing(paths["partial"]), open(paths["partial"], "a", encoding="utf-8") as partial:
         for sid in bar:
             try:
                 new, failures = worker(sid, scenes[sid])
@@ -369,13 +430,12 @@ def generate(args) -> int:
         validate_record(r, known)
     records, duplicates = dedupe(records)
     assign_splits(records, args.val_fraction, args.seed)
-    write_jsonl_atomic(args.out, records)
     extra = {
         "duplicates_dropped": duplicates,
         "skipped_scenes": skipped,
         "incomplete_scenes": {sid: f[:5] for sid, f in incomplete.items()},
     }
-    stats = write_report(records, paths["stats"], paths["png"], extra)
+    stats = write_report(records, args.out, paths["stats"], paths["png"], extra)
     print(
         f"wrote {len(records)} records of {stats['scenes']} scenes to {args.out} ({duplicates} duplicates dropped)"
     )
@@ -414,7 +474,7 @@ def import_dataset(args) -> int:
 
         def scene_of(sid):
             if sid not in scenes:
-                raise InputError(os.path.join(args.scenes, f"{sid}.npz"), "file not found")
+                raise InputError(child_path(args.scenes, sid, ".npz", args.input), "file not found")
             return load_scene(scenes[sid])
 
         records, problems = importers.import_scanrefer(args.input, scene_of, known)
@@ -432,14 +492,13 @@ def import_dataset(args) -> int:
     records, duplicates = dedupe(records)
     for r in records:
         r["meta"]["split"] = args.split
-    write_jsonl_atomic(args.out, records)
     paths = out_paths(args.out)
     extra = {
         "duplicates_dropped": duplicates,
         "problems": len(problems),
         "first_problems": problems[:100],
     }
-    write_report(records, paths["stats"], paths["png"], extra)
+    write_report(records, args.out, paths["stats"], paths["png"], extra)
     print(
         f"imported {len(records)} {args.dataset} records to {args.out} ({len(problems)} entries skipped)"
     )
@@ -448,6 +507,7 @@ def import_dataset(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    output_folder(os.path.dirname(args.out) or ".", "the folder of --out")
     if args.dataset:
         return import_dataset(args)
     args.procedure = args.procedure or ("offline" if args.backend == "offline" else "boxes_demo")

@@ -43,6 +43,11 @@ SYSTEM_PROMPTS = {
     "can be used for, and answer them in a few words. "
     + _RULES
     + ' Format: {"items": [{"question": "...", "answer": "...", "objects": [k, ...]}]}',
+    "qa": "You are given the objects of one room. Ask questions about the room whose answer "
+    "the list settles (whether an object is there, how many, its colour, which is bigger, what "
+    "stands on or near what) and answer each in a few words. "
+    + _RULES
+    + ' Format: {"items": [{"question": "...", "answer": "...", "objects": [k, ...]}]}',
     "grounding": "You are given the objects of one room. For some objects write a referring "
     "expression that singles out exactly that object (by category, colour, size or its "
     "relation to other objects). "
@@ -89,6 +94,13 @@ DEMO_REPLIES = {
                 "objects": [1, 2, 4],
             },
             {"question": "What can I use to read at night?", "answer": "the lamp", "objects": [3]},
+        ]
+    },
+    "qa": {
+        "items": [
+            {"question": "How many chairs are in the room?", "answer": "two", "objects": [1, 2]},
+            {"question": "What color is the lamp?", "answer": "white", "objects": [3]},
+            {"question": "Is there a sofa in the room?", "answer": "no", "objects": []},
         ]
     },
     "grounding": {
@@ -179,7 +191,7 @@ def parse_reply(
                 (f"How do I {task_text}?", answer, _ids(item.get("objects", []), set(known)))
             )
         return out
-    if task == "affordance":
+    if task in ("affordance", "qa"):
         return [
             (
                 _text(item.get("question"), "question"),
@@ -304,5 +316,11 @@ def offline_respond(messages: Sequence[dict], temperature: float) -> str:
             for p, a, i, _ in offline.affordances(facts, rng)
         ]
         return json.dumps({"items": offline.sample(rng, items, 3)})
+    if task == "qa":
+        items = [
+            {"question": p, "answer": a, "objects": i}
+            for p, a, i, _ in offline.questions(facts, rng)
+        ]
+        return json.dumps({"items": offline.sample(rng, items, 4)})
     named = [{"object": k, "expression": f"the {name}"} for k, name in sorted(facts.names.items())]
     return json.dumps({"items": offline.sample(rng, named, 3)})

@@ -38,6 +38,8 @@ def load_json(path: str | os.PathLike):
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(path, f"not a JSON file ({err})") from None
+    except OSError as err:  # a folder, no permission
+        raise InputError(path, f"cannot read ({err.strerror or err})") from None
 
 
 def _list_of_entries(data, path, key: str | None = None) -> list:

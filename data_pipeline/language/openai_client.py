@@ -6,9 +6,12 @@ Both take a batch of `ChatRequest`s and return, per request, the validated value
 `ChatClient` speaks the chat-completions protocol (`POST {base_url}/chat/completions`) of OpenAI
 and of local servers (vLLM, llama.cpp, ollama) with the standard library only:
 - the API key is read from the environment variable named in the config (default
-  `OPENAI_API_KEY`), sent only in the Authorization header, and scrubbed from every error message;
-  without it no Authorization header is sent (local servers);
-- per-request timeout; bounded retries with exponential backoff (honouring Retry-After) on 429,
+  `OPENAI_API_KEY`) and sent only in the Authorization header; a server may echo it back (in an
+  error body, a non-JSON body, the reply content), so it is scrubbed from every reply and every
+  error message before either is cut short, kept, cached or shown; without a key no
+  Authorization header is sent (local servers);
+- a per-request deadline on the whole exchange (connect, headers and body): a server that
+  trickles its reply a byte at a time is cut off at `timeout_s`; bounded retries with exponential backoff (honouring Retry-After) on 429,
   5xx, timeouts, connection errors, malformed response bodies and content that fails validation;
   other 4xx fail at once;
 - bounded concurrency with a thread pool;
@@ -21,8 +24,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llm3d_jax.fileio import write_text_atomic
+from llm3d_jax.fileio import InputError, write_text_atomic
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -101,13 +107,88 @@ def _run_batch(work: Callable[[int], Any], n: int, concurrency: int, desc: str |
     return results
 
 
+class _Deadline:
+    """Shuts the sockets of one HTTP exchange down when it runs past `seconds` in all.
+
+    urllib's timeout bounds each socket operation, so a body trickled a byte at a time never
+    times out; shutting the socket down makes the blocked read return and the exchange fail.
+    """
+
+    def __init__(self, seconds: float):
+        self.sockets: list[socket.socket] = []
+        self.expired = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.sockets.append(sock)
+            if self.expired:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener (proxies and TLS as usual) whose connections register their socket."""
+        deadline = self
+
+        def watched(base):
+            class Connection(base):
+                def connect(self):
+                    super().connect()
+                    deadline.watch(self.sock)
+
+            return Connection
+
+        class HTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(watched(http.client.HTTPConnection), req)
+
+        class HTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(
+                    watched(http.client.HTTPSConnection), req, context=self._context
+                )
+
+        return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
 class ChatClient:
     """OpenAI-compatible chat completions over HTTP (see the module docstring)."""
 
     def __init__(self, config: ChatConfig, sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self._sleep = sleep
-        self._key = os.environ.get(config.api_key_env) or None
+        # Stripped: a key read from a file often ends in a newline, and http.client would put
+        # the header value, key and all, into its error message.
+        self._key = (os.environ.get(config.api_key_env) or "").strip() or None
+        if self._key and any(ord(c) < 32 or ord(c) == 127 for c in self._key):
+            raise InputError(
+                None,
+                f"${config.api_key_env} holds a control character; it cannot be sent in a header",
+            )
+        # The forms a server may echo the key in: as is, and as a JSON string ("/" maybe escaped).
+        escaped = json.dumps(self._key or "")[1:-1]
+        self._key_forms = sorted(
+            {f for f in (self._key, escaped, escaped.replace("/", "\\/")) if f},
+            key=len,
+            reverse=True,
+        )
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(base_url={self.config.base_url!r}, model={self.config.model!r})"
@@ -134,7 +215,10 @@ class ChatClient:
         return os.path.join(self.config.cache_dir, key[:2], key + ".json")
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """`text` without the key; always before cutting it short (no half key survives)."""
+        for form in self._key_forms:
+            text = text.replace(form, "***")
+        return text
 
     def _post(self, body: dict) -> str:
         """One HTTP attempt -> the reply content; raises _Retry or ChatError."""
@@ -143,26 +227,36 @@ class ChatClient:
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+        timeout = self.config.timeout_s
         try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            detail = self._scrub(err.read()[:200].decode("utf-8", "replace"))
-            message = f"HTTP {err.code} from {url}: {detail}"
-            if err.code in RETRY_STATUS or err.code >= 500:
-                raise _Retry(message, _retry_after(err.headers.get("Retry-After"))) from None
-            raise ChatError(message) from None
+            with _Deadline(timeout) as deadline:
+                try:
+                    with deadline.opener().open(req, timeout=timeout) as resp:
+                        raw = resp.read()
+                except urllib.error.HTTPError as err:
+                    text = err.read(1 << 16).decode("utf-8", "replace")
+                    detail = self._scrub(text)[:200]
+                    message = f"HTTP {err.code} from {url}: {detail}"
+                    if err.code in RETRY_STATUS or err.code >= 500:
+                        retry_after = _retry_after(err.headers.get("Retry-After"))
+                        raise _Retry(message, retry_after) from None
+                    raise ChatError(message) from None
         except TimeoutError as err:
-            raise _Retry(f"timeout after {self.config.timeout_s} s ({err})") from None
-        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            raise _Retry(f"timeout after {timeout} s ({err})") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            if deadline.expired:
+                raise _Retry(f"timeout: no complete response within {timeout} s") from None
             raise _Retry(self._scrub(f"connection to {url} failed: {err}")) from None
+        if deadline.expired:  # the read may end early, without an error, when cut off
+            raise _Retry(f"timeout: no complete response within {timeout} s")
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError):
-            raise _Retry(f"malformed response body from {url}: {raw[:120]!r}") from None
+            text = self._scrub(raw.decode("utf-8", "replace"))
+            raise _Retry(f"malformed response body from {url}: {text[:120]!r}") from None
         if not isinstance(content, str):
-            raise _Retry(f"response content is not text: {content!r:.120}")
-        return content
+            raise _Retry(f"response content is not text: {self._scrub(repr(content))[:120]}")
+        return self._scrub(content)
 
     def complete(self, request: ChatRequest, validate: Callable | None = None) -> Any:
         """The validated reply of one request (from the cache when present); ChatError when it fails.
@@ -193,10 +287,11 @@ class ChatClient:
                 content = self._post(body)
                 value = _check(request, content, validate)
             except _Retry as err:
-                last, wait = str(err), err.retry_after
+                last, wait = self._scrub(str(err)), err.retry_after
                 continue
-            except ValueError as err:
-                last = f"invalid reply: {err}"
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+                # A validator's complaint about a malformed reply: retried like a bad body.
+                last = self._scrub(f"invalid reply: {err}")
                 continue
             if path:
                 write_text_atomic(

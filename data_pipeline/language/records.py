@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from llm3d_jax.fileio import InputError
+from llm3d_jax.fileio import InputError, name_problem
 
 TASKS = (
     "caption",
@@ -171,6 +171,8 @@ def validate_record(record, known_scenes: set[str] | None = None) -> None:
             parse_locations(text)
         except ValueError as err:
             raise ValueError(f"malformed location in {where}: {err}") from None
+    if name_problem(record["scene_id"]):  # it names the scene's files
+        raise ValueError(f"scene_id {record['scene_id']!r:.80} {name_problem(record['scene_id'])}")
     if known_scenes is not None and record["scene_id"] not in known_scenes:
         raise ValueError(f"unknown scene {record['scene_id']!r}")
 
@@ -191,15 +193,20 @@ def read_records(
         raise InputError(path, "file not found")
     records, problems = [], []
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read records ({err})") from None
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as err:
+        raise InputError(path, f"cannot read records ({err.strerror or err})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:  # one bad line, not a bad file
+            problems.append(f"line {n}: invalid UTF-8 ({err.reason} at byte {err.start})")
+            continue
+        try:
+            record = json.loads(text)
         except json.JSONDecodeError as err:
             problems.append(f"line {n}: not JSON ({err.msg})")
             continue

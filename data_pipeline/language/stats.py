@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipeline.language.records import TASKS, record_split
-from llm3d_jax.fileio import write_bytes_atomic, write_text_atomic
+from llm3d_jax.fileio import write_bytes_atomic, write_jsonl_atomic, write_text_atomic, writing
 
 LENGTH_BINS = (1, 2, 3, 4, 6, 9, 13, 20, 30, 50, 100)  # answer length in words: [1,2), [2,3) ...
 
@@ -94,8 +94,28 @@ def histogram_png(records: Sequence[dict], path: str | os.PathLike) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_report(records: Sequence[dict], stats_path, png_path, extra: dict | None = None) -> dict:
+def write_report(
+    records: Sequence[dict], records_path, stats_path, png_path, extra: dict | None = None
+) -> dict:
+    """Writes the records (JSONL), their stats and the length histogram: all three or none.
+
+    A full disk or a file-size limit part-way is an InputError naming the file that could not
+    be written, and the files already written by this call are removed (no partial output).
+    """
     stats = {**summarize(records), **(extra or {})}
-    write_text_atomic(stats_path, json.dumps(stats, indent=1) + "\n")
-    histogram_png(records, png_path)
+    steps = (
+        (records_path, lambda: write_jsonl_atomic(records_path, records)),
+        (stats_path, lambda: write_text_atomic(stats_path, json.dumps(stats, indent=1) + "\n")),
+        (png_path, lambda: histogram_png(records, png_path)),
+    )
+    written = []
+    try:
+        for path, write in steps:
+            with writing(path):
+                write()
+            written.append(path)
+    except BaseException:
+        for path in written:
+            os.remove(path)
+        raise
     return stats

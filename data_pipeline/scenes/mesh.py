@@ -30,7 +30,7 @@ import open3d as o3d
 from tqdm import tqdm
 
 from data_pipeline.scenes.scene import Scene, SceneObject, boxes_from_instances
-from llm3d_jax.fileio import InputError, cli_main
+from llm3d_jax.fileio import InputError, cli_main, output_folder, writing
 
 DEFAULT_GRAY = (180, 180, 180)
 _PLY_TYPES = {
@@ -343,10 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.objects and len(args.meshes) != 1:
         raise InputError(args.objects, "--objects needs exactly one mesh file")
+    output_folder(args.out)
     failed = 0
     for path in tqdm(args.meshes, desc="meshes", unit="mesh", disable=None):
         try:
-            load_mesh_scene(path, args.objects).save(args.out)
+            scene = load_mesh_scene(path, args.objects)
+            with writing(args.out):
+                scene.save(args.out)
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed += 1

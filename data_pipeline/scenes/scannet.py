@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data_pipeline.scenes.mesh import read_mesh
 from data_pipeline.scenes.scene import Scene, SceneObject, boxes_from_instances
-from llm3d_jax.fileio import InputError, cli_main
+from llm3d_jax.fileio import InputError, cli_main, output_folder, writing
 
 STRUCTURE_LABELS = frozenset({"wall", "floor", "ceiling"})
 
@@ -176,12 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not scans:
         raise InputError(args.scans, "no scan folders")
+    output_folder(args.out)
     failed = 0
     for scan in tqdm(scans, desc="scannet", unit="scan", disable=None):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                load_scannet_scene(scan).save(args.out)
+                scene = load_scannet_scene(scan)
+                with writing(args.out):
+                    scene.save(args.out)
             for w in caught:
                 tqdm.write(f"warning: {w.message}", file=sys.stderr)
         except InputError as err:

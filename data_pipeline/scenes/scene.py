@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 
-from llm3d_jax.fileio import InputError, load_npz, write_bytes_atomic
+from llm3d_jax.fileio import InputError, child_path, load_npz, name_problem, write_bytes_atomic
 
 FORMAT_VERSION = 1
 SCENE_KEYS = (
@@ -77,7 +77,7 @@ class Scene:
                 )
             ),
         }
-        path = os.path.join(os.fspath(directory), f"{self.scene_id}.npz")
+        path = child_path(directory, self.scene_id, ".npz")
         write_bytes_atomic(path, npz_bytes(arrays))
         return path
 
@@ -97,6 +97,8 @@ class Scene:
             )
         ]
         scene_id = meta.pop("scene_id", os.path.splitext(os.path.basename(path))[0])
+        if name_problem(scene_id):  # it names the files written for this scene
+            raise InputError(path, f"meta.scene_id {scene_id!r:.80} {name_problem(scene_id)}")
         meta.pop("format_version", None)
         scene = cls(
             scene_id=scene_id,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 
 import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.scenes.scene import Scene, SceneObject, boxes_from_instances
-from llm3d_jax.fileio import InputError, cli_main
+from llm3d_jax.fileio import InputError, cli_main, output_folder, writing
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (200, 40, 40),
@@ -436,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_scenes < 1:
         raise InputError(None, f"--num-scenes must be at least 1, got {args.num_scenes}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(args.out, "--out exists and is not a folder")
+    output_folder(args.out)
     for index in tqdm(range(args.num_scenes), desc="synthetic scenes", unit="scene", disable=None):
-        make_scene(args.seed, index).save(args.out)
+        with writing(args.out):
+            make_scene(args.seed, index).save(args.out)
     print(f"wrote {args.num_scenes} scenes to {args.out}")
     return 0
 

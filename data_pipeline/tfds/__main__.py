@@ -8,6 +8,7 @@ the counts, the rejection reasons and the bytes on disk. Bad items are skipped a
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data_pipeline.tfds.build import build
 from data_pipeline.tfds.builders import CONFIGS
@@ -45,6 +46,13 @@ def main() -> int:
         max_points=args.max_points,
         overwrite=args.overwrite,
     )
+    for rejected in report["rejected_scenes"][:20]:  # each bad feature file, named
+        print(f"warning: {rejected['file']}: {rejected['reason']}", file=sys.stderr)
+    if len(report["rejected_scenes"]) > 20:
+        print(
+            f"warning: {len(report['rejected_scenes']) - 20} more rejected scenes (see the report)",
+            file=sys.stderr,
+        )
     counts, size = report["counts"], report["bytes"]
     print(
         f"built {args.config}: scenes {counts['scenes']}, records {counts['records']}, dim {counts['dim']}"

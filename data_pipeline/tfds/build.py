@@ -5,10 +5,12 @@
 scene's records share a split), reads each referenced scene feature file once, and rejects bad
 items with a reason instead of stopping:
 
-  scene:  unreadable file or missing keys, NaN/Inf points or features, feature width differing
-          from the dataset's (the first good scene's width), inconsistent shapes, no points, bad grid
-  record: invalid JSON or fields, empty answers, unknown task, source not in the config,
-          duplicate id, missing scene file, rejected scene, malformed location placeholder
+  scene:  unreadable file or missing keys, NaN/Inf points or features, voxels that are not
+          integers in 0..255, feature width differing from the dataset's (the first good
+          scene's width), inconsistent shapes, no points, bad grid
+  record: invalid UTF-8 or JSON or fields, a scene id that is not a plain file name, empty
+          answers, unknown task, source not in the config, duplicate id, missing scene file,
+          rejected scene, malformed location placeholder
 
 The report (counts, every rejection with its reason, bytes on disk per scene against the raw
 npz) is returned, written to TFDS_DIR/build_report.<config>.json and summarised on stdout.
@@ -16,9 +18,11 @@ npz) is returned, written to TFDS_DIR/build_report.<config>.json and summarised 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -31,7 +35,14 @@ from tqdm import tqdm
 from data_pipeline.tfds.builders import CONFIGS, TASKS, Llm3dLanguage, Llm3dScenes
 from llm3d_jax import tokens
 from llm3d_jax.data.sources import LANGUAGE_DATASET, SCENE_DATASET
-from llm3d_jax.fileio import InputError, load_npz, write_text_atomic
+from llm3d_jax.fileio import (
+    InputError,
+    child_path,
+    load_npz,
+    name_problem,
+    output_folder,
+    write_text_atomic,
+)
 
 SPLITS = ("train", "validation")
 _SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation"}
@@ -57,8 +68,8 @@ class Report:
     counts: dict = field(default_factory=dict)
     bytes: dict = field(default_factory=dict)
 
-    def reject_scene(self, scene_id: str, reason: str) -> None:
-        self.rejected_scenes.append({"scene_id": scene_id, "reason": reason})
+    def reject_scene(self, scene_id: str, reason: str, file: str | None = None) -> None:
+        self.rejected_scenes.append({"scene_id": scene_id, "reason": reason, "file": file})
 
     def reject_record(self, record_id, line: int, reason: str) -> None:
         self.rejected_records.append({"id": record_id, "line": line, "reason": reason})
@@ -88,6 +99,8 @@ def _check_record(raw: dict, config) -> str | None:
     for key in ("id", "scene_id", "task", "prompt"):
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             return f"bad field: {key!r} must be a non-empty string"
+    if name_problem(raw["scene_id"]):  # it names a file in the features folder
+        return f"bad scene id: {raw['scene_id']!r:.80} {name_problem(raw['scene_id'])}"
     if raw["task"] not in TASKS:
         return f"unknown task: {raw['task']!r}"
     answers = raw.get("answers")
@@ -111,13 +124,18 @@ def read_records(path: str, config, val_fraction: float, seed: int, report: Repo
     if not os.path.isfile(path):
         raise InputError(path, "file not found")
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
     for line_no, line in enumerate(tqdm(lines, desc="records", unit="rec"), start=1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:  # one bad line, not a bad file
+            report.reject_record(None, line_no, f"invalid UTF-8: {err.reason} at byte {err.start}")
+            continue
+        try:
+            raw = json.loads(text)
         except json.JSONDecodeError as err:
             report.reject_record(None, line_no, f"invalid JSON: {err.msg}")
             continue
@@ -157,18 +175,24 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
         )
     if dim is not None and features.shape[1] != dim:
         raise bad(f"wrong feature width: {features.shape[1]} (dataset has {dim})")
-    for key, width in (("features", None), ("voxels", 3), ("instance", None), ("colors", 3)):
-        if key not in data:
-            continue
-        shape = data[key].shape
-        if shape[0] != n or (width is not None and shape[1:] != (width,)):
-            raise bad(f"{key} has shape {list(shape)}, expected {n} rows to match points")
+    for key, shape in (("voxels", (n, 3)), ("instance", (n,)), ("colors", (n, 3))):
+        if key in data and data[key].shape != shape:
+            raise bad(f"{key} has shape {list(data[key].shape)}, expected {list(shape)}")
+    if features.shape[0] != n:
+        raise bad(f"features has shape {list(features.shape)}, expected {n} rows to match points")
     if not np.all(np.isfinite(points)):
         raise bad("NaN/Inf in points")
     features16 = features.astype(np.float16)
     if not np.all(np.isfinite(features16)):
         raise bad("NaN/Inf in features")
     voxels = np.asarray(data["voxels"])
+    if voxels.dtype.kind == "f":
+        if not np.all(np.isfinite(voxels)):
+            raise bad("NaN/Inf in voxels")
+        if np.any(voxels != np.round(voxels)):
+            raise bad("voxels must be integers")
+    elif voxels.dtype.kind not in "iu":
+        raise bad(f"voxels must be integers, got {voxels.dtype}")
     if voxels.min() < 0 or voxels.max() > 255:
         raise bad("voxels outside 0..255")
     origin = np.asarray(data["grid_origin"], np.float32).reshape(-1)
@@ -178,6 +202,8 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
     if not (np.isfinite(voxel.reshape(())) and voxel.reshape(()) > 0):
         raise bad(f"bad grid: grid_voxel {float(voxel.reshape(()))} must be > 0")
     ids = np.asarray(data["object_ids"])
+    if ids.dtype.kind not in "iu":
+        raise bad(f"object_ids must be integers, got {ids.dtype}")
     boxes = np.asarray(data["object_boxes"], np.float32)
     labels = np.asarray(data["object_labels"])
     m = len(ids)
@@ -256,6 +282,30 @@ def _dir_bytes(path: str) -> int:
     )
 
 
+def _write_failure(err: BaseException) -> str | None:
+    """The reason when `err` is a failed write (full disk, quota, file-size limit), else None."""
+    if isinstance(err, OSError):
+        return str(err.strerror or err)
+    # ArrayRecord's C++ writer reports a failed write(2) as a RuntimeError.
+    if isinstance(err, RuntimeError):
+        found = re.search(r"write\(\) failed: ([^;]+)", str(err))
+        if found:
+            return found.group(1)
+    return None
+
+
+def _remove_partial_build(targets: list[str], new_dirs: list[str]) -> None:
+    """Removes what a failed build left: the version folders, TFDS's `incomplete.*` folders
+    next to them, and the dataset folders the build created."""
+    for target in targets:
+        shutil.rmtree(target, ignore_errors=True)
+        parent, version = os.path.split(target)
+        for left in glob.glob(os.path.join(parent, f"incomplete.*_{version}")):
+            shutil.rmtree(left, ignore_errors=True)
+    for folder in new_dirs:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def build(
     features_dir: str,
     records_path: str,
@@ -273,6 +323,11 @@ def build(
         raise InputError(features_dir, "not a directory")
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if max_points < 0:
+        raise InputError(None, f"--max-points must be >= 0, got {max_points}")
+    if not os.path.isfile(records_path):
+        raise InputError(records_path, "file not found")
+    output_folder(out_dir)
     config = CONFIGS[config_name]
     version = str(config.version)
     targets = [
@@ -291,7 +346,7 @@ def build(
     wanted: dict[str, set[str]] = {s: set() for s in SPLITS}
     kept = []
     for r in records:
-        if not os.path.isfile(os.path.join(features_dir, r["scene_id"] + ".npz")):
+        if not os.path.isfile(child_path(features_dir, r["scene_id"], ".npz", records_path)):
             report.reject_record(r["id"], r["line"], f"missing scene: {r['scene_id']}.npz")
             continue
         wanted[r["split"]].add(r["scene_id"])
@@ -300,7 +355,7 @@ def build(
     if not records:
         raise InputError(records_path, _no_records(report))
     all_ids = sorted(set().union(*wanted.values()))
-    paths = {s: os.path.join(features_dir, s + ".npz") for s in all_ids}
+    paths = {s: child_path(features_dir, s, ".npz", records_path) for s in all_ids}
     dim = _feature_width([paths[s] for s in all_ids])
     if dim is None:
         raise InputError(features_dir, "no readable scene feature file referenced by the records")
@@ -314,7 +369,7 @@ def build(
                 **_scene_example(paths[scene_id], scene_id, dim, max_points),
             }
         except InputError as err:
-            report.reject_scene(scene_id, err.problem)
+            report.reject_scene(scene_id, err.problem, paths[scene_id])
     scene_rows = {s: sorted(i for i in wanted[s] if i in examples) for s in SPLITS}
     scene_index = {s: {i: k for k, i in enumerate(rows)} for s, rows in scene_rows.items()}
     bad_scenes = {r["scene_id"]: r["reason"] for r in report.rejected_scenes}
@@ -363,6 +418,12 @@ def build(
         "val_fraction": val_fraction,
         "prompt_templates": dict(config.prompt_templates),
     }
+    # Dataset folders this build creates, removed with the pair when it fails (no partial output).
+    new_dirs = [
+        d
+        for d in (os.path.join(out_dir, SCENE_DATASET), os.path.join(out_dir, LANGUAGE_DATASET))
+        if not os.path.exists(d)
+    ]
     with tempfile.TemporaryDirectory() as download_dir:
         try:
             for cls, stream in ((Llm3dScenes, scene_stream), (Llm3dLanguage, language_stream)):
@@ -375,9 +436,11 @@ def build(
                 builder.download_and_prepare(download_dir=download_dir)
                 if cls is Llm3dScenes:
                     store_uncompressed(builder.data_dir)
-        except BaseException:
-            for target in targets:  # no half-built dataset pair
-                shutil.rmtree(target, ignore_errors=True)
+        except BaseException as err:
+            _remove_partial_build(targets, new_dirs)
+            problem = _write_failure(err)
+            if problem:  # a full disk, a quota: one line, not a traceback
+                raise InputError(out_dir, f"cannot write ({problem})") from None
             raise
 
     raw_bytes = sum(os.path.getsize(paths[i]) for rows in scene_rows.values() for i in rows)
@@ -403,7 +466,10 @@ def build(
         "per_scene_raw_npz": raw_bytes / max(n_scenes, 1),
     }
     result = report.as_dict()
-    write_text_atomic(
-        os.path.join(out_dir, f"build_report.{config_name}.json"), json.dumps(result, indent=1)
-    )
+    report_path = os.path.join(out_dir, f"build_report.{config_name}.json")
+    try:
+        write_text_atomic(report_path, json.dumps(result, indent=1))
+    except OSError as err:  # the datasets without their report are not a finished build
+        _remove_partial_build(targets, new_dirs)
+        raise InputError(report_path, f"cannot write ({err.strerror or err})") from None
     return result

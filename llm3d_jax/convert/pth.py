@@ -17,11 +17,20 @@ ever runs. Tensors come back as numpy arrays (bfloat16 becomes float32, exactly)
 (so a LAVIS checkpoint `{"model": state_dict, ...}` gives `model.Qformer.bert...`), list items
 use their index, non-tensor leaves (epoch numbers, config strings) are dropped, and a bare saved
 tensor comes back under the key "".
+
+A checkpoint from a stranger can be hostile without running code, so every read is bounded by
+`PthLimits` before anything is allocated: the archive's declared sizes (and its compression
+ratio: torch stores storages uncompressed, a zip bomb inflates 1000:1), each tensor's bytes
+(a stride-0 view of one element may not declare gigabytes), the bytes of all tensors, and the
+nesting depth and node count of the saved object (a self-referencing list, or 60 levels of
+shared halves that flatten to 2**60 leaves). Each breach is one InputError line.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import os
 import pickle
 import zipfile
@@ -30,6 +39,23 @@ from typing import Any
 import numpy as np
 
 from llm3d_jax.fileio import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class PthLimits:
+    """Bounds on what one checkpoint may make the reader allocate or visit."""
+
+    max_total_bytes: int = 64 << 30  # archive contents, and all rebuilt tensors together
+    max_tensor_bytes: int = 16 << 30  # one rebuilt tensor
+    # A tensor may repeat its storage's elements (stride 0, e.g. an expanded tensor) by this much.
+    max_view_slack_bytes: int = 64 << 20
+    # All rebuilt tensors together may hold this many times the archive's bytes (tensors sharing
+    # a storage, e.g. tied weights, each get a copy) plus the slack above, once per file.
+    max_rebuilt_ratio: float = 4.0
+    max_compression_ratio: float = 200.0
+    max_depth: int = 100
+    max_objects: int = 10_000_000  # nodes of the expanded object, shared ones counted each time
+
 
 # torch storage class name -> numpy dtype (little-endian form); bfloat16 is read as uint16 bits.
 STORAGE_DTYPES = {
@@ -94,9 +120,15 @@ def _numpy_dtype(dtype: str, big_endian: bool) -> np.dtype:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str, limits: PthLimits):
         super().__init__(file)
-        self.archive, self.prefix, self.path = archive, prefix, path
+        self.archive, self.prefix, self.path, self.limits = archive, prefix, path, limits
+        self.tensor_bytes = 0  # bytes of all tensors rebuilt so far
+        archive_bytes = sum(info.file_size for info in archive.infolist())
+        self.tensor_budget = min(
+            limits.max_total_bytes,
+            int(limits.max_rebuilt_ratio * archive_bytes) + limits.max_view_slack_bytes,
+        )
         byteorder = prefix + "byteorder"
         names = set(archive.namelist())
         self.big_endian = byteorder in names and archive.read(byteorder).decode().strip() == "big"
@@ -132,6 +164,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     self.path, f"storage {entry} is missing from the archive"
                 ) from None
             dtype = _numpy_dtype(storage_type.dtype, self.big_endian)
+            if not isinstance(numel, int) or numel < 0:
+                raise InputError(self.path, f"malformed storage reference {str(pid)[:60]}")
             if len(raw) < int(numel) * dtype.itemsize:
                 raise InputError(
                     self.path,
@@ -170,6 +204,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # Bounds check before `as_strided`, which would otherwise read outside the buffer.
         if len(size) != len(stride) or min((*size, *stride, offset), default=0) < 0:
             raise InputError(self.path, f"malformed tensor: size {size} stride {stride}")
+        # Bounds on what the copy below allocates, checked before it: a tiny file may declare
+        # a huge stride-0 view of one element.
+        nbytes = math.prod(size) * flat.itemsize
+        if nbytes > storage.data.nbytes + self.limits.max_view_slack_bytes:
+            raise InputError(
+                self.path,
+                f"tensor of size {size} declares {nbytes} bytes, more than its storage holds "
+                f"({storage.data.nbytes} bytes)",
+            )
+        if nbytes > self.limits.max_tensor_bytes:
+            raise InputError(
+                self.path,
+                f"tensor of size {size} declares {nbytes} bytes, more than the limit of "
+                f"{self.limits.max_tensor_bytes} bytes per tensor",
+            )
+        self.tensor_bytes += nbytes
+        if self.tensor_bytes > self.tensor_budget:
+            raise InputError(
+                self.path,
+                f"tensors total more than {self.tensor_budget} bytes (the limit for a file of "
+                "this size: a tiny file may not rebuild into gigabytes)",
+            )
         if 0 not in size:
             last = offset + sum((n - 1) * s for n, s in zip(size, stride))
             if last >= flat.size:
@@ -208,8 +264,75 @@ _ALLOWED = {
 }
 
 
-def load_pth(path: str | os.PathLike) -> Any:
-    """The object saved with `torch.save`, tensors as numpy arrays; refuses unsafe pickles."""
+def _check_archive(archive: zipfile.ZipFile, path: str, limits: PthLimits) -> None:
+    """Refuses an archive whose declared contents are too big or inflate like a zip bomb."""
+    total = 0
+    for info in archive.infolist():
+        total += info.file_size
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > (1 << 20) and ratio > limits.max_compression_ratio:
+            raise InputError(
+                path,
+                f"{info.filename} has compression ratio {ratio:.0f}:1 (a zip bomb?); "
+                "torch.save stores tensors uncompressed",
+            )
+    if total > limits.max_total_bytes:
+        raise InputError(
+            path,
+            f"archive holds {total} bytes, more than the limit of {limits.max_total_bytes} bytes",
+        )
+
+
+def _children(node: Any) -> list | None:
+    if isinstance(node, dict):
+        return [x for item in node.items() for x in item]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    return None
+
+
+def _check_structure(obj: Any, path: str, limits: PthLimits) -> None:
+    """Bounds the depth and the node count (shared nodes counted each time) of the saved object.
+
+    `flatten` and any other walk visit every path through the object, so a self-referencing
+    list never ends and 60 levels of shared halves give 2**60 leaves; both stop here instead.
+    Each container is visited once (its expanded size is memoised), so this takes time linear
+    in the pickle, whatever it expands to.
+    """
+    sizes: dict[int, int] = {}  # id -> nodes of the expanded tree rooted there
+    ancestors: set[int] = set()
+    stack = [(obj, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children is None or (not children_done and id(node) in sizes):
+            continue
+        if children_done:
+            ancestors.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if sizes[id(node)] > limits.max_objects:
+                raise InputError(
+                    path,
+                    f"the saved object expands to more than {limits.max_objects} nodes "
+                    "(shared ones counted each time)",
+                )
+            continue
+        if id(node) in ancestors:
+            raise InputError(path, "the saved object refers to itself (a cycle)")
+        ancestors.add(id(node))
+        if len(ancestors) > limits.max_depth:
+            raise InputError(
+                path, f"the saved object is nested deeper than {limits.max_depth} levels"
+            )
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
+
+
+def load_pth(path: str | os.PathLike, limits: PthLimits = PthLimits()) -> Any:
+    """The object saved with `torch.save`, tensors as numpy arrays; refuses unsafe pickles.
+
+    Refuses as well (one InputError line) anything past `limits` (see the module doc).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(path, "file not found")
@@ -219,19 +342,26 @@ def load_pth(path: str | os.PathLike) -> Any:
             "not a torch zip checkpoint (legacy pre-1.6 torch pickles and tar files are not "
             "read; re-save it with torch.save from a current torch)",
         )
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise InputError(path, f"unreadable zip archive ({type(err).__name__}: {err})") from None
+    with archive:
+        _check_archive(archive, path, limits)
         pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise InputError(path, f"expected one data.pkl in the archive, found {len(pickles)}")
         prefix = pickles[0][: -len("data.pkl")]
         with archive.open(pickles[0]) as f:
-            unpickler = _RestrictedUnpickler(f, archive, prefix, path)
+            unpickler = _RestrictedUnpickler(f, archive, prefix, path, limits)
             try:
-                return unpickler.load()
+                obj = unpickler.load()
             except InputError:
                 raise
             except Exception as err:  # truncated or corrupt pickle data
                 raise InputError(path, f"unreadable pickle ({type(err).__name__}: {err})") from None
+    _check_structure(obj, path, limits)
+    return obj
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -250,6 +380,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_pth(path: str | os.PathLike, limits: PthLimits = PthLimits()) -> dict[str, np.ndarray]:
     """All tensors of a `.pth` / `.pt` file as `{dotted.key: np.ndarray}` (see module doc)."""
-    return flatten(load_pth(path))
+    return flatten(load_pth(path, limits))
