@@ -54,3 +54,96 @@ def test_loss_curves_png_from_each_runs_metrics(tmp_path):
         runs[name] = str(workdir)
     demo.plot_losses(runs, str(tmp_path / "loss.png"))
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grounding_table_against_the_category_prior(tmp_path):
+    """Grounding rows of each run next to the mean training box of the named category, and the
+    relational QA types as one group."""
+    import numpy as np
+
+    features = tmp_path / "features"
+    features.mkdir()
+    for scene in ("s0", "s1"):
+        np.savez(
+            features / f"{scene}.npz",
+            object_ids=np.array([1, 2], np.int32),
+            object_labels=np.array(["chair", "lamp"]),
+        )
+    box = lambda *v: "<box>" + " ".join(f"{x:.3f}" for x in v) + "</box>"  # noqa: E731
+    records = tmp_path / "language.jsonl"
+    rows = [
+        # training chairs at x 0..1 and 2..3: the prior chair box is 1..2
+        dict(
+            id="t1",
+            scene_id="s0",
+            task="grounding",
+            object_ids=[1],
+            answers=[box(0, 0, 0, 1, 1, 1)],
+            meta={"split": "train"},
+        ),
+        dict(
+            id="t2",
+            scene_id="s1",
+            task="grounding",
+            object_ids=[1],
+            answers=[box(2, 0, 0, 3, 1, 1)],
+            meta={"split": "train"},
+        ),
+        dict(
+            id="v1",
+            scene_id="s0",
+            task="grounding",
+            object_ids=[1],
+            answers=[box(1, 0, 0, 2, 1, 1)],
+            meta={"split": "val"},
+        ),
+        dict(
+            id="v2",
+            scene_id="s0",
+            task="grounding",
+            object_ids=[1],
+            answers=[box(5, 5, 0, 6, 6, 1)],
+            meta={"split": "val"},
+        ),
+        dict(id="q1", scene_id="s0", task="qa", answers=["yes"], meta={"qtype": "on_yn"}),
+        dict(id="q2", scene_id="s0", task="qa", answers=["red"], meta={"qtype": "color"}),
+    ]
+    records.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prior = demo.category_prior_boxes(str(records), str(features))
+    np.testing.assert_allclose(prior["v1"], [1, 0, 0, 2, 1, 1])
+
+    def preds(v1_box, q1):
+        return [
+            dict(
+                id="v1",
+                scene_id="s0",
+                task="grounding",
+                answers=rows[2]["answers"],
+                boxes=[v1_box] if v1_box else [],
+                prediction="",
+            ),
+            dict(
+                id="v2",
+                scene_id="s0",
+                task="grounding",
+                answers=rows[3]["answers"],
+                boxes=[],
+                prediction="",
+            ),
+            dict(id="q1", task="qa", answers=["yes"], prediction=q1),
+            dict(id="q2", task="qa", answers=["red"], prediction="red"),
+        ]
+
+    runs = {
+        "3D-LLM": write_run(tmp_path, "r3d", preds([1, 0, 0, 2, 1, 1], "yes")),
+        "blind": write_run(tmp_path, "rb", preds(None, "no")),
+    }
+    lines = demo.grounding_table(runs, str(records), str(features)).splitlines()
+    assert lines[0] == "| held-out grounding (2 questions) | 3D-LLM | blind | category prior |"
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in lines[2:]}
+    assert [c.strip(" |") for c in cells["Acc@0.25"]] == ["50.0", "0.0", "50.0"]
+    assert [c.strip(" |") for c in cells["answers without a box (%)"]] == ["50.0", "100.0", "-"]
+    assert [c.strip(" |") for c in cells["relational QA EM"]] == ["100.0", "0.0", "-"]
+    # boxes.png: the right and the wrong answer of one room
+    right, wrong = demo.right_and_wrong(f"{runs['3D-LLM']}/eval/predictions.jsonl")
+    assert (right["id"], wrong["id"]) == ("v1", "v2")

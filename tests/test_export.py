@@ -232,6 +232,41 @@ def test_visualize_renders_boxes(run, tmp_path):
         visualize.main(["--scene", scene, "--out", png, "--box", "1 2 3"])
 
 
+def test_visualize_numbers_several_answers_with_their_iou(tmp_path):
+    """boxes.png of make demo: two answers in one room, each box numbered, each IoU in the title."""
+    scene = _scene(tmp_path / "scene.npz", 8)
+    gt = "<box>1.000 1.000 0.000 2.000 2.000 1.000</box>"
+    rows = [
+        dict(
+            id="right",
+            prompt="Where is the table?",
+            prediction=gt,
+            answers=[gt],
+            boxes=[[1, 1, 0, 2, 2, 1]],
+            object_ids=[3],
+        ),
+        dict(
+            id="wrong",
+            prompt="Find the lamp.",
+            prediction="",
+            answers=[gt],
+            boxes=[[3, 3, 0, 3.5, 3.5, 1]],
+            object_ids=[3],
+        ),
+        dict(id="none", prompt="Find the lamp.", prediction="", answers=[gt], boxes=[]),
+        dict(id="text", prompt="What is it?", prediction="a lamp", answers=["a lamp"], boxes=[]),
+    ]
+    assert [visualize.answer_iou(r) for r in rows] == [1.0, 0.0, 0.0, None]
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = str(tmp_path / "two.png")
+    argv = ["--scene", scene, "--out", png, "--predictions", str(predictions)]
+    assert visualize.main(argv + ["--id", "right", "--id", "wrong"]) == 0
+    assert os.path.getsize(png) > 10_000
+    with pytest.raises(InputError, match="no prediction with id"):
+        visualize.main(argv + ["--id", "right", "--id", "missing"])
+
+
 def test_eval_writes_predictions_metrics_and_table(run):
     from experiments import eval as eval_cli
 

@@ -64,13 +64,35 @@ def train_tokenizer(records: str, out_dir: str) -> None:
     print(f"tokenizer: {out_dir} ({len(texts)} texts)")
 
 
-def first_record(records: str, task: str, split: str = "val") -> dict:
+def held_out_records(records: str, task: str) -> list[dict]:
+    """The held-out records of `task` (the language stage's `meta.split` "val")."""
     with open(records, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            if r["task"] == task and r["meta"].get("split") == split:
-                return r
-    raise SystemExit(f"error: {records}: no {split} record of task {task}")
+        rows = [json.loads(line) for line in f]
+    held_out = [r for r in rows if r["task"] == task and r["meta"].get("split") == "val"]
+    if not held_out:
+        raise SystemExit(f"error: {records}: no held-out record of task {task}")
+    return held_out
+
+
+def right_and_wrong(predictions: str) -> tuple[dict, dict]:
+    """Two grounding predictions about one room for boxes.png: one the model got right (the best
+    IoU, at least 0.5 where there is one) and one it got wrong (IoU below 0.25), from the room
+    with the most grounding questions that has both; else the best and the worst answer."""
+    from tools.visualize import answer_iou
+
+    with open(predictions, encoding="utf-8") as f:
+        rows = [r for r in map(json.loads, f) if r["task"] == "grounding"]
+    if not rows:
+        raise SystemExit(f"error: {predictions}: no grounding predictions")
+    by_scene = collections.defaultdict(list)
+    for r in rows:
+        by_scene[r["scene_id"]].append((answer_iou(r) or 0.0, r["id"], r))
+    for scene in sorted(by_scene, key=lambda s: -len(by_scene[s])):
+        ranked = sorted(by_scene[scene], key=lambda x: x[:2])
+        if ranked[-1][0] >= 0.5 and ranked[0][0] < 0.25:
+            return ranked[-1][2], ranked[0][2]
+    ranked = sorted(by_scene[max(by_scene, key=lambda s: len(by_scene[s]))], key=lambda x: x[:2])
+    return ranked[-1][2], ranked[0][2]
 
 
 def plot_losses(runs: dict[str, str], path: str) -> None:
@@ -353,12 +375,15 @@ def train_and_eval(
     blind: bool,
     steps: int | None = None,
     pretrained: str = "",
+    extra: tuple[str, ...] = (),
 ) -> None:
-    """experiments/train.py with the demo config (+ experiments/eval.py on the held-out scenes)."""
+    """experiments/train.py with the demo config and `extra` overrides (+ experiments/eval.py
+    on the held-out scenes)."""
     overrides = [
         f"--config.data_dir={data['tfds']}",
         f"--config.tokenizer={data['tokenizer']}",
         f"--config.seed={seed}",
+        *extra,
     ]
     if steps:
         overrides.append(f"--config.total_steps={steps}")
@@ -410,8 +435,10 @@ def main() -> None:
     run(
         [PY, "tools/export.py", "--workdir", runs["3D-LLM"], "--out", model], f"{model}/config.json"
     )
-    question = first_record(records, "grounding")
-    scene_file = f"{features}/{question['scene_id']}.npz"
+    predictions = f"{runs['3D-LLM']}/eval/predictions.jsonl"
+    right, wrong = right_and_wrong(predictions)
+    shown = {right["id"], wrong["id"]}
+    question = next(r for r in held_out_records(records, "grounding") if r["id"] not in shown)
     run(
         [
             PY,
@@ -419,7 +446,7 @@ def main() -> None:
             "--model",
             model,
             "--scene",
-            scene_file,
+            f"{features}/{question['scene_id']}.npz",
             "--task",
             "grounding",
             question["prompt"],
@@ -433,13 +460,15 @@ def main() -> None:
             PY,
             "tools/visualize.py",
             "--scene",
-            scene_file,
+            f"{features}/{right['scene_id']}.npz",
             "--out",
             f"{out}/boxes.png",
             "--predictions",
-            f"{runs['3D-LLM']}/eval/predictions.jsonl",
+            predictions,
             "--id",
-            question["id"],
+            right["id"],
+            "--id",
+            wrong["id"],
         ]
     )
     plot_losses(runs, f"{out}/loss_curves.png")

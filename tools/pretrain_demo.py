@@ -15,9 +15,14 @@ synthetic rooms of *another* seed (default 1000; the demo's rooms use seed 0):
      b. from (a), only the questions about objects' attributes (ATTRIBUTE_QUESTIONS, about a
         third of the QA): they are what ties a word to the points of one object, and in the
         mixture they come too rarely for the from-scratch Q-Former to learn it (--attribute-steps);
-  4. tools/export.py --safetensors of each (b).
+     c. from (b), the whole mixture again, now with the point tokens and the table location
+        rows of the demo config (grown at random init when (b) lacks them): grounding, about a
+        third of the records, is learnt here, while the other tasks keep (--grounding-steps);
+  4. tools/export.py --safetensors of each (c).
 
     python -m tools.pretrain_demo --out assets/demo
+    python -m tools.pretrain_demo --out assets/demo --from-pretrained assets/demo --scenes 256
+        # phase (c) only, from the pretrained_3d / pretrained_blind already in assets/demo
 
 OUT gets encoder/, pretrained_3d/, pretrained_blind/ (what assets/demo holds) and work/ (data,
 runs with their eval/metrics.md; not needed afterwards). Every stage is skipped when its
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from llm3d_jax.fileio import write_text_atomic
@@ -45,6 +51,8 @@ ATTRIBUTE_QUESTIONS = (
     "floor_color",
     "wall_color",
 )
+
+GROUNDING_LR = 5e-4  # phase (c)
 
 
 def attribute_records(records: str, out: str) -> int:
@@ -68,6 +76,24 @@ def export(workdir: str, target: str) -> None:
     )
 
 
+def phase_c(work: str, data: dict, args, mode: str, start: str, out: str) -> None:
+    """Phase (c) of `mode` from the exported model `start` -> OUT/pretrained_<mode>."""
+    demo.banner(f"pretrain {mode}: (c) whole mixture with grounding, {args.grounding_steps} steps")
+    run = os.path.join(work, f"run_{mode}_grounding")
+    # The new rows and point projection start from random init: a higher peak rate than the
+    # demo's fine-tuning, with the same warm-up and cosine decay.
+    extra = (f"--config.optim.lr={GROUNDING_LR}",)
+    demo.train_and_eval(
+        run, data, args.seed, mode == "blind", args.grounding_steps, pretrained=start, extra=extra
+    )
+    exported = os.path.join(work, f"grounding_{mode}")
+    export(run, exported)
+    # OUT may be the folder phase (c) started from: replace the model only once (c) is done.
+    target = os.path.join(out, f"pretrained_{mode}")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(exported, target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -76,12 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder-steps", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=12000, help="phase (a): whole mixture")
     parser.add_argument("--attribute-steps", type=int, default=8000, help="phase (b)")
+    parser.add_argument("--grounding-steps", type=int, default=4000, help="phase (c)")
+    parser.add_argument(
+        "--from-pretrained",
+        help="a folder with pretrained_3d/ and pretrained_blind/ to run phase (c) from, "
+        "instead of the encoder stage and phases (a) and (b); its encoder/ encodes the rooms",
+    )
     parser.add_argument("--seed", type=int, default=1000, help="rooms of this seed (demo: 0)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     work = os.path.join(out, "work")
 
     encoder = os.path.join(out, "encoder")
+    start = args.from_pretrained and os.path.abspath(args.from_pretrained)
+    if start:
+        encoder = os.path.join(start, "encoder")
+        print(f"phase (c) from {os.path.relpath(start)}/pretrained_{{3d,blind}}")
     demo.banner(f"encoder: {args.encoder_scenes} rooms, {args.encoder_steps} steps")
     if os.path.exists(os.path.join(encoder, "model.safetensors")):
         print(f"(done already: {os.path.relpath(encoder)})")
@@ -99,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
 
-    data = demo.build_data(work, args.scenes, args.seed, f"vit:{encoder}", val_fraction=0.125)
+    # Phase (c) alone keeps the pretrained models' tokenizer; a full run trains its own.
+    tokenizer = os.path.join(start, "pretrained_3d") if start else None
+    data = demo.build_data(
+        work, args.scenes, args.seed, f"vit:{encoder}", val_fraction=0.125, tokenizer=tokenizer
+    )
     attributes = dict(data, records=f"{work}/attributes.jsonl", tfds=f"{work}/tfds_attributes")
     if not os.path.exists(f"{attributes['tfds']}/build_report.synthetic.json"):
         count = attribute_records(data["records"], attributes["records"])
@@ -108,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for mode in ("3d", "blind"):
         blind = mode == "blind"
+        if start:
+            phase_c(work, data, args, mode, os.path.join(start, f"pretrained_{mode}"), out)
+            continue
         demo.banner(f"pretrain {mode}: (a) whole mixture, {args.steps} steps")
         mixture_run = os.path.join(work, f"run_{mode}")
         demo.train_and_eval(mixture_run, data, args.seed, blind, args.steps)
@@ -122,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             args.attribute_steps,
             pretrained=os.path.join(work, f"mixture_{mode}"),
         )
-        export(attribute_run, os.path.join(out, f"pretrained_{mode}"))
+        export(attribute_run, os.path.join(work, f"attributes_{mode}"))
+        phase_c(work, data, args, mode, os.path.join(work, f"attributes_{mode}"), out)
     print(f"-> {os.path.relpath(out)}: encoder/, pretrained_3d/, pretrained_blind/")
     return 0
 

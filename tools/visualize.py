@@ -2,19 +2,21 @@ r"""Renders a scene with ground-truth and predicted boxes to a PNG (matplotlib, 
 
     python tools/visualize.py --scene FEATURES/scene0000_00.npz --out scene.png \
         [--objects 3,7] [--box "x0 y0 z0 x1 y1 z1" ...] \
-        [--predictions RUN/eval/predictions.jsonl --id RECORD_ID]
+        [--predictions RUN/eval/predictions.jsonl --id RECORD_ID [--id RECORD_ID ...]]
 
 --scene takes a scene feature file (points coloured by their stored colours, else by the first
 three principal components of their features) or a scene file of the data pipeline (the mesh,
 faces coloured by their vertices). Two panels: a perspective view and a top-down view.
 Ground-truth boxes are drawn green (all of the scene's objects thin, --objects or the record's
-object_ids thick), predicted boxes red (--box, or the boxes of --id in a predictions file).
+object_ids thick), predicted boxes red (--box, or the boxes of --id in a predictions file; with
+several --id each answer's boxes carry its number, and the title gives each question's IoU).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import sys
@@ -29,6 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mpl_toolkits.mplot3d.art3d import Line3DCollection, Poly3DCollection  # noqa: E402
 
+from llm3d_jax import tokens  # noqa: E402
+from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
 from llm3d_jax.fileio import InputError, cli_main, load_npz, write_bytes_atomic  # noqa: E402
 
 MAX_POINTS = 30000
@@ -95,7 +99,7 @@ def load_scene(path: str) -> dict:
     return dict(points=points, colors=colors, **objects)
 
 
-def _draw(ax, scene, gt_boxes, highlight, pred_boxes, rng):
+def _draw(ax, scene, gt_boxes, highlight, pred_boxes, rng, pred_labels=()):
     if "points" in scene:
         keep = np.arange(len(scene["points"]))
         if len(keep) > MAX_POINTS:
@@ -118,28 +122,37 @@ def _draw(ax, scene, gt_boxes, highlight, pred_boxes, rng):
                 linewidths=2.0 if strong else 0.6,
             )
         )
-    for box in pred_boxes:
+    for k, box in enumerate(pred_boxes):
         c = box_corners(box)
         ax.add_collection3d(
             Line3DCollection([(c[i], c[j]) for i, j in _EDGES], colors="red", linewidths=2.0)
         )
+        if k < len(pred_labels) and pred_labels[k]:
+            ax.text(*box[3:], pred_labels[k], color="red", fontsize=9, fontweight="bold")
 
 
-def render(scene: dict, out: str, highlight_ids=(), pred_boxes=(), title: str = "") -> None:
-    """Writes a two-panel PNG (perspective, top-down) of the scene with its boxes."""
+def render(
+    scene: dict, out: str, highlight_ids=(), pred_boxes=(), title: str = "", pred_labels=()
+) -> None:
+    """Writes a two-panel PNG (perspective, top-down) of the scene with its boxes; `pred_labels`
+    (one string per predicted box, may be shorter) are written at the boxes' top corners."""
     rng = np.random.default_rng(0)
     ids = np.asarray(scene["ids"])
     strong = np.isin(ids, np.asarray(list(highlight_ids), ids.dtype if len(ids) else np.int32))
     gt, hi = scene["boxes"][~strong], scene["boxes"][strong]
-    pred = [
-        np.asarray(b, np.float64) for b in pred_boxes if b is not None and np.all(np.isfinite(b))
+    kept = [
+        (np.asarray(b, np.float64), label)
+        for b, label in itertools.zip_longest(pred_boxes, pred_labels, fillvalue="")
+        if b is not None and len(b) == 6 and np.all(np.isfinite(b))
     ]
+    pred = [b for b, _ in kept]
+    labels = [label for _, label in kept]
     xyz = scene["points"] if "points" in scene else scene["vertices"]
     lo, up = xyz.min(0), xyz.max(0)
     fig = plt.figure(figsize=(12, 6))
     for k, (elev, azim, name) in enumerate([(30, -60, "perspective"), (90, -90, "top-down")]):
         ax = fig.add_subplot(1, 2, k + 1, projection="3d")
-        _draw(ax, scene, gt, hi, pred, rng)
+        _draw(ax, scene, gt, hi, pred, rng, labels)
         ax.set_xlim(lo[0], up[0]), ax.set_ylim(lo[1], up[1]), ax.set_zlim(lo[2], up[2])
         ax.set_box_aspect(np.maximum(up - lo, 1e-3))
         ax.view_init(elev=elev, azim=azim)
@@ -176,6 +189,21 @@ def _parse_box(text: str) -> np.ndarray:
     return box
 
 
+def answer_iou(row: dict) -> float | None:
+    """IoU of a prediction row's first box with its reference answer's first box (None when the
+    reference has no box; 0 when the prediction has none)."""
+    try:
+        reference = tokens.parse_boxes(row.get("answers", [""])[0])
+    except ValueError:
+        return None
+    if not len(reference):
+        return None
+    predicted = row.get("boxes") or []
+    if not predicted:
+        return 0.0
+    return float(box_iou(np.asarray(predicted[0], np.float64), reference[0]))
+
+
 def _prediction(path: str, record_id: str) -> dict:
     if not os.path.exists(path):
         raise InputError(path, "file not found")
@@ -199,7 +227,12 @@ def main(argv=None) -> int:
     parser.add_argument("--objects", default="", help="comma-separated target object ids")
     parser.add_argument("--box", action="append", default=[], help="a predicted box (repeatable)")
     parser.add_argument("--predictions", help="predictions.jsonl of experiments/eval.py")
-    parser.add_argument("--id", help="record id in --predictions")
+    parser.add_argument(
+        "--id",
+        action="append",
+        default=[],
+        help="record id in --predictions (repeatable: each answer's boxes numbered, with its IoU)",
+    )
     args = parser.parse_args(argv)
     scene = load_scene(args.scene)
     try:
@@ -209,15 +242,26 @@ def main(argv=None) -> int:
             None, f"--objects must be comma-separated integers, got {args.objects!r}"
         ) from None
     boxes = [_parse_box(b) for b in args.box]
+    labels = [""] * len(boxes)
     title = os.path.basename(args.scene)
     if args.predictions:
         if not args.id:
             raise InputError(None, "--predictions needs --id")
-        row = _prediction(args.predictions, args.id)
-        boxes += [np.asarray(b, np.float64) for b in row.get("boxes", [])]
-        highlight += [int(i) for i in row.get("object_ids", [])]
-        title = f"{row.get('prompt', '')}\n-> {row.get('prediction', '')}"[:200]
-    render(scene, args.out, highlight, boxes, title)
+        lines = []
+        for k, record_id in enumerate(args.id, 1):
+            row = _prediction(args.predictions, record_id)
+            predicted = [np.asarray(b, np.float64) for b in row.get("boxes", [])]
+            boxes += predicted
+            highlight += [int(i) for i in row.get("object_ids", [])]
+            tag = str(k) if len(args.id) > 1 else ""
+            labels += [tag] * len(predicted)
+            line = f"{row.get('prompt', '')} -> {row.get('prediction', '')}"[:120]
+            iou = answer_iou(row)
+            if iou is not None:
+                line += f"  (IoU {iou:.2f})"
+            lines.append(f"{tag}. {line}" if tag else line)
+        title = "\n".join(lines)
+    render(scene, args.out, highlight, boxes, title, labels)
     print(f"wrote {args.out}")
     return 0
 
