@@ -6,6 +6,7 @@ Every command line wraps its `main` with `cli_main`, so bad input ends as one li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -99,3 +100,26 @@ def load_npz(path: str | os.PathLike, required: Iterable[str] = ()) -> dict[str,
     if missing:
         raise InputError(path, f"missing keys {missing}")
     return out
+
+
+@contextlib.contextmanager
+def output_errors(path: str | os.PathLike):
+    """An OSError while writing `path` (a folder that cannot be made, no permission, a full
+    disk) becomes an InputError naming it; the atomic writers have left no partial file."""
+    try:
+        yield
+    except OSError as err:
+        raise InputError(path, f"cannot write ({err.strerror or type(err).__name__})") from None
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Before the work starts: InputError when `path` cannot become an output file (it is a
+    folder, or a file stands where its folder should be)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, not an output file")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(path, f"{parent} is a file, not a directory")
