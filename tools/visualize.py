@@ -29,7 +29,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mpl_toolkits.mplot3d.art3d import Line3DCollection, Poly3DCollection  # noqa: E402
 
-from llm3d_jax.fileio import InputError, cli_main, load_npz, write_bytes_atomic  # noqa: E402
+from llm3d_jax.fileio import (  # noqa: E402
+    InputError,
+    check_output_file,
+    cli_main,
+    load_npz,
+    output_errors,
+    write_bytes_atomic,
+)
 
 MAX_POINTS = 30000
 MAX_FACES = 20000
@@ -162,7 +169,8 @@ def render(scene: dict, out: str, highlight_ids=(), pred_boxes=(), title: str = 
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
-    write_bytes_atomic(out, buffer.getvalue())
+    with output_errors(out):
+        write_bytes_atomic(out, buffer.getvalue())
     plt.close(fig)
 
 
@@ -201,6 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--predictions", help="predictions.jsonl of experiments/eval.py")
     parser.add_argument("--id", help="record id in --predictions")
     args = parser.parse_args(argv)
+    check_output_file(args.out)
     scene = load_scene(args.scene)
     try:
         highlight = [int(v) for v in args.objects.split(",") if v.strip()]

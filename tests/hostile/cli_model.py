@@ -80,8 +80,8 @@ def make_scene(path: str, dim: int = FEATURE_DIM, n: int = 40, seed: int = 1, **
 
 def run_cli(args: list[str], cwd: str | None = None, timeout: int = 300):
     """Runs a CLI as users do (a fresh process) -> CompletedProcess with text stdout/stderr."""
+    # The test process's XLA_FLAGS too: a random init must give the same bits as in-process.
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, *args],
         cwd=cwd or REPO,
