@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llm3d_jax.fileio import InputError, cli_main, write_text_atomic
 from llm3d_jax.infer.decode import DecodeConfig
 from llm3d_jax.model import llm3d
-from llm3d_jax.train import checkpoint, metrics, optimizer, sharding, validation
+from llm3d_jax.train import checkpoint, config_checks, metrics, optimizer, sharding, validation
 from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
 
@@ -136,6 +136,7 @@ def train(
     asked to stop (SIGTERM): the run ends after the current (or first) step with a checkpoint."""
     preempted = [] if preempted is None else preempted
     # ------------------------------------------------------------------ config
+    config_checks.check_config(config)
     sharding.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)

@@ -162,3 +162,17 @@ def writing(path: str | os.PathLike):
         yield
     except OSError as err:
         raise InputError(path, f"cannot write ({err.strerror or err})") from None
+
+
+def check_output_file(path: str | os.PathLike, folder: bool = False) -> None:
+    """Before the work starts: InputError when `path` cannot become an output file (it is a
+    folder, or a file stands where one of its folders should be). `folder`: the output is a
+    folder (whether an existing one may be replaced is the caller's to judge)."""
+    full = os.path.abspath(os.fspath(path))
+    if not folder and os.path.isdir(full):
+        raise InputError(path, "is a directory, not an output file")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(path, f"{parent} is a file, not a directory")

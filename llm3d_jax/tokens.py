@@ -210,7 +210,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     `▁` word boundaries. The vocabulary holds at most `vocab_size` entries (fewer when the texts
     have fewer merges); printable ASCII is always in it so unseen English words never become
     `<unk>`. `out_dir` gets tokenizer.json, tokenizer_config.json and special_tokens_map.json and
-    loads offline with `transformers.AutoTokenizer.from_pretrained(out_dir)`.
+    loads offline with `load_tokenizer(out_dir)`.
     """
     from tokenizers import (
         Tokenizer,
@@ -258,3 +258,67 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     return hf
+
+
+# Files of a HF model folder that can point transformers at Python code in it (`auto_map`).
+_CONFIG_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def refuse_remote_code(directory: str | os.PathLike) -> None:
+    """InputError when a model folder holds Python code or an `auto_map` naming code to import.
+
+    Model folders come from strangers; transformers would import (or, asked, run) such code.
+    Checked before transformers sees the folder, so no prompt is ever shown.
+    """
+    from llm3d_jax.fileio import InputError
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return
+    code = sorted(n for n in os.listdir(directory) if n.endswith((".py", ".pyc", ".so")))
+    if code:
+        raise InputError(
+            directory,
+            f"holds code files ({', '.join(code[:3])}); refusing to load a model folder "
+            "with code (this project never runs code from model folders)",
+        )
+    for name in _CONFIG_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(path, f"unreadable ({type(err).__name__}: {err})") from None
+        if isinstance(config, dict) and "auto_map" in config:
+            raise InputError(
+                path, "has an auto_map (custom code); refusing to load a model folder with code"
+            )
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """A HF tokenizer from a local folder: never remote code, never the network; a folder with
+    code (`refuse_remote_code`) or an unreadable tokenizer is an InputError naming the folder."""
+    from llm3d_jax.fileio import InputError
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise InputError(directory, "tokenizer directory not found")
+    refuse_remote_code(directory)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            directory, trust_remote_code=False, local_files_only=True
+        )
+    except Exception as err:  # transformers / tokenizers raise many types for a broken tokenizer
+        problem = " ".join(str(err).split())[:200]
+        raise InputError(
+            directory, f"unreadable tokenizer ({type(err).__name__}: {problem})"
+        ) from None

@@ -1,16 +1,30 @@
-r"""Asks an exported 3D-LLM a question about one scene; prints the answer and its boxes.
+r"""Asks an exported 3D-LLM questions about scenes; prints (or writes) the answers and their boxes.
 
     python tools/ask.py --model MODEL --scene FEATURES/scene0000_00.npz "Where is the chair?"
         [--task qa] [--strategy greedy|beam|sample] [--png answer.png]
+    python tools/ask.py --model MODEL --questions Q.jsonl --out A.jsonl [--batch_size 8]
 
 The question may hold locations in metres (`<box>x0 y0 z0 x1 y1 z1</box>`, `<pt>x y z</pt>`);
 the prompt template the model was trained with for --task is applied. Boxes in the answer are
 printed in metres with the scene object they overlap most; --png renders them over the scene.
+
+--questions: one JSON object a line, {"id", "scene", "question", "task"} (scene: a feature file,
+relative to the current folder; task optional, default --task). The model is loaded and its
+generate function compiled once; questions are answered --batch_size at a time (the last batch
+padded, prompts padded to the model's prompt length, so every batch has the same shapes). Each
+output line is the input line plus "answer" (text with `<box>`/`<pt>` in metres) and "boxes"
+(a list of [x0, y0, z0, x1, y1, z1] in metres, maybe empty). A bad line (not JSON, a missing
+field, a missing or bad scene file, a question too long) is reported on stderr and skipped;
+the rest are answered, A.jsonl is written whole (atomically) and the exit status is 1 when
+something was skipped. One question in a batch of its own gives the same answer as the
+single-question form (greedy and beam; sampling draws one key per batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 
@@ -22,30 +36,152 @@ import numpy as np  # noqa: E402
 
 from llm3d_jax.data.preprocess import TextEncoder, apply_template, sample_points  # noqa: E402
 from llm3d_jax.evaluate import box_iou  # noqa: E402
-from llm3d_jax.fileio import InputError, cli_main, load_npz  # noqa: E402
+from llm3d_jax.fileio import (  # noqa: E402
+    InputError,
+    check_output_file,
+    cli_main,
+    load_npz,
+    write_jsonl_atomic,
+    writing,
+)
 from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig  # noqa: E402
 from llm3d_jax.infer.exported import load_exported_bundle  # noqa: E402
-from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate  # noqa: E402
+from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate_fn  # noqa: E402
 
 SCENE_KEYS = ("points", "features", "voxels", "grid_origin", "grid_voxel")
+QUESTION_FIELDS = ("id", "scene", "question")
+VOXEL_MAX = 255  # voxels index the scene's 256^3 grid (llm3d_jax.tokens)
 
 
 def load_scene(path: str, feature_dim: int) -> dict:
+    """A scene feature file, checked: shapes, dtypes, finite values, voxels on the grid."""
     scene = load_npz(path, required=SCENE_KEYS)
-    features = scene["features"]
-    if features.ndim != 2 or len(features) != len(scene["points"]) or len(features) == 0:
-        raise InputError(
-            path, f"features {features.shape} do not match points {scene['points'].shape}"
-        )
+    points, features, voxels = scene["points"], scene["features"], scene["voxels"]
+    if features.ndim != 2 or len(features) != len(points) or len(features) == 0:
+        raise InputError(path, f"features {features.shape} do not match points {points.shape}")
     if features.shape[1] != feature_dim:
         raise InputError(
             path, f"features are {features.shape[1]}-d, the model expects {feature_dim}-d features"
         )
-    if scene["voxels"].shape != scene["points"].shape:
+    if voxels.shape != points.shape:
+        raise InputError(path, f"voxels {voxels.shape} do not match points {points.shape}")
+    for name in ("points", "features", "grid_origin", "grid_voxel"):
+        if not np.issubdtype(scene[name].dtype, np.floating):
+            raise InputError(path, f"{name} must be floating point, got {scene[name].dtype}")
+        if not np.isfinite(scene[name]).all():
+            raise InputError(path, f"{name} hold non-finite values (NaN or Inf)")
+    if not np.issubdtype(voxels.dtype, np.integer):
+        raise InputError(path, f"voxels must be integers, got {voxels.dtype}")
+    if voxels.min() < 0 or voxels.max() > VOXEL_MAX:
         raise InputError(
-            path, f"voxels {scene['voxels'].shape} do not match points {scene['points'].shape}"
+            path, f"voxels outside [0, {VOXEL_MAX}] (min {voxels.min()}, max {voxels.max()})"
         )
+    if scene["grid_origin"].shape != (3,) or scene["grid_voxel"].size != 1:
+        raise InputError(path, "bad grid: grid_origin must be 3 numbers, grid_voxel one number")
+    if not scene["grid_voxel"].reshape(()) > 0:
+        raise InputError(path, f"bad grid: grid_voxel {scene['grid_voxel']} must be > 0")
     return scene
+
+
+@dataclasses.dataclass
+class AskModel:
+    """An exported model ready to answer: params, tokenizer, templates and one compiled
+    generate function for [batch_size, prompt_len] batches."""
+
+    module: object
+    params: dict
+    tokenizer: object
+    encoder: TextEncoder
+    info: dict
+    decode: DecodeConfig
+    batch_size: int
+    generate: object  # jitted run(params, inputs, rng) -> (ids, scores)
+
+
+def load_model(model_dir: str, decode: dict | None = None, batch_size: int = 1) -> AskModel:
+    if batch_size < 1:
+        raise InputError(None, f"--batch_size must be >= 1, got {batch_size}")
+    module, params, tokenizer, description = load_exported_bundle(model_dir)
+    if tokenizer is None:
+        raise InputError(model_dir, "the exported model has no tokenizer; it cannot read questions")
+    llm = module.config.llm
+    encoder = TextEncoder.create(tokenizer, llm.loc_bins)
+    if encoder.loc_offset != llm.loc_offset:
+        raise InputError(
+            model_dir,
+            f"tokenizer puts <loc0> at {encoder.loc_offset}, the model at {llm.loc_offset}",
+        )
+    info = description["inference"]
+    for key in ("num_points", "prompt_len", "answer_len"):
+        if key not in info:
+            raise InputError(model_dir, f"llm3d_config.json: inference.{key} missing")
+    # The location grammar is on unless `decode` turns it off (loc_bins=0, --free_locations).
+    grammar = dict(loc_offset=llm.loc_offset, loc_bins=llm.loc_bins)
+    config = DecodeConfig(
+        max_new_tokens=int(info["answer_len"]),
+        eos_id=encoder.eos_id,
+        pad_id=encoder.pad_id,
+        **{**grammar, **(decode or {})},
+    )
+    run = jax.jit(generate_fn(module, config))
+    return AskModel(module, params, tokenizer, encoder, info, config, batch_size, run)
+
+
+def prepare(model: AskModel, scene: dict, question: str, task: str, seed: int = 0) -> dict:
+    """One question about one scene -> the model's input row (prompt padded to prompt_len);
+    InputError("question", ...) when the question does not fit."""
+    template = model.info.get("prompt_templates", {}).get(task, "{prompt}")
+    prompt_len = int(model.info["prompt_len"])
+    try:
+        prompt_ids = encode_prompt(
+            model.encoder,
+            apply_template(template, question),
+            scene["grid_origin"],
+            scene["grid_voxel"],
+            prompt_len,
+        )
+    except ValueError as err:
+        raise InputError("question", str(err)) from None
+    features, voxels, mask = sample_points(
+        scene, int(model.info["num_points"]), np.random.default_rng(seed)
+    )
+    pad = prompt_len - len(prompt_ids)
+    return dict(
+        features=features.astype(np.float32),
+        voxels=voxels,
+        point_mask=mask,
+        prompt_ids=np.asarray(prompt_ids + [model.encoder.pad_id] * pad, np.int32),
+        prompt_mask=np.arange(prompt_len) < len(prompt_ids),
+    )
+
+
+def answer_rows(
+    model: AskModel, rows: list[dict], scenes: list[dict], seed: int = 0
+) -> list[Answer]:
+    """Answers prepared rows, `model.batch_size` at a time (the last batch padded with copies
+    of its last row, so every call has the shapes the generate function was compiled for)."""
+    llm = model.module.config.llm
+    answers = []
+    for start in range(0, len(rows), model.batch_size):
+        chunk = rows[start : start + model.batch_size]
+        chunk = chunk + [chunk[-1]] * (model.batch_size - len(chunk))
+        inputs = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+        rng = jax.random.key(seed) if model.decode.strategy == "sample" else None
+        ids, scores = jax.device_get(model.generate(model.params, inputs, rng))
+        for k, scene in enumerate(scenes[start : start + model.batch_size]):
+            answers.append(
+                decode_answer(
+                    model.tokenizer,
+                    ids[k],
+                    eos_id=model.encoder.eos_id,
+                    loc_offset=llm.loc_offset,
+                    loc_bins=llm.loc_bins,
+                    grid_origin=scene["grid_origin"],
+                    grid_voxel=scene["grid_voxel"],
+                    score=float(scores[k]),
+                )
+            )
+    return answers
 
 
 def ask(
@@ -57,57 +193,80 @@ def ask(
     seed: int = 0,
 ) -> tuple[Answer, dict]:
     """-> (answer, scene arrays)."""
-    module, params, tokenizer, description = load_exported_bundle(model_dir)
-    if tokenizer is None:
-        raise InputError(model_dir, "the exported model has no tokenizer; it cannot read questions")
-    info = description["inference"]
-    llm = module.config.llm
-    scene = load_scene(scene_path, module.config.feature_dim)
-    encoder = TextEncoder.create(tokenizer, llm.loc_bins)
-    if encoder.loc_offset != llm.loc_offset:
-        raise InputError(
-            model_dir,
-            f"tokenizer puts <loc0> at {encoder.loc_offset}, the model at {llm.loc_offset}",
-        )
-    template = info.get("prompt_templates", {}).get(task, "{prompt}")
-    try:
-        prompt_ids = encode_prompt(
-            encoder,
-            apply_template(template, question),
-            scene["grid_origin"],
-            scene["grid_voxel"],
-            int(info["prompt_len"]),
-        )
-    except ValueError as err:
-        raise InputError("question", str(err)) from None
-    features, voxels, mask = sample_points(
-        scene, int(info["num_points"]), np.random.default_rng(seed)
-    )
-    inputs = dict(
-        features=features[None].astype(np.float32),
-        voxels=voxels[None],
-        point_mask=mask[None],
-        prompt_ids=np.asarray([prompt_ids], np.int32),
-        prompt_mask=np.ones((1, len(prompt_ids)), bool),
-    )
-    config = DecodeConfig(
-        max_new_tokens=int(info["answer_len"]),
-        eos_id=encoder.eos_id,
-        pad_id=encoder.pad_id,
-        **(decode or {}),
-    )
-    ids, scores = generate(module, params, inputs, config, rng=jax.random.key(seed))
-    answer = decode_answer(
-        tokenizer,
-        ids[0],
-        eos_id=encoder.eos_id,
-        loc_offset=llm.loc_offset,
-        loc_bins=llm.loc_bins,
-        grid_origin=scene["grid_origin"],
-        grid_voxel=scene["grid_voxel"],
-        score=float(scores[0]),
-    )
-    return answer, scene
+    model = load_model(model_dir, decode)
+    scene = load_scene(scene_path, model.module.config.feature_dim)
+    row = prepare(model, scene, question, task, seed)
+    return answer_rows(model, [row], [scene], seed)[0], scene
+
+
+def read_questions(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
+    """-> ([(line number, question dict)], [problems of the lines skipped])."""
+    if not os.path.isfile(path):
+        raise InputError(path, "file not found")
+    items, problems = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{path}:{number}: not JSON ({err.msg})")
+                continue
+            if not isinstance(item, dict):
+                problems.append(f"{path}:{number}: not a JSON object")
+                continue
+            bad = [k for k in QUESTION_FIELDS if not isinstance(item.get(k), str) or not item[k]]
+            if "task" in item and not isinstance(item["task"], str):
+                bad.append("task")
+            if bad:
+                problems.append(f"{path}:{number}: missing or not a string: {', '.join(bad)}")
+                continue
+            items.append((number, item))
+    return items, problems
+
+
+def ask_many(
+    model_dir: str,
+    questions_path: str,
+    out_path: str,
+    task: str = "qa",
+    decode: dict | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> tuple[int, list[str]]:
+    """Answers every good line of `questions_path` into `out_path` (module doc)
+    -> (number answered, problems of the lines skipped)."""
+    check_output_file(out_path)
+    items, problems = read_questions(questions_path)
+    model = load_model(model_dir, decode, batch_size)
+    feature_dim = model.module.config.feature_dim
+    scenes: dict[str, dict | InputError] = {}
+    kept, rows, row_scenes = [], [], []
+    for number, item in items:
+        if item["scene"] not in scenes:
+            try:
+                scenes[item["scene"]] = load_scene(item["scene"], feature_dim)
+            except InputError as err:
+                scenes[item["scene"]] = err
+        scene = scenes[item["scene"]]
+        try:
+            if isinstance(scene, InputError):
+                raise scene
+            rows.append(prepare(model, scene, item["question"], item.get("task", task), seed))
+        except InputError as err:
+            problems.append(f"{questions_path}:{number}: {err}")
+            continue
+        kept.append(item)
+        row_scenes.append(scene)
+    answers = answer_rows(model, rows, row_scenes, seed)
+    out = [
+        dict(item, answer=a.text, boxes=[[float(v) for v in b] for b in a.boxes])
+        for item, a in zip(kept, answers)
+    ]
+    with writing(out_path):
+        write_jsonl_atomic(out_path, out)
+    return len(out), problems
 
 
 def describe_boxes(answer: Answer, scene: dict) -> list[str]:
@@ -133,8 +292,11 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="directory written by tools/export.py")
-    parser.add_argument("--scene", required=True, help="scene feature file (.npz)")
-    parser.add_argument("question")
+    parser.add_argument("--scene", help="scene feature file (.npz) of the single question")
+    parser.add_argument("question", nargs="?", help="the single question")
+    parser.add_argument("--questions", help="JSONL of questions to answer in one process")
+    parser.add_argument("--out", help="JSONL of answers (with --questions)")
+    parser.add_argument("--batch_size", type=int, default=8, help="questions per batch")
     parser.add_argument(
         "--task", default="qa", help="selects the prompt template (qa, caption, grounding, ...)"
     )
@@ -145,6 +307,12 @@ def main(argv=None) -> int:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", help="also render the scene with the answer's boxes")
+    parser.add_argument(
+        "--free_locations",
+        action="store_true",
+        help="decode location tokens without the grammar (by default a started location run "
+        "always becomes a point or whole boxes with min <= max)",
+    )
     args = parser.parse_args(argv)
     decode = dict(
         strategy=args.strategy,
@@ -153,10 +321,28 @@ def main(argv=None) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
     )
+    if args.free_locations:
+        decode["loc_bins"] = 0
     try:
         DecodeConfig(**decode)
     except ValueError as err:
         raise InputError(None, str(err)) from None
+    if args.questions:
+        if args.question or args.scene or args.png or not args.out:
+            raise InputError(None, "--questions takes --out, and no --scene, --png or question")
+        done, problems = ask_many(
+            args.model, args.questions, args.out, args.task, decode, args.seed, args.batch_size
+        )
+        for problem in problems:
+            print(f"skipped {problem}", file=sys.stderr)
+        print(f"wrote {args.out}: {done} answers, {len(problems)} lines skipped")
+        return 1 if problems else 0
+    if not (args.scene and args.question) or args.out:
+        raise InputError(
+            None, "ask one question (--scene S QUESTION) or many (--questions Q --out A)"
+        )
+    if args.png:
+        check_output_file(args.png)
     answer, scene = ask(args.model, args.scene, args.question, args.task, decode, args.seed)
     print(answer.text)
     for line in describe_boxes(answer, scene):

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llm3d_jax import tokens  # noqa: E402
-from llm3d_jax.fileio import InputError, cli_main  # noqa: E402
+from llm3d_jax.fileio import InputError, check_output_file, cli_main, writing  # noqa: E402
 from llm3d_jax.infer import exported  # noqa: E402
 
 
@@ -67,16 +67,17 @@ def export_run(run_path: str, out: str, bf16: bool = False, safetensors: bool = 
         "prompt_templates": prompt_templates(run.config),
     }
     source = {"run": os.path.abspath(run_path), "step": int(run.step)}
-    exported.export(
-        out,
-        run.module,
-        run.params,
-        tokenizer=tokenizer,
-        inference=inference,
-        source=source,
-        params_dtype="bfloat16" if bf16 else "float32",
-        params_format="safetensors" if safetensors else "orbax",
-    )
+    with writing(out):
+        exported.export(
+            out,
+            run.module,
+            run.params,
+            tokenizer=tokenizer,
+            inference=inference,
+            source=source,
+            params_dtype="bfloat16" if bf16 else "float32",
+            params_format="safetensors" if safetensors else "orbax",
+        )
     return exported.read_config(out)
 
 
@@ -95,6 +96,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.workdir or args.checkpoint):
         raise InputError(None, "pass --workdir RUN (or --checkpoint DIR)")
+    check_output_file(args.out, folder=True)
+    if os.path.exists(args.out) and not os.path.exists(
+        os.path.join(args.out, exported.CONFIG_FILE)
+    ):
+        raise InputError(args.out, "exists and is not an exported model; refusing to replace it")
     description = export_run(args.checkpoint or args.workdir, args.out, args.bf16, args.safetensors)
     print(
         f"wrote {args.out}: step {description['source']['step']}, "

@@ -150,8 +150,10 @@ def lm_inputs(seed: int) -> dict[str, np.ndarray]:
 
 
 def run_lm(model_cls, path: str, io: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    model = model_cls.from_pretrained(path).eval()
-    eager = model_cls.from_pretrained(path, attn_implementation="eager").eval()
+    model = model_cls.from_pretrained(path, trust_remote_code=False, local_files_only=True).eval()
+    eager = model_cls.from_pretrained(
+        path, trust_remote_code=False, local_files_only=True, attn_implementation="eager"
+    ).eval()
     ids = torch.from_numpy(io["input_ids"])
     mask = torch.from_numpy(io["attention_mask"])
     with torch.no_grad():
@@ -301,7 +303,9 @@ def main() -> None:
     for extra in ("generation_config.json",):
         if os.path.exists(os.path.join(path, extra)):
             os.remove(os.path.join(path, extra))
-    model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        path, trust_remote_code=False, local_files_only=True
+    ).eval()
     io = blip2_forward(model, blip2_inputs())
     np.savez(os.path.join(OUT, "blip2_opt_io.npz"), **io)
     with open(os.path.join(path, "config.json")) as f:

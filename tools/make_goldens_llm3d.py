@@ -186,7 +186,9 @@ def forward(model, io: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def main() -> None:
     path = os.path.join(OUT, "blip2_tiny")
     build(path)
-    model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        path, trust_remote_code=False, local_files_only=True
+    ).eval()
     lm = model.language_model
     assert not torch.equal(lm.lm_head.weight, lm.shared.weight), "lm_head must stay untied"
     io = forward(model, inputs())

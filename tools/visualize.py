@@ -33,7 +33,14 @@ from mpl_toolkits.mplot3d.art3d import Line3DCollection, Poly3DCollection  # noq
 
 from llm3d_jax import tokens  # noqa: E402
 from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
-from llm3d_jax.fileio import InputError, cli_main, load_npz, write_bytes_atomic  # noqa: E402
+from llm3d_jax.fileio import (  # noqa: E402
+    InputError,
+    check_output_file,
+    cli_main,
+    load_npz,
+    write_bytes_atomic,
+    writing,
+)
 
 MAX_POINTS = 30000
 MAX_FACES = 20000
@@ -175,7 +182,8 @@ def render(
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
-    write_bytes_atomic(out, buffer.getvalue())
+    with writing(out):
+        write_bytes_atomic(out, buffer.getvalue())
     plt.close(fig)
 
 
@@ -234,6 +242,7 @@ def main(argv=None) -> int:
         help="record id in --predictions (repeatable: each answer's boxes numbered, with its IoU)",
     )
     args = parser.parse_args(argv)
+    check_output_file(args.out)
     scene = load_scene(args.scene)
     try:
         highlight = [int(v) for v in args.objects.split(",") if v.strip()]

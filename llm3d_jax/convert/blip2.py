@@ -37,14 +37,9 @@ def tokenizer_loc_offset(path: str, loc_bins: int) -> int | None:
     when the directory has no tokenizer."""
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from llm3d_jax.tokens import add_location_tokens, load_tokenizer
 
-    from llm3d_jax.tokens import add_location_tokens
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as err:  # transformers raises many types for a broken tokenizer
-        raise InputError(path, f"unreadable tokenizer ({type(err).__name__}: {err})") from None
+    tokenizer = load_tokenizer(path)
     try:
         return add_location_tokens(tokenizer, loc_bins)
     except ValueError as err:

@@ -52,9 +52,9 @@ def parse_mixture(datasets) -> list[tuple[str, float]]:
 def load_tokenizer(tokenizer):
     """A tokenizer object, or a local HF tokenizer directory to load (offline)."""
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
+        from llm3d_jax import tokens
 
-        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        return tokens.load_tokenizer(tokenizer)
     if tokenizer is None:
         raise ValueError("a tokenizer (object or directory) is needed to tokenise the records")
     return tokenizer

@@ -131,7 +131,114 @@ def read_config(model_dir: str) -> dict:
         )
     if description.get("params_format") not in PARAMS_FORMATS:
         raise InputError(path, f"unknown params_format {description.get('params_format')!r}")
+    if description.get("params_dtype", "float32") not in PARAMS_DTYPES:
+        raise InputError(path, f"unknown params_dtype {description.get('params_dtype')!r}")
+    check_inference(path, description.get("inference", {}))
+    model = description.get("model")
+    if not isinstance(model, dict):
+        raise InputError(path, "model: expected an object (LLM3DConfig.to_dict())")
+    check_model_config(path, model)
     return description
+
+
+# Integer settings that must be at least 1 (sizes, counts); other integers (ids, offsets,
+# loc_bins, OPT's embed_dim) may be 0. Every integer is capped: a config from a stranger must
+# not make tracing the model take hours or its abstract params exabytes.
+_POSITIVE_INTS = (
+    "size",
+    "layers",
+    "heads",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "head_dim",
+    "num_query_tokens",
+    "num_buckets",
+    "max_distance",
+    "max_position_embeddings",
+    "cross_attention_frequency",
+    "feature_dim",
+    "num_points",
+)
+_MAX_INT = 1 << 22
+_MAX_LAYERS = 1024
+INFERENCE_INTS = {"num_points": 1, "prompt_len": 1, "answer_len": 1, "eos_id": 0, "pad_id": 0}
+
+
+def _check_int(path: str, name: str, value, minimum: int, maximum: int = _MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(path, f"{name}: expected an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise InputError(path, f"{name}: {value} is outside [{minimum}, {maximum}]")
+
+
+def check_model_config(path: str, model: dict, prefix: str = "model") -> None:
+    """Types and ranges of `llm3d_config.json`'s model dict against the config dataclasses'
+    fields (their defaults give the type), before any of it reaches a constructor."""
+    import dataclasses
+
+    from llm3d_jax.model import llm3d
+    from llm3d_jax.model.decoder import DecoderConfig
+    from llm3d_jax.model.qformer import QFormerConfig
+    from llm3d_jax.model.t5 import T5Config
+
+    def check(cls, values: dict, where: str) -> None:
+        for field in dataclasses.fields(cls):
+            if field.name not in values or field.name in ("qformer", "llm"):
+                continue
+            name, value = f"{where}.{field.name}", values[field.name]
+            default = (
+                field.default
+                if field.default is not dataclasses.MISSING
+                else field.default_factory()
+            )
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise InputError(path, f"{name}: expected true or false, got {value!r}")
+            elif isinstance(default, int):
+                positive = any(p in field.name for p in _POSITIVE_INTS) and (
+                    field.name != "embed_dim"
+                )
+                top = _MAX_LAYERS if "layers" in field.name else _MAX_INT
+                _check_int(path, name, value, 1 if positive else 0, top)
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise InputError(path, f"{name}: expected a number, got {value!r}")
+                if not np.isfinite(value) or value < 0:
+                    raise InputError(path, f"{name}: {value} must be a finite number >= 0")
+            elif isinstance(default, str):
+                if not isinstance(value, str):
+                    raise InputError(path, f"{name}: expected a string, got {value!r}")
+            elif isinstance(default, tuple):
+                if not isinstance(value, (list, tuple)):
+                    raise InputError(path, f"{name}: expected a list, got {value!r}")
+                for v in value:
+                    _check_int(path, name, v, 0)
+
+    for key, cls in (("qformer", QFormerConfig), ("llm", None)):
+        sub = model.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise InputError(path, f"{prefix}.{key}: expected an object, got {sub!r}")
+        if cls is None:
+            cls = DecoderConfig if "family" in sub else T5Config
+        check(cls, sub, f"{prefix}.{key}")
+    check(llm3d.LLM3DConfig, model, prefix)
+
+
+def check_inference(path: str, inference) -> None:
+    """The `inference` block: positive lengths, non-negative ids, templates as strings."""
+    if not isinstance(inference, dict):
+        raise InputError(path, f"inference: expected an object, got {inference!r}")
+    for key, minimum in INFERENCE_INTS.items():
+        if key in inference:
+            _check_int(path, f"inference.{key}", inference[key], minimum)
+    templates = inference.get("prompt_templates", {})
+    if not isinstance(templates, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in templates.items()
+    ):
+        raise InputError(path, "inference.prompt_templates: expected {task: template string}")
 
 
 def load_exported(model_dir: str):
@@ -142,20 +249,38 @@ def load_exported(model_dir: str):
 
 def load_exported_bundle(model_dir: str, with_tokenizer: bool = True):
     """-> (module, params, tokenizer or None, config file dict)."""
+    from llm3d_jax import tokens
     from llm3d_jax.model import llm3d
 
-    model_dir = os.fspath(model_dir)
+    # Absolute: orbax refuses relative checkpoint paths, and users type `--model demo_out/model`.
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    tokens.refuse_remote_code(model_dir)
     description = read_config(model_dir)
+    config_path = os.path.join(model_dir, CONFIG_FILE)
     try:
-        module = llm3d.LLM3D(llm3d.LLM3DConfig.from_dict(description["model"]))
-    except (KeyError, TypeError, ValueError) as err:
+        module = llm3d.LLM3D(llm3d.LLM3DConfig.from_dict(dict(description["model"])))
+        expected = llm3d.abstract_params(module)
+    except Exception as err:  # a constructor's or the model's own shape check: a bad config
+        problem = " ".join(str(err).split())[:200]
         raise InputError(
-            os.path.join(model_dir, CONFIG_FILE), f"bad model config ({type(err).__name__}: {err})"
+            config_path, f"bad model config ({type(err).__name__}: {problem})"
         ) from None
     params = _read_params(model_dir, description["params_format"])
-    expected = jax.eval_shape(lambda: llm3d.init_params(module))
+    check_params(model_dir, params, expected, description.get("params_dtype", "float32"))
+    tokenizer = None
+    if with_tokenizer and os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
+        from llm3d_jax import tokens
+
+        tokenizer = tokens.load_tokenizer(model_dir)
+    return module, params, tokenizer, description
+
+
+def check_params(model_dir: str, params: dict, expected: dict, params_dtype: str) -> None:
+    """Params read from an export against the model's abstract params: the same paths and
+    shapes, the dtype the config file names, finite values; InputError naming the export."""
     want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
-    got = {k: v.shape for k, v in _flat(params).items()}
+    flat = _flat(params)
+    got = {k: v.shape for k, v in flat.items()}
     if want != got:
         missing = sorted(set(want) - set(got))[:3]
         wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:3]
@@ -164,12 +289,14 @@ def load_exported_bundle(model_dir: str, with_tokenizer: bool = True):
             f"params do not match the model config (missing {missing}, wrong shape {wrong}, "
             f"{len(set(got) - set(want))} unexpected)",
         )
-    tokenizer = None
-    if with_tokenizer and os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return module, params, tokenizer, description
+    dtype = np.dtype(jax.numpy.bfloat16 if params_dtype == "bfloat16" else np.float32)
+    for name, value in flat.items():
+        if value.dtype != dtype:
+            raise InputError(
+                model_dir, f"param {name} is {value.dtype}, the config says {params_dtype}"
+            )
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise InputError(model_dir, f"param {name} holds non-finite values (NaN or Inf)")
 
 
 def _read_params(model_dir: str, params_format: str) -> dict:

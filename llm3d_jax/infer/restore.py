@@ -58,28 +58,32 @@ def read_checkpoint(path: str) -> tuple[int, dict, dict]:
     missing = [i for i in (ckpt.STATE, ckpt.META) if not os.path.isdir(os.path.join(step_dir, i))]
     if missing:
         raise InputError(step_dir, f"incomplete checkpoint: missing {', '.join(missing)}")
+    problem = None
     try:
-        tree = manager.item_metadata(step)[ckpt.STATE]
-        tree = getattr(tree, "tree", tree)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
-        )
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    ckpt.STATE: ocp.args.StandardRestore(abstract),
-                    ckpt.META: ocp.args.JsonRestore(),
-                }
-            ),
-        )
-    except Exception as err:  # a damaged step can fail in any layer (json, tensorstore, ocdbt)
-        raise InputError(
-            step_dir, f"unreadable checkpoint ({type(err).__name__}: {str(err)[:300]})"
-        ) from None
+        with ckpt.closed_loop_noise_dropped() as drain:
+            try:
+                tree = manager.item_metadata(step)[ckpt.STATE]
+                tree = getattr(tree, "tree", tree)
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+                )
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            ckpt.STATE: ocp.args.StandardRestore(abstract),
+                            ckpt.META: ocp.args.JsonRestore(),
+                        }
+                    ),
+                )
+            except Exception as err:  # a damaged step can fail in any layer (json, tensorstore)
+                drain()
+                problem = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     finally:
         manager.close()
+    if problem is not None:
+        raise InputError(step_dir, f"unreadable checkpoint ({problem})")
     state, meta = restored[ckpt.STATE], restored[ckpt.META]
     if not isinstance(meta, dict) or "frozen" not in meta or "params" not in state:
         raise InputError(step_dir, "not a llm3d_jax training checkpoint (no params / frozen ref)")

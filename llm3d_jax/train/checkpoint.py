@@ -14,10 +14,14 @@ step that is listed but unreadable (corrupt) is skipped with a warning by `resto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
+import tempfile
+import time
 
 import grain
 import jax
@@ -76,28 +80,80 @@ def save(manager, step: int, state, data_iterator, meta: dict, force: bool = Fal
     )
 
 
+# What tensorstore prints for each read still in flight when orbax gives up on a corrupt step
+# and closes its event loop: the read cannot wake the closed loop. Printed from C (not through
+# sys.stderr or the exception hooks) by several threads at once, so the tracebacks' lines
+# interleave; hundreds per step, while and after the restore fails. They say nothing the
+# one-line warning of `restore_latest` does not, so their lines are dropped one by one.
+_CLOSED_LOOP_LINE = re.compile(
+    r"Traceback \(most recent call last\):"
+    r'|  File ".*asyncio.base_events\.py", line \d+, in (?:call_soon_threadsafe|_check_closed)'
+    r"|    self\._check_closed\(\)"
+    r"|    raise RuntimeError\('Event loop is closed'\)"
+    r"|RuntimeError: Event loop is closed"
+)
+
+
+@contextlib.contextmanager
+def closed_loop_noise_dropped():
+    """Captures file descriptor 2 while the body runs; on leaving, writes back everything but
+    the closed-loop tracebacks. Yields `drain()`: waits until the capture has been quiet for a
+    second (at most ten), so reads that finish after a failed restore are captured too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+
+        def drain(quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
+            size, quiet_since, start = -1, time.monotonic(), time.monotonic()
+            while time.monotonic() - start < limit_s:
+                now_size = os.fstat(capture.fileno()).st_size
+                if now_size != size:
+                    size, quiet_since = now_size, time.monotonic()
+                elif time.monotonic() - quiet_since >= quiet_s:
+                    return
+                time.sleep(0.1)
+
+        try:
+            yield drain
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = "".join(x for x in lines if not _CLOSED_LOOP_LINE.fullmatch(x.rstrip("\n")))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 def restore_latest(manager, abstract_state, data_iterator):
     """-> (state, meta) from the newest readable step, or None when there is none.
 
     `abstract_state` holds ShapeDtypeStructs with shardings (the restored arrays land there).
-    A step that fails to restore is reported on stderr and the previous one is tried.
+    A step that fails to restore is reported on stderr in one line and the previous one is tried.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        try:
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        STATE: ocp.args.StandardRestore(abstract_state),
-                        DATA: grain.checkpoint.CheckpointRestore(IteratorState(data_iterator)),
-                        META: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-        except Exception as err:  # a corrupt step can fail in any layer (json, tensorstore, zarr)
+        with closed_loop_noise_dropped() as drain:
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            STATE: ocp.args.StandardRestore(abstract_state),
+                            DATA: grain.checkpoint.CheckpointRestore(IteratorState(data_iterator)),
+                            META: ocp.args.JsonRestore(),
+                        }
+                    ),
+                )
+            except Exception as err:  # a corrupt step can fail in any layer (json, tensorstore)
+                drain()
+                restored, problem = None, f"{type(err).__name__}: {' '.join(str(err).split())}"
+        if restored is None:
             print(
-                f"warning: checkpoint step {step} in {manager.directory} is unreadable "
-                f"({type(err).__name__}: {str(err)[:200]}); trying the previous one",
+                f"warning: checkpoint step {step} in {manager.directory} is unreadable, skipped "
+                f"({problem[:200]}); trying the previous one",
                 file=sys.stderr,
             )
             continue

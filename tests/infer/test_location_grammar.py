@@ -57,7 +57,7 @@ def _decode(config: DecodeConfig, seed: int = 0, rows: int = 64):
     step, logits_at = _adversarial_step(seed)
     rows_logits = logits_at(0, rows)
     cache = {"t": jnp.ones((rows,), jnp.int32)}
-    tokens, _ = jax.jit(lambda c, l, r: decode(step, c, l, config, r))(
+    tokens, _ = jax.jit(lambda c, first, r: decode(step, c, first, config, r))(
         cache, rows_logits, jax.random.key(seed)
     )
     return np.asarray(tokens)
