@@ -24,8 +24,8 @@ from llm3d_jax.data.preprocess import TextEncoder, apply_template, sample_points
 from llm3d_jax.evaluate import box_iou  # noqa: E402
 from llm3d_jax.fileio import InputError, cli_main, load_npz  # noqa: E402
 from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig  # noqa: E402
-from llm3d_jax.infer.exported import load_exported_bundle  # noqa: E402
 from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate  # noqa: E402
+from llm3d_jax.loading import load_exported_bundle  # noqa: E402
 
 SCENE_KEYS = ("points", "features", "voxels", "grid_origin", "grid_voxel")
 

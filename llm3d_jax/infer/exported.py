@@ -11,8 +11,8 @@ Layout of MODEL/:
     tokenizer files     HF tokenizer that already holds <loc0>..<loc{B-1}> at ids
                         loc_offset..loc_offset+B-1 (when the model was trained with one)
 
-`load_exported(dir) -> (module, params)` is what `llm3d.from_pretrained` delegates to;
-`load_exported_bundle(dir)` also returns the tokenizer (or None) and the parsed config file.
+This module writes the layout; `llm3d_jax.loading` reads it (`load_llm3d(dir)` or
+`load_exported_bundle(dir)`, which also returns the tokenizer and the parsed config file).
 float32 exports reload bit-identical; bfloat16 exports hold bfloat16 params and compute in
 bfloat16.
 """
@@ -28,14 +28,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from llm3d_jax import loading
 from llm3d_jax.fileio import InputError, write_text_atomic
+from llm3d_jax.model import llm3d
 
-FORMAT = "llm3d_jax.exported"
-VERSION = 1
-CONFIG_FILE = "llm3d_config.json"  # == llm3d.EXPORTED_CONFIG
-PARAMS_DIR = "params"
-SAFETENSORS_FILE = "model.safetensors"
-PARAMS_FORMATS = ("orbax", "safetensors")
 PARAMS_DTYPES = ("float32", "bfloat16")
 
 
@@ -58,14 +54,14 @@ def export(
 
     `out_dir` must not exist yet or be an earlier export (it is replaced as a whole).
     """
-    from llm3d_jax.model import llm3d
-
     if params_dtype not in PARAMS_DTYPES:
         raise ValueError(f"params_dtype must be one of {PARAMS_DTYPES}, got {params_dtype!r}")
-    if params_format not in PARAMS_FORMATS:
-        raise ValueError(f"params_format must be one of {PARAMS_FORMATS}, got {params_format!r}")
+    if params_format not in loading.EXPORTED_PARAMS_FORMATS:
+        raise ValueError(
+            f"params_format must be one of {loading.EXPORTED_PARAMS_FORMATS}, got {params_format!r}"
+        )
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.exists(os.path.join(out_dir, CONFIG_FILE)):
+    if os.path.exists(out_dir) and not os.path.exists(os.path.join(out_dir, llm3d.EXPORTED_CONFIG)):
         raise InputError(out_dir, "exists and is not an exported model; refusing to replace it")
     config = module.config
     if params_dtype == "bfloat16":
@@ -81,18 +77,20 @@ def export(
             from safetensors.numpy import save_file
 
             save_file(
-                _flat(params), os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": FORMAT}
+                _flat(params),
+                os.path.join(tmp, loading.EXPORTED_SAFETENSORS),
+                metadata={"format": loading.EXPORTED_FORMAT},
             )
         else:
             import orbax.checkpoint as ocp
 
             with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
+                checkpointer.save(os.path.join(tmp, loading.EXPORTED_PARAMS_DIR), params)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         description = {
-            "format": FORMAT,
-            "version": VERSION,
+            "format": loading.EXPORTED_FORMAT,
+            "version": loading.EXPORTED_VERSION,
             "model": config.to_dict(),
             "params_dtype": params_dtype,
             "params_format": params_format,
@@ -100,7 +98,9 @@ def export(
             "source": dict(source or {}),
         }
         # Written last: a folder without it is never taken for a complete export.
-        write_text_atomic(os.path.join(tmp, CONFIG_FILE), json.dumps(description, indent=2) + "\n")
+        write_text_atomic(
+            os.path.join(tmp, llm3d.EXPORTED_CONFIG), json.dumps(description, indent=2) + "\n"
+        )
         if os.path.exists(out_dir):
             old = out_dir + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -112,95 +112,3 @@ def export(
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise InputError(model_dir, f"not an exported model directory (no {CONFIG_FILE})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            description = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(path, f"unreadable ({type(err).__name__}: {err})") from None
-    if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise InputError(path, f"not a {FORMAT} config")
-    if description.get("version") != VERSION:
-        raise InputError(
-            path, f"format version {description.get('version')} (this code reads {VERSION})"
-        )
-    if description.get("params_format") not in PARAMS_FORMATS:
-        raise InputError(path, f"unknown params_format {description.get('params_format')!r}")
-    return description
-
-
-def load_exported(model_dir: str):
-    """-> (module, params): the `llm3d.from_pretrained` contract for exported directories."""
-    module, params, _, _ = load_exported_bundle(model_dir, with_tokenizer=False)
-    return module, params
-
-
-def load_exported_bundle(model_dir: str, with_tokenizer: bool = True):
-    """-> (module, params, tokenizer or None, config file dict)."""
-    from llm3d_jax.model import llm3d
-
-    model_dir = os.fspath(model_dir)
-    description = read_config(model_dir)
-    try:
-        module = llm3d.LLM3D(llm3d.LLM3DConfig.from_dict(description["model"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise InputError(
-            os.path.join(model_dir, CONFIG_FILE), f"bad model config ({type(err).__name__}: {err})"
-        ) from None
-    params = _read_params(model_dir, description["params_format"])
-    expected = jax.eval_shape(lambda: llm3d.init_params(module))
-    want = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(expected).items()}
-    got = {k: v.shape for k, v in _flat(params).items()}
-    if want != got:
-        missing = sorted(set(want) - set(got))[:3]
-        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])[:3]
-        raise InputError(
-            model_dir,
-            f"params do not match the model config (missing {missing}, wrong shape {wrong}, "
-            f"{len(set(got) - set(want))} unexpected)",
-        )
-    tokenizer = None
-    if with_tokenizer and os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return module, params, tokenizer, description
-
-
-def _read_params(model_dir: str, params_format: str) -> dict:
-    if params_format == "safetensors":
-        path = os.path.join(model_dir, SAFETENSORS_FILE)
-        if not os.path.exists(path):
-            raise InputError(model_dir, f"incomplete export: {SAFETENSORS_FILE} missing")
-        from safetensors.numpy import load_file
-
-        try:
-            flat = load_file(path)
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise InputError(path, f"unreadable ({type(err).__name__}: {err})") from None
-        return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    path = os.path.join(model_dir, PARAMS_DIR)
-    if not os.path.isdir(path):
-        raise InputError(model_dir, f"incomplete export: {PARAMS_DIR}/ missing")
-    import orbax.checkpoint as ocp
-
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(path)
-            tree = getattr(metadata, "item_metadata", metadata)
-            tree = getattr(tree, "tree", tree)
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
-            )
-            params = checkpointer.restore(path, abstract)
-    except Exception as err:  # any layer (json, tensorstore, ocdbt) of a damaged folder
-        raise InputError(
-            path, f"unreadable params ({type(err).__name__}: {str(err)[:300]})"
-        ) from None
-    return jax.tree.map(np.asarray, params)

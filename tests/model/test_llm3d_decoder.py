@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from llm3d_jax import loading
 from llm3d_jax.model import llm3d
 from llm3d_jax.model.decoder import DecoderConfig
 
@@ -49,7 +50,7 @@ def _tiny_decoder_batch(config, seed=0, b=8, n=16, lp=6, la=5):
 
 
 def test_blip2_opt_directory_matches_pytorch(goldens_dir):
-    module, params = llm3d.from_pretrained(
+    module, params = loading.load_llm3d(
         os.path.join(goldens_dir, "decoder", "blip2_opt"), loc_bins=0
     )
     assert isinstance(module.config.llm, DecoderConfig) and module.config.llm.family == "opt"
@@ -167,7 +168,7 @@ def test_train_build_model_reads_scanqa_llama_style_configs(llm_dir):
     """experiments/train.py: BLIP-2 OPT (or its Q-Former + another HF LLM), scanned layers."""
     import ml_collections
 
-    from experiments.train import build_model
+    from llm3d_jax.train.setup import build_model
 
     goldens = os.path.join(os.path.dirname(__file__), "..", "goldens", "decoder")
     config = ml_collections.ConfigDict(
