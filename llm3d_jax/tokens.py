@@ -53,19 +53,6 @@ def location_tokens(bins: int = DEFAULT_BINS) -> list[str]:
     return [location_token(i) for i in range(bins)]
 
 
-def location_token_ids(tokenizer, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """int32 [bins]: the ids of `<loc0>..<loc{bins-1}>`; ValueError when the tokenizer lacks them."""
-    ids = tokenizer.convert_tokens_to_ids(location_tokens(bins))
-    unk = tokenizer.unk_token_id
-    missing = [i for i, t in enumerate(ids) if t is None or (unk is not None and t == unk)]
-    if missing:
-        raise ValueError(
-            f"tokenizer has no location token {location_token(missing[0])} "
-            f"({len(missing)} of {bins} missing); call add_location_tokens first"
-        )
-    return np.asarray(ids, np.int32)
-
-
 def add_location_tokens(tokenizer, bins: int = DEFAULT_BINS) -> int:
     """Adds `<loc0>..<loc{bins-1}>` as special tokens; returns `offset` with id(`<loc i>`) = offset + i.
 

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import traverse_util
 
 from llm3d_jax.model.decoder import Decoder, DecoderConfig
@@ -384,16 +383,6 @@ def prefill(
 def decode_step(module: LLM3D, params, cache, token_ids):
     """token_ids int32 [B] (the previous answer token) -> (logits [B,V], cache)."""
     return module.apply({"params": params}, cache, token_ids, method=LLM3D.decode_step)
-
-
-def answer_loss(logits, answer_ids, answer_mask):
-    """-> (mean cross-entropy, token accuracy) over the answer tokens where answer_mask is set."""
-    logits = logits.astype(jnp.float32)
-    mask = answer_mask.astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, answer_ids)
-    correct = (jnp.argmax(logits, axis=-1) == answer_ids).astype(jnp.float32)
-    return (ce * mask).sum() / count, (correct * mask).sum() / count
 
 
 def trainable_mask(params, patterns: Sequence[str] = TRAINABLE):
