@@ -30,6 +30,7 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	PYTHONPATH=$(CURDIR) .venv/bin/lint-imports
 
 bench: setup
 	$(PY) -m tools.bench

@@ -32,6 +32,7 @@ from data_pipeline.lift.neural_field import FieldConfig, lift_neural_field
 from data_pipeline.lift.voxelize import grid_for_bounds, voxelize
 from data_pipeline.render import Views, render_scene
 from data_pipeline.scenes import Scene
+from llm3d_jax import loading
 from llm3d_jax.fileio import (
     InputError,
     child_path,
@@ -63,7 +64,7 @@ FEATURE_KEYS = (
 
 def load_encoder(spec: str):
     """`random-vit`, `random-vit:D` (tiny random tower of width D, default 64), `vit:DIR` (a ViT
-    written by `vit.save_trained`, e.g. tools/train_encoder.py), `blip2:DIR`, `clip:DIR` ->
+    written by `loading.save_trained_vit`, e.g. tools/train_encoder.py), `blip2:DIR`, `clip:DIR` ->
     (module, params)."""
     kind, _, arg = spec.partition(":")
     if kind == "random-vit":
@@ -77,9 +78,9 @@ def load_encoder(spec: str):
             raise InputError(None, f"--encoder {spec}: width must be a positive multiple of 4")
         return vit.random_vit(dim)
     if kind == "vit" and arg:
-        return vit.load_trained(arg)
+        return loading.load_trained_vit(arg)
     if kind in ("blip2", "clip") and arg:
-        return vit.from_pretrained(arg, kind=kind)
+        return loading.load_vit(arg, kind=kind)
     raise InputError(
         None, f"--encoder {spec!r}: expected random-vit[:D], vit:DIR, blip2:DIR or clip:DIR"
     )

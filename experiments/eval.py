@@ -14,7 +14,6 @@ both sides; sqa3d also EM per question type. Sections: model, data, generation, 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -26,7 +25,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -42,9 +40,9 @@ from llm3d_jax.evaluate import (
     strip_locations,
 )
 from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
-from llm3d_jax.infer import restore
 from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig
 from llm3d_jax.infer.generate import decode_answer, generate
+from llm3d_jax.infer.restore import RunModel, load_run
 
 SPLITS = {"val": "validation", "validation": "validation", "train": "train"}
 TEXT_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM", "EM-refined")
@@ -63,65 +61,6 @@ SCANREFER_ACC25 = {"3D-LLM": 30.3, "ScanRefer": 41.2, "Chat-Scene": 55.5, "Video
 
 
 # ---------------------------------------------------------------------- model
-
-
-class RunModel:
-    """A trained model restored from a run: module, full params, run config, tokenizer path."""
-
-    def __init__(self, module, params, config, step: int, source: str):
-        self.module, self.params, self.config, self.step, self.source = (
-            module,
-            params,
-            config,
-            step,
-            source,
-        )
-
-    @property
-    def tokenizer_path(self) -> str:
-        path = self.config.model.pretrained or self.config.get("tokenizer", "")
-        if not path:
-            raise InputError(self.source, "the run config names no tokenizer directory")
-        if not os.path.isdir(path):
-            raise InputError(path, "tokenizer directory of the run not found")
-        return path
-
-
-def load_run(path: str) -> RunModel:
-    """A run folder, its checkpoints folder or one step folder -> RunModel (full fp32 params)."""
-    from experiments.train import build_model  # the exact model the run trained
-    from llm3d_jax.model import llm3d
-
-    step, trainable, meta = restore.read_checkpoint(path)
-    config = ml_collections.ConfigDict(meta.get("config") or _config_json(path))
-    module, pretrained = build_model(config)
-    patterns = tuple(config.get("trainable", ())) or llm3d.TRAINABLE
-    frozen_ref = meta["frozen"]
-    if pretrained is None:
-        all_params = random_init(module, int(frozen_ref["seed"]))
-    else:
-        all_params = pretrained
-    params = restore.merge_with_frozen(
-        trainable, all_params, patterns, frozen_ref["fingerprint"], path
-    )
-    return RunModel(module, params, config, step, path)
-
-
-@functools.lru_cache(maxsize=2)
-def random_init(module, seed: int) -> dict:
-    """Host params of a random init (cached: export and eval in one process restore twice)."""
-    from llm3d_jax.model import llm3d
-
-    return jax.device_get(llm3d.init_params(module, seed=seed))
-
-
-def _config_json(path: str) -> dict:
-    run_dir = os.path.dirname(restore.locate(path)[0])
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise InputError(path, "checkpoint has no config and the run folder no config.json")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------- generation

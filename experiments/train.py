@@ -21,7 +21,6 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,104 +28,12 @@ from tqdm import tqdm
 
 from llm3d_jax.fileio import InputError, cli_main, write_text_atomic
 from llm3d_jax.infer.decode import DecodeConfig
-from llm3d_jax.model import llm3d
-from llm3d_jax.train import checkpoint, config_checks, metrics, optimizer, sharding, validation
+from llm3d_jax.train import checkpoint, config_checks, metrics, setup, sharding, validation
 from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: metrics, checkpoints, plots")
-
-
-def build_model(config):
-    """-> (module, host params or None for a random init).
-
-    Pretrained: a BLIP-2 / exported directory. Random init: the `model.preset` shapes, with the
-    vocabulary sized to `config.tokenizer` when training on tokenised (tfds) data.
-    """
-    m = config.model
-    overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
-    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
-    # point_tokens / loc_table_dim (demo.py): a pretrained model without them grows them.
-    for key in ("prefix_causal", "scan_layers", "point_tokens", "loc_table_dim"):
-        if key in m:
-            overrides[key] = m[key]
-    llm_path = m.get("llm_pretrained") or None
-    if m.pretrained:
-        for path in (m.pretrained, llm_path):
-            if path and not os.path.isdir(path):
-                raise InputError(path, "pretrained model directory not found")
-        module, params = llm3d.from_pretrained(m.pretrained, llm_path=llm_path)
-        model_config = llm3d.with_overrides(module.config, **overrides)
-        # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
-        # exported scanned model may be trained unscanned).
-        params = llm3d.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
-        loaded = module.config
-        module = llm3d.LLM3D(model_config)
-        if (loaded.point_tokens, loaded.llm.loc_table_dim) != (
-            model_config.point_tokens,
-            model_config.llm.loc_table_dim,
-        ):
-            params, new = llm3d.grow_params(module, params, seed=config.seed)
-            print(f"{m.pretrained}: new params initialised at random: {', '.join(new)}")
-        return module, params
-    if not hasattr(llm3d.LLM3DConfig, m.preset):
-        raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {m.preset!r}")
-    model_config = getattr(llm3d.LLM3DConfig, m.preset)()
-    if config.data_source == "tfds":
-        if not config.tokenizer:
-            raise InputError(
-                None, "set config.model.pretrained, or config.tokenizer for a random-init model"
-            )
-        if not os.path.isdir(config.tokenizer):
-            raise InputError(config.tokenizer, "tokenizer directory not found")
-        if not os.path.isdir(config.data_dir):
-            raise InputError(
-                config.data_dir, "data directory not found (python -m data_pipeline.tfds)"
-            )
-        from llm3d_jax.data.pipeline import load_tokenizer, parse_mixture
-        from llm3d_jax.data.sources import dataset_metadata
-
-        overrides["vocab_size"] = len(load_tokenizer(config.tokenizer))
-        first = parse_mixture(config.data.datasets)[0][0]
-        overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
-    return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
-
-
-def build_data(config, mesh, model_config, *, train: bool):
-    """Global-batch iterator with get_state()/set_state()/reset(); `synthetic` needs no files."""
-    batch_size = config.batch_size if train else config.eval_batch_size
-    if config.data_source == "synthetic":
-        from llm3d_jax.train.synthetic import SyntheticBatches
-
-        return SyntheticBatches(
-            batch_size=batch_size,
-            num_points=config.data.num_points,
-            feature_dim=model_config.feature_dim,
-            prompt_len=config.data.prompt_len,
-            answer_len=config.data.answer_len,
-            vocab_size=model_config.llm.loc_offset,
-            answer_offset=model_config.llm.loc_offset,
-            seed=config.seed if train else config.seed + 1,
-            sharding=sharding.batch_sharding(mesh),
-        )
-    if config.data_source != "tfds":
-        raise InputError(
-            None, f"config.data_source must be tfds or synthetic, not {config.data_source!r}"
-        )
-    from llm3d_jax.data import pipeline
-
-    if not os.path.isdir(config.data_dir):
-        raise InputError(
-            config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
-        )
-    tokenizer = config.model.get("llm_pretrained") or config.model.pretrained or config.tokenizer
-    common = dict(
-        batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
-    )
-    if train:
-        return pipeline.make_train_iterator(config.data_dir, tokenizer, mesh, **common)
-    return pipeline.make_eval_iterator(config.data_dir, tokenizer, mesh, epochs=None, **common)
 
 
 def train(
@@ -150,37 +57,22 @@ def train(
     log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     # ------------------------------------------------------------------ model and shardings
-    module, pretrained_params = build_model(config)
-    patterns = tuple(config.trainable) or llm3d.TRAINABLE
-    example = llm3d.example_inputs(module.config)  # shapes for init only
-    init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
-    boxed = state_lib.abstract_params(init_fn)
-    optimizer.check_trainable_patterns(nn.meta.unbox(boxed), patterns)
-    trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
-        boxed, mesh, patterns
-    )
+    module, pretrained_params = setup.build_model(config)
+    training = setup.build_training(config, mesh, module)
+    init_fn, tx, patterns = training.init_fn, training.tx, training.patterns
+    state_sh, frozen_sh = training.state_sh, training.frozen_sh
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-    log(f"model: {count(trainable_abs):,} trainable / {count(frozen_abs):,} frozen parameters")
-    schedule = optimizer.make_schedule(
-        lr=config.optim.lr,
-        min_lr=config.optim.min_lr,
-        warmup_steps=config.optim.warmup_steps,
-        total_steps=config.total_steps,
+    log(
+        f"model: {count(training.trainable_abs):,} trainable / "
+        f"{count(training.frozen_abs):,} frozen parameters"
     )
-    tx = optimizer.make_optimizer(
-        trainable_abs,
-        schedule,
-        b1=config.optim.b1,
-        b2=config.optim.b2,
-        weight_decay=config.optim.weight_decay,
-        grad_clip=config.optim.grad_clip,
-    )
-    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
-    abstract_state = state_lib.abstract_state(tx, trainable_abs, state_sh)
+    abstract_state = state_lib.abstract_state(tx, training.trainable_abs, state_sh)
 
     # ------------------------------------------------------------------ data
-    train_data = build_data(config, mesh, module.config, train=True)
-    eval_data = build_data(config, mesh, module.config, train=False) if config.eval_every else None
+    train_data = setup.build_data(config, mesh, module.config, train=True)
+    eval_data = (
+        setup.build_data(config, mesh, module.config, train=False) if config.eval_every else None
+    )
     generation = build_generation(
         config, module, eval_data, state_sh, frozen_sh, sharding.batch_sharding(mesh)
     )
@@ -238,15 +130,8 @@ def train(
     batch_abs = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data_sh), batch
     )
-    train_step = jax.jit(
-        step_lib.make_train_step(module, tx, schedule, config.microbatches),
-        in_shardings=(state_sh, frozen_sh, data_sh, sharding.replicated(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
     eval_step = jax.jit(step_lib.make_eval_step(module), out_shardings=sharding.replicated(mesh))
-    with jax.set_mesh(mesh):
-        compiled = train_step.lower(abstract_state, frozen, batch_abs, rng).compile()
+    compiled = setup.compile_train_step(config, mesh, training, batch_abs, frozen)
     log(f"step: compiled; memory per device: {metrics.format_memory(compiled.memory_analysis())}")
     peak, peak_source = metrics.peak_flops()
     flops_per_step = config.batch_size * metrics.llm3d_flops(

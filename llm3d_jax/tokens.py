@@ -13,6 +13,10 @@ between them allowed) of length 6k becomes k boxes, a run of length 3 a point; a
 malformed and is DROPPED from the text (it has no meaning in metres, and keeping raw `<locN>`
 strings would leak grid indices into answers and metrics).
 
+`python -m llm3d_jax.tokens --records R.jsonl --out DIR [--vocab-size N] [--bins B]` makes the
+tokenizer of a random-init model (`train_tokenizer` on the records' prompts and answers, then
+`add_location_tokens`): experiments/train.py `--config.tokenizer=DIR`.
+
 `add_location_tokens` gives a HF tokenizer `<loc0>..<loc{B-1}>` as special tokens with ids
 `offset + i`, `offset = len(tokenizer)` before adding (docs/architecture.md "Location tokens in
 the model"). `train_tokenizer` builds a small T5-like tokenizer (`<pad>`=0, `</s>`=1 appended as
@@ -49,19 +53,6 @@ def location_tokens(bins: int = DEFAULT_BINS) -> list[str]:
     return [location_token(i) for i in range(bins)]
 
 
-def location_token_ids(tokenizer, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """int32 [bins]: the ids of `<loc0>..<loc{bins-1}>`; ValueError when the tokenizer lacks them."""
-    ids = tokenizer.convert_tokens_to_ids(location_tokens(bins))
-    unk = tokenizer.unk_token_id
-    missing = [i for i, t in enumerate(ids) if t is None or (unk is not None and t == unk)]
-    if missing:
-        raise ValueError(
-            f"tokenizer has no location token {location_token(missing[0])} "
-            f"({len(missing)} of {bins} missing); call add_location_tokens first"
-        )
-    return np.asarray(ids, np.int32)
-
-
 def add_location_tokens(tokenizer, bins: int = DEFAULT_BINS) -> int:
     """Adds `<loc0>..<loc{bins-1}>` as special tokens; returns `offset` with id(`<loc i>`) = offset + i.
 
@@ -72,7 +63,14 @@ def add_location_tokens(tokenizer, bins: int = DEFAULT_BINS) -> int:
     vocab = tokenizer.get_vocab()
     tokens = location_tokens(bins)
     if f"<loc{bins}>" in vocab:
-        raise ValueError(f"tokenizer already holds location tokens for more than {bins} bins")
+        held = bins
+        while location_token(held) in vocab:
+            held += 1
+        raise ValueError(
+            f"tokenizer already holds {held} location tokens, more than the {bins} bins asked "
+            f"for: make it with --bins {bins} (python -m llm3d_jax.tokens) or pass one without "
+            "location tokens (they are added when it is loaded)"
+        )
     present = [t for t in tokens if t in vocab]
     if len(present) == bins:
         offset = vocab[tokens[0]]
@@ -82,7 +80,8 @@ def add_location_tokens(tokenizer, bins: int = DEFAULT_BINS) -> int:
     if present:
         raise ValueError(
             f"tokenizer holds {len(present)} of the {bins} location tokens (e.g. {present[0]}); "
-            "expected none or all"
+            f"expected none or all: make it with --bins {bins} (python -m llm3d_jax.tokens) or "
+            "pass one without location tokens (they are added when it is loaded)"
         )
     offset = len(tokenizer)
     added = tokenizer.add_tokens(tokens, special_tokens=True)
@@ -322,3 +321,63 @@ def load_tokenizer(directory: str | os.PathLike):
         raise InputError(
             directory, f"unreadable tokenizer ({type(err).__name__}: {problem})"
         ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m llm3d_jax.tokens`: the tokenizer for training from random init (module doc)."""
+    import argparse
+
+    from llm3d_jax.fileio import InputError
+
+    parser = argparse.ArgumentParser(
+        description="Trains a tokenizer on language records (prompts and answers) and adds "
+        "the location tokens: the tokenizer of a random-init 3D-LLM (--config.tokenizer)."
+    )
+    parser.add_argument("--records", required=True, help="language records, JSONL")
+    parser.add_argument("--out", required=True, help="tokenizer directory to write")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="base vocabulary size")
+    parser.add_argument("--bins", type=int, default=DEFAULT_BINS, help="location tokens")
+    args = parser.parse_args(argv)
+    if args.bins < 1:
+        raise InputError(None, f"--bins must be >= 1, got {args.bins}")
+    if not os.path.isfile(args.records):
+        raise InputError(args.records, "file not found")
+    texts, bad = [], []
+    with open(args.records, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                texts.append(str(record["prompt"]))
+                texts.extend(str(a) for a in record["answers"])
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                bad.append(f"line {number}: {type(err).__name__}: {err}")
+    for problem in bad[:5]:
+        print(f"warning: {args.records}: skipped {problem}")
+    if not texts:
+        raise InputError(args.records, "no record with a prompt and answers")
+    # Trained and extended in a temp folder beside --out, then renamed: no half-written tokenizer.
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=".tokens.") as tmp:
+        try:
+            tokenizer = train_tokenizer(texts, args.vocab_size, tmp)
+        except ValueError as err:
+            raise InputError(None, f"--vocab-size: {err}") from None
+        offset = add_location_tokens(tokenizer, args.bins)
+        tokenizer.save_pretrained(tmp)
+        os.makedirs(out, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    print(
+        f"wrote {args.out}: {offset} base tokens + {args.bins} location tokens "
+        f"(<loc0> = {offset}) from {len(texts)} texts; {len(bad)} bad lines skipped"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from llm3d_jax.fileio import cli_main
+
+    cli_main(main)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import features
+from llm3d_jax import loading
 from llm3d_jax.infer import exported
 from llm3d_jax.model import llm3d
 from tools import demo, pretrain_demo
@@ -14,7 +15,7 @@ from tools import demo, pretrain_demo
 
 def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
     encoder, _ = features.load_encoder(demo.ENCODER)
-    bundles = {mode: exported.load_exported_bundle(path) for mode, path in demo.PRETRAINED.items()}
+    bundles = {mode: loading.load_exported_bundle(path) for mode, path in demo.PRETRAINED.items()}
     (module, params, tokenizer, _), (blind_module, blind_params, blind_tokenizer, _) = (
         bundles["3d"],
         bundles["blind"],
@@ -39,7 +40,7 @@ def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
 def test_pretrained_model_answers_from_its_points():
     """Two scenes, one question: the 3D model's answer logits differ between the scenes and
     follow each scene when the batch is reordered."""
-    module, params = llm3d.from_pretrained(demo.PRETRAINED["3d"])
+    module, params = loading.load_llm3d(demo.PRETRAINED["3d"])
     rng = np.random.default_rng(0)
     inputs = llm3d.example_inputs(module.config, batch=2, points=64)
     inputs["features"] = rng.normal(size=inputs["features"].shape).astype(np.float32)
@@ -95,9 +96,7 @@ def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
     assert qtypes and qtypes <= set(pretrain_demo.ATTRIBUTE_QUESTIONS)
     configs = {}
     for mode in ("3d", "blind"):
-        module, _, tokenizer, description = exported.load_exported_bundle(
-            out / f"pretrained_{mode}"
-        )
+        module, _, tokenizer, description = loading.load_exported_bundle(out / f"pretrained_{mode}")
         configs[mode] = module.config
         assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
         # Phase (b) starts from phase (a)'s export and ends at its own last step.

@@ -18,10 +18,9 @@ import optax
 import pytest
 
 from data_pipeline.tfds import build
-from experiments.eval import load_run, random_init
-from llm3d_jax import tokens
+from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError, save_npz_atomic
-from llm3d_jax.infer import exported
+from llm3d_jax.infer.restore import load_run, random_init
 from llm3d_jax.model import llm3d
 from llm3d_jax.train import checkpoint, optimizer
 from llm3d_jax.train.step import TrainState
@@ -72,7 +71,7 @@ def run(tmp_path_factory):
     tok_dir = str(root / "tok")
     tokens.train_tokenizer(texts, 300, tok_dir)
     config = _config(tok_dir, str(root / "tfds"))
-    from experiments.train import build_model
+    from llm3d_jax.train.setup import build_model
 
     module, _ = build_model(config)
     params = random_init(module, config.seed)
@@ -137,7 +136,7 @@ def model_dir(run):
 
 
 def test_export_reload_is_bit_identical_in_fp32(run, model_dir):
-    module, params = llm3d.from_pretrained(model_dir)  # delegates to exported.load_exported
+    module, params = loading.load_llm3d(model_dir)  # delegates to exported.load_exported
     assert module == run["module"]
     _same(params, run["params"])
     inputs = _inputs(module)
@@ -145,19 +144,19 @@ def test_export_reload_is_bit_identical_in_fp32(run, model_dir):
     before = apply({"params": run["params"]}, **inputs)
     after = apply({"params": params}, **inputs)
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
-    _, _, tokenizer, _ = exported.load_exported_bundle(model_dir)
+    _, _, tokenizer, _ = loading.load_exported_bundle(model_dir)
     assert tokenizer.convert_tokens_to_ids("<loc0>") == module.config.llm.loc_offset
 
 
 def test_export_bf16_safetensors(run):
     out = str(run["root"] / "model_bf16")
     export.export_run(run["workdir"], out, bf16=True, safetensors=True)
-    assert os.path.exists(os.path.join(out, exported.SAFETENSORS_FILE))
-    module, params = exported.load_exported(out)
+    assert os.path.exists(os.path.join(out, loading.EXPORTED_SAFETENSORS))
+    module, params = loading.load_exported(out)
     assert module.config.llm.dtype == "bfloat16"
     # Exporting again over an earlier export replaces it.
     export.export_run(run["workdir"], out)
-    assert exported.load_exported(out)[0].config.llm.dtype == "float32"
+    assert loading.load_exported(out)[0].config.llm.dtype == "float32"
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
     _same(params, jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), run["params"]))
 

@@ -142,11 +142,12 @@ def test_add_location_tokens_ids_and_idempotent(tiny_tokenizer):
     before = len(tok)
     offset = tokens.add_location_tokens(tok, bins=16)
     assert offset == before and len(tok) == before + 16
-    np.testing.assert_array_equal(tokens.location_token_ids(tok, 16), np.arange(16) + offset)
+    assert tok.convert_tokens_to_ids(tokens.location_tokens(16)) == list(range(offset, offset + 16))
     assert tokens.add_location_tokens(tok, bins=16) == offset and len(tok) == before + 16
-    with pytest.raises(ValueError, match="more than 8 bins"):
+    # The errors say what to do: make the tokenizer with the model's bin count, or without any.
+    with pytest.raises(ValueError, match="holds 16 location tokens, more than the 8 .*--bins 8"):
         tokens.add_location_tokens(tok, bins=8)
-    with pytest.raises(ValueError, match="16 of the 32"):
+    with pytest.raises(ValueError, match="16 of the 32 .*--bins 32 .* without location tokens"):
         tokens.add_location_tokens(tok, bins=32)
     # Location tokens come out as single ids, also when glued to words.
     text = tokens.placeholders_to_tokens(
@@ -160,6 +161,44 @@ def test_add_location_tokens_ids_and_idempotent(tiny_tokenizer):
     np.testing.assert_allclose(tokens.parse_points(back), [[0.125, 0.225, 0.325]], atol=1e-3)
 
 
-def test_location_token_ids_missing(tiny_tokenizer):
-    with pytest.raises(ValueError, match="no location token <loc0>"):
-        tokens.location_token_ids(_load(tiny_tokenizer), 4)
+def _records(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+
+
+def test_command_makes_the_tokenizer_of_a_random_init_model(tmp_path, capsys):
+    rows = [
+        {"prompt": f"what is on table {i}?", "answers": ["a red cup", "<box>0 0 0 1 1 1</box>"]}
+        for i in range(20)
+    ]
+    _records(tmp_path / "r.jsonl", rows + ["{not json"])
+    code = tokens.main(
+        ["--records", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "tok"),
+         "--vocab-size", "200", "--bins", "16"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "skipped line 21" in out and "+ 16 location tokens" in out
+    tok = _load(tmp_path / "tok")
+    offset = tok.convert_tokens_to_ids("<loc0>")
+    assert offset <= 200 and len(tok) == offset + 16
+    assert tokens.add_location_tokens(tok, 16) == offset  # what training does on load
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl", "tok"]  # no temp folder left behind
+
+
+def test_command_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from llm3d_jax.fileio import cli_main
+
+    _records(tmp_path / "empty.jsonl", ["{}"])
+    for args, problem in [
+        (["--records", str(tmp_path / "missing.jsonl")], "file not found"),
+        (["--records", str(tmp_path / "empty.jsonl")], "no record with a prompt and answers"),
+        (["--records", str(tmp_path / "empty.jsonl"), "--bins", "0"], "--bins must be >= 1"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(lambda a=args: tokens.main([*a, "--out", str(tmp_path / "tok")]))
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and problem in err
+    assert not os.path.exists(tmp_path / "tok")

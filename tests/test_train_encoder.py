@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import features
+from llm3d_jax import loading
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import vit
 from tools import train_encoder
@@ -14,7 +15,7 @@ from tools import train_encoder
 
 def test_trained_vit_round_trips_and_bad_directories_are_one_line_errors(tmp_path):
     module, params = vit.random_vit(hidden_size=16, seed=3)
-    vit.save_trained(tmp_path / "enc", module.config, params)
+    loading.save_trained_vit(tmp_path / "enc", module.config, params)
     loaded, loaded_params = features.load_encoder(f"vit:{tmp_path / 'enc'}")
     assert loaded.config == module.config
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -22,14 +23,16 @@ def test_trained_vit_round_trips_and_bad_directories_are_one_line_errors(tmp_pat
         module.apply({"params": params}, images), loaded.apply({"params": loaded_params}, images)
     )
     with pytest.raises(InputError, match="config.json: file not found"):
-        vit.load_trained(tmp_path / "missing")
+        loading.load_trained_vit(tmp_path / "missing")
     other, other_params = vit.random_vit(hidden_size=32)
-    vit.save_trained(tmp_path / "bad", module.config, other_params)  # weights of another width
+    loading.save_trained_vit(
+        tmp_path / "bad", module.config, other_params
+    )  # weights of another width
     with pytest.raises(InputError, match="model.safetensors: .* has shape"):
-        vit.load_trained(tmp_path / "bad")
+        loading.load_trained_vit(tmp_path / "bad")
     (tmp_path / "bad" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="unreadable safetensors") as err:
-        vit.load_trained(tmp_path / "bad")
+        loading.load_trained_vit(tmp_path / "bad")
     assert "\n" not in str(err.value)
 
 

@@ -45,8 +45,8 @@ from llm3d_jax.fileio import (  # noqa: E402
     writing,
 )
 from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig  # noqa: E402
-from llm3d_jax.infer.exported import load_exported_bundle  # noqa: E402
 from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate_fn  # noqa: E402
+from llm3d_jax.loading import load_exported_bundle  # noqa: E402
 
 SCENE_KEYS = ("points", "features", "voxels", "grid_origin", "grid_voxel")
 QUESTION_FIELDS = ("id", "scene", "question")

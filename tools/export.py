@@ -6,7 +6,7 @@ r"""Exports a training run as a self-contained model directory.
 MODEL gets the merged frozen + trained params (orbax, or one model.safetensors), the model config,
 the tokenizer with its location tokens, and what inference needs (points per scene, prompt and
 answer lengths, prompt templates); layout in `llm3d_jax.infer.exported`. Load it with
-`llm3d_jax.model.llm3d.from_pretrained(MODEL)` or ask it with `tools/ask.py --model MODEL`.
+`llm3d_jax.loading.load_llm3d(MODEL)` or ask it with `tools/ask.py --model MODEL`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llm3d_jax import tokens  # noqa: E402
+from llm3d_jax import loading, tokens  # noqa: E402
 from llm3d_jax.fileio import InputError, check_output_file, cli_main, writing  # noqa: E402
-from llm3d_jax.infer import exported  # noqa: E402
+from llm3d_jax.infer import exported, restore  # noqa: E402
 
 
 def prompt_templates(config) -> dict:
@@ -43,10 +43,9 @@ def prompt_templates(config) -> dict:
 
 def export_run(run_path: str, out: str, bf16: bool = False, safetensors: bool = False) -> dict:
     """Restores `run_path` (run, checkpoints or step folder) and writes the export -> its config."""
-    from experiments.eval import load_run
     from llm3d_jax.data.pipeline import load_tokenizer
 
-    run = load_run(run_path)
+    run = restore.load_run(run_path)
     llm = run.module.config.llm
     tokenizer = None
     if run.config.get("data_source", "tfds") == "tfds" or run.config.model.pretrained:
@@ -78,7 +77,7 @@ def export_run(run_path: str, out: str, bf16: bool = False, safetensors: bool = 
             params_dtype="bfloat16" if bf16 else "float32",
             params_format="safetensors" if safetensors else "orbax",
         )
-    return exported.read_config(out)
+    return loading.read_exported_config(out)
 
 
 def main(argv=None) -> int:

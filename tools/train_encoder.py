@@ -14,7 +14,7 @@ kept. Its shape is the demo's `ViTConfig.tiny(64)` (32x32 crops, 8x8 patches) wi
 
     python -m tools.train_encoder --out DIR [--scenes 1536] [--seed 1000] [--steps 8000]
 
-DIR gets the ViT (`vit.save_trained`: `config.json`, `model.safetensors`) and `report.json`
+DIR gets the ViT (`loading.save_trained_vit`: `config.json`, `model.safetensors`) and `report.json`
 (train / held-out accuracy per read-out; held-out = the last 1/8 of the rooms).
 `python -m data_pipeline.features --encoder vit:DIR --masked-crops` then uses it. With the
 defaults (as tools/pretrain_demo.py runs it, assets/demo/encoder/report.json): 835 s on 2 CPU
@@ -41,6 +41,7 @@ from tqdm import tqdm
 from data_pipeline import features2d
 from data_pipeline.render import render_scene
 from data_pipeline.scenes.synthetic import CATEGORIES, COLORS, make_scene
+from llm3d_jax import loading
 from llm3d_jax.fileio import write_text_atomic
 from llm3d_jax.model import vit
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seconds": round(time.time() - start, 1),
     }
-    vit.save_trained(args.out, config, params["vit"])
+    loading.save_trained_vit(args.out, config, params["vit"])
     write_text_atomic(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
     print(json.dumps(report))
     return 0

@@ -47,7 +47,7 @@ def get_config():
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # HF BLIP-2 directory (Q-Former, queries; OPT when no llm_pretrained)
     c.model.llm_pretrained = ""  # HF OPT / Llama / Qwen2 / Mistral directory
-    c.model.preset = "tiny_decoder"  # shapes only, for a random-init smoke run
+    c.model.preset = "llama3_3b"  # shapes only: what the step compiles to without weights
     c.model.prefix_causal = False
     c.model.dtype = "bfloat16"
     c.model.remat = True

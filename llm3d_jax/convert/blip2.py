@@ -19,10 +19,14 @@ import os
 
 import numpy as np
 
+from llm3d_jax.convert.decoder import decoder_params
 from llm3d_jax.convert.hf import apply_rules, read_hf_dir, transpose
 from llm3d_jax.convert.qformer import blip2_qformer_rules
 from llm3d_jax.convert.t5 import t5_params
 from llm3d_jax.fileio import InputError
+from llm3d_jax.model import llm3d, qformer
+from llm3d_jax.model.decoder import MODEL_TYPES
+from llm3d_jax.tokens import add_location_tokens
 
 LM_PREFIX = "language_model."
 PROJECTION_RULES = [
@@ -37,7 +41,7 @@ def tokenizer_loc_offset(path: str, loc_bins: int) -> int | None:
     when the directory has no tokenizer."""
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         return None
-    from llm3d_jax.tokens import add_location_tokens, load_tokenizer
+    from llm3d_jax.tokens import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     try:
@@ -48,8 +52,6 @@ def tokenizer_loc_offset(path: str, loc_bins: int) -> int | None:
 
 def language_model(hf_config: dict, tensors, source: str, prefix: str, **kwargs):
     """(LLM module, params) for a HF T5 or decoder-only config dict and its tensors."""
-    from llm3d_jax.convert.decoder import decoder_params
-    from llm3d_jax.model.decoder import MODEL_TYPES
 
     model_type = hf_config.get("model_type", "t5")
     if model_type == "t5":
@@ -75,7 +77,6 @@ def load_blip2(
     come from there instead, and the projection (whose width changes) is freshly initialised
     (normal(initializer_range), zero bias; `seed`).
     """
-    from llm3d_jax.model import llm3d, qformer
 
     path = os.fspath(path)
     config_path = os.path.join(path, "config.json")

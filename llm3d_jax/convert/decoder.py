@@ -16,6 +16,8 @@ import numpy as np
 
 from llm3d_jax.convert.hf import Rule, apply_rules, stack_layers, transpose
 from llm3d_jax.fileio import InputError
+from llm3d_jax.model import decoder
+from llm3d_jax.model.t5 import init_location_rows
 
 
 def _linear(hf: str, flax: str) -> list[Rule]:
@@ -83,8 +85,6 @@ def decoder_params(
     """(Decoder module, params) from a HF causal-LM config dict and its tensors (keys under
     `prefix`). Location rows (`loc_bins > 0`) are new parameters initialised by
     `init_location_rows` from the base rows; the base vocabulary is the checkpoint's."""
-    from llm3d_jax.model import decoder
-    from llm3d_jax.model.t5 import init_location_rows
 
     tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
     try:

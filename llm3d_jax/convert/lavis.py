@@ -33,11 +33,13 @@ import os
 import jax
 import numpy as np
 
+from llm3d_jax.convert.blip2 import load_blip2
 from llm3d_jax.convert.hf import apply_rules, transpose
 from llm3d_jax.convert.pth import flatten, load_pth
 from llm3d_jax.convert.qformer import lavis_qformer_rules
 from llm3d_jax.convert.t5 import t5_rules
 from llm3d_jax.fileio import InputError, cli_main
+from llm3d_jax.model import llm3d
 
 T5_PREFIX = "t5_model."
 VOCAB_KEYS = tuple(
@@ -105,11 +107,10 @@ def from_lavis(
     with: 32100 for FlanT5); default: what the base directory's tokenizer gives, else the T5
     vocab size. The number of location tokens is the checkpoint's vocabulary rows - loc_offset.
     """
-    from llm3d_jax.model import llm3d
 
     path = os.fspath(path)
     state = read_lavis_state(path)
-    module, params = llm3d.from_pretrained(base, dtype=dtype)
+    module, params = load_blip2(base, dtype=dtype)
     cfg = module.config
     loc_offset = cfg.llm.loc_offset if loc_offset is None else int(loc_offset)
     if not 0 < loc_offset <= cfg.llm.vocab_size:

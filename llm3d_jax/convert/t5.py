@@ -15,6 +15,7 @@ import numpy as np
 
 from llm3d_jax.convert.hf import Rule, apply_rules, stack_layers, transpose, unstack_layers
 from llm3d_jax.fileio import InputError
+from llm3d_jax.model import t5
 
 
 def t5_rules(prefix: str = "") -> list[Rule]:
@@ -116,7 +117,6 @@ def t5_params(
     the base rows; the base vocabulary comes from the checkpoint unchanged. `overrides` are
     T5Config fields (remat, scan_layers, ...).
     """
-    from llm3d_jax.model import t5
 
     tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
     tied = head_is_tied(tensors, prefix)

@@ -2,6 +2,7 @@
 regenerated (random init) or reloaded (pretrained directory), checked against the fingerprint the
 checkpoint recorded (`llm3d_jax.train.checkpoint`).
 
+`load_run(path)` gives the whole trained model (experiments/eval.py, tools/export.py).
 Accepted locations: a run folder (RUN, holding checkpoints/), its checkpoints folder, or one step
 folder (RUN/checkpoints/300). The trainable params are restored onto one device from the array
 metadata stored in the checkpoint, so neither the optimizer nor the training mesh is needed.
@@ -9,15 +10,19 @@ metadata stored in the checkpoint, so neither the optimizer nor the training mes
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from llm3d_jax.fileio import InputError
+from llm3d_jax.model import llm3d
 from llm3d_jax.train import checkpoint as ckpt
-from llm3d_jax.train import optimizer
+from llm3d_jax.train import optimizer, setup
 
 
 def locate(path: str) -> tuple[str, int | None]:
@@ -109,3 +114,56 @@ def merge_with_frozen(trainable: dict, all_params: dict, patterns, expected: str
     if jax.tree.structure(params) != want:
         raise InputError(where, "checkpoint params do not match the model's parameter tree")
     return params
+
+
+class RunModel:
+    """A trained model restored from a run: module, full params, run config, tokenizer path."""
+
+    def __init__(self, module, params, config, step: int, source: str):
+        self.module, self.params, self.config, self.step, self.source = (
+            module,
+            params,
+            config,
+            step,
+            source,
+        )
+
+    @property
+    def tokenizer_path(self) -> str:
+        m = self.config.model
+        path = m.get("llm_pretrained") or m.pretrained or self.config.get("tokenizer", "")
+        if not path:
+            raise InputError(self.source, "the run config names no tokenizer directory")
+        if not os.path.isdir(path):
+            raise InputError(path, "tokenizer directory of the run not found")
+        return path
+
+
+def load_run(path: str) -> RunModel:
+    """A run folder, its checkpoints folder or one step folder -> RunModel (full fp32 params)."""
+    step, trainable, meta = read_checkpoint(path)
+    config = ml_collections.ConfigDict(meta.get("config") or _config_json(path))
+    module, pretrained = setup.build_model(config)  # the exact model the run trained
+    patterns = tuple(config.get("trainable", ())) or llm3d.TRAINABLE
+    frozen_ref = meta["frozen"]
+    if pretrained is None:
+        all_params = random_init(module, int(frozen_ref["seed"]))
+    else:
+        all_params = pretrained
+    params = merge_with_frozen(trainable, all_params, patterns, frozen_ref["fingerprint"], path)
+    return RunModel(module, params, config, step, path)
+
+
+@functools.lru_cache(maxsize=2)
+def random_init(module, seed: int) -> dict:
+    """Host params of a random init (cached: export and eval in one process restore twice)."""
+    return jax.device_get(llm3d.init_params(module, seed=seed))
+
+
+def _config_json(path: str) -> dict:
+    run_dir = os.path.dirname(locate(path)[0])
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise InputError(path, "checkpoint has no config and the run folder no config.json")
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f)

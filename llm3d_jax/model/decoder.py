@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from functools import partial
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -141,7 +139,14 @@ class DecoderConfig:
 
     @classmethod
     def tiny(cls, family: str = "llama", **overrides) -> DecoderConfig:
-        """A small model for unit tests and the CPU demo (Llama: GQA; OPT: pre-LN, tied)."""
+        """A small model for unit tests and the CPU demo. `family` is a key of MODEL_TYPES:
+        llama (GQA), qwen2 (llama + q/k/v biases), mistral (llama + a sliding window), opt
+        (pre-LN, biases, tied embeddings)."""
+        if family not in MODEL_TYPES:
+            raise ValueError(
+                f"unknown model type {family!r} (expected one of {sorted(MODEL_TYPES)})"
+            )
+        variant, family = family, MODEL_TYPES[family]
         base = dict(
             family=family,
             vocab_size=128,
@@ -162,7 +167,11 @@ class DecoderConfig:
                 mlp_bias=True,
                 tie_word_embeddings=True,
             )
+        if variant == "qwen2":
+            base.update(qkv_bias=True)
         base.update(overrides)
+        if variant == "mistral" and "layer_windows" not in overrides:
+            base.update(layer_windows=(8,) * base["num_layers"])
         return cls(**base)
 
     @classmethod
@@ -796,31 +805,3 @@ def init_params(module: Decoder, seed: int = 0) -> dict:
     """Random float32 params of `module` (unboxed)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     return nn.unbox(jax.jit(module.init)(jax.random.key(seed), input_ids=ids))["params"]
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    loc_bins: int = 0,
-    loc_offset: int | None = None,
-    dtype: str = "float32",
-    **overrides: Any,
-) -> tuple[Decoder, dict]:
-    """(module, params) from a local HF OPT / Llama / Qwen2 / Mistral causal-LM directory
-    (config.json + model.safetensors, or shards listed by model.safetensors.index.json).
-
-    With `loc_bins > 0` the model gains location-token rows (ids loc_offset.., default
-    loc_offset = vocab_size). `overrides` are DecoderConfig fields (remat, scan_layers, ...).
-    """
-    from llm3d_jax.convert.decoder import decoder_params
-    from llm3d_jax.convert.hf import read_hf_dir
-
-    config, tensors = read_hf_dir(path)
-    return decoder_params(
-        config,
-        tensors,
-        source=os.fspath(path),
-        loc_bins=loc_bins,
-        loc_offset=loc_offset,
-        dtype=dtype,
-        **overrides,
-    )

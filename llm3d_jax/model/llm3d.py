@@ -26,14 +26,12 @@ it can produce L answer tokens.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import traverse_util
 
 from llm3d_jax.model.decoder import Decoder, DecoderConfig
@@ -145,9 +143,41 @@ class LLM3DConfig:
 
     @classmethod
     def tiny_decoder(cls, family: str = "llama", **overrides) -> LLM3DConfig:
-        """`tiny` with a decoder-only LLM (`llama` or `opt`) instead of T5."""
+        """`tiny` with a decoder-only LLM (llama, qwen2, mistral or opt) instead of T5."""
         llm = DecoderConfig.tiny(family, vocab_size=512, loc_offset=512, loc_bins=DEFAULT_LOC_BINS)
         return with_overrides(dataclasses.replace(cls.tiny(), llm=llm), **overrides)
+
+    @classmethod
+    def llama3_3b(cls) -> LLM3DConfig:
+        """BLIP-2's Q-Former with Llama-3.2-3B shapes (scanqa_llama.py without weights: what the
+        config's train step compiles to), 256 location tokens after its 128256 tokens."""
+        llama = DecoderConfig.from_hf(
+            dict(
+                model_type="llama",
+                vocab_size=128256,
+                hidden_size=3072,
+                intermediate_size=8192,
+                num_hidden_layers=28,
+                num_attention_heads=24,
+                num_key_value_heads=8,
+                head_dim=128,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                rope_theta=500000.0,
+                rope_scaling=dict(
+                    rope_type="llama3",
+                    factor=32.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=8192,
+                ),
+                tie_word_embeddings=True,
+                bos_token_id=128000,
+                eos_token_id=128001,
+            ),
+            loc_bins=DEFAULT_LOC_BINS,
+        )
+        return cls(llm=llama)
 
     @property
     def llm_width(self) -> int:
@@ -184,8 +214,8 @@ def with_overrides(
     dtype: compute dtype of the Q-Former and the LLM; remat: per LLM block; feature_dim: also
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
     scan_layers: LLM blocks stacked and run with nn.scan (params of the other layout convert with
-    `relayout_llm_layers`); prefix_causal: decoder-only LLMs only; other keywords are top-level
-    fields (posembed_mode, posembed_scale, num_points).
+    `llm3d_jax.loading.relayout_llm_layers`); prefix_causal: decoder-only LLMs only; other
+    keywords are top-level fields (posembed_mode, posembed_scale, num_points).
     """
     qformer, llm = config.qformer, config.llm
     if prefix_causal is not None:
@@ -215,26 +245,6 @@ def with_overrides(
     mode = fields.get("posembed_mode", config.posembed_mode)
     qformer = dataclasses.replace(qformer, encoder_hidden_size=output_dim(mode, feature_dim))
     return dataclasses.replace(config, qformer=qformer, llm=llm, feature_dim=feature_dim, **fields)
-
-
-def relayout_llm_layers(params: dict, config: LLM3DConfig, scan_layers: bool) -> dict:
-    """Whole-model params of `config` -> the same values in the `scan_layers` layout of the LLM
-    blocks (stacked on a leading axis for nn.scan, or one subtree per block). Loaders read the
-    unscanned layout; this is how a scanned model gets its weights (and an exported scanned model
-    its unscanned ones)."""
-    llm_config = config.llm
-    if llm_config.scan_layers == scan_layers:
-        return params
-    from llm3d_jax.convert.hf import stack_layers, unstack_layers
-    from llm3d_jax.convert.t5 import stack_blocks, unstack_blocks
-
-    if isinstance(llm_config, T5Config):
-        llm = (stack_blocks if scan_layers else unstack_blocks)(params["llm"], llm_config)
-    else:
-        llm = (stack_layers if scan_layers else unstack_layers)(
-            params["llm"], llm_config.num_layers
-        )
-    return {**params, "llm": llm}
 
 
 class LLM3D(nn.Module):
@@ -405,16 +415,6 @@ def decode_step(module: LLM3D, params, cache, token_ids):
     return module.apply({"params": params}, cache, token_ids, method=LLM3D.decode_step)
 
 
-def answer_loss(logits, answer_ids, answer_mask):
-    """-> (mean cross-entropy, token accuracy) over the answer tokens where answer_mask is set."""
-    logits = logits.astype(jnp.float32)
-    mask = answer_mask.astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, answer_ids)
-    correct = (jnp.argmax(logits, axis=-1) == answer_ids).astype(jnp.float32)
-    return (ce * mask).sum() / count, (correct * mask).sum() / count
-
-
 def trainable_mask(params, patterns: Sequence[str] = TRAINABLE):
     """Tree of bools like `params`: True where the "/"-joined path fullmatches a pattern."""
     regexes = [re.compile(p) for p in patterns]
@@ -473,28 +473,3 @@ def example_inputs(
         answer_ids=jnp.zeros((batch, answer_len), jnp.int32),
         answer_mask=jnp.ones((batch, answer_len), bool),
     )
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    loc_bins: int = DEFAULT_LOC_BINS,
-    dtype: str = "float32",
-    llm_path: str | os.PathLike | None = None,
-) -> tuple[LLM3D, dict]:
-    """(module, host params) from a HF BLIP-2 directory (FlanT5 or OPT language model), or from
-    a directory written by tools/export.py (recognised by its `llm3d_config.json`).
-
-    BLIP-2: Q-Former, query tokens, projection and LLM from the checkpoint (vision tower unused);
-    new location-token rows (`loc_bins`); when the directory has a tokenizer, `loc_offset` is
-    where `llm3d_jax.tokens.add_location_tokens` puts `<loc0>` in it, else the LLM vocab size.
-    `llm_path`: take the LLM (and tokenizer) from this HF T5 / OPT / Llama / Qwen2 / Mistral
-    directory instead; the projection is then freshly initialised.
-    """
-    path = os.fspath(path)
-    if os.path.exists(os.path.join(path, EXPORTED_CONFIG)):
-        from llm3d_jax.infer.exported import load_exported
-
-        return load_exported(path)
-    from llm3d_jax.convert.blip2 import load_blip2
-
-    return load_blip2(path, loc_bins=loc_bins, dtype=dtype, llm_path=llm_path)

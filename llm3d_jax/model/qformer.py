@@ -19,17 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from llm3d_jax.convert import hf as hf_convert
-from llm3d_jax.convert import qformer as qformer_convert
-from llm3d_jax.fileio import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,64 +329,3 @@ def init_params(module: QFormer | BertEncoder, seed: int = 0) -> dict:
 def param_shapes(module: QFormer | BertEncoder) -> dict:
     """The params tree as `jax.ShapeDtypeStruct`s, nothing allocated."""
     return jax.eval_shape(lambda: init_params(module))
-
-
-def _check_bert_like(config: dict, path: str) -> None:
-    act = config.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise InputError(path, f"unsupported hidden_act {act!r} (only exact 'gelu' is implemented)")
-    pos = config.get("position_embedding_type", "absolute")
-    if pos != "absolute":
-        raise InputError(path, f"unsupported position_embedding_type {pos!r}")
-
-
-def from_pretrained(path: str | os.PathLike, seed: int = 0, **overrides) -> tuple[QFormer, dict]:
-    """(QFormer, params) from a HF BLIP-2 directory, or from a BERT directory.
-
-    BLIP-2 (`model_type` "blip-2"): its `qformer.*` and `query_tokens` (vision tower and language
-    model are ignored). BERT (`model_type` "bert"): self-attention and the FFN (copied into the
-    query FFN) come from BERT, cross-attention and query tokens are freshly initialised with
-    `seed`, as BLIP-2 starts its Q-Former from bert-base. `overrides` replace config fields.
-    """
-    path = os.fspath(path)
-    config = hf_convert.read_config(path)
-    model_type = config.get("model_type")
-    if model_type == "blip-2":
-        _check_bert_like(config.get("qformer_config") or {}, os.path.join(path, "config.json"))
-        cfg = QFormerConfig.from_hf(config, **overrides)
-        rules, fresh = qformer_convert.blip2_qformer_rules(), ()
-        keep = r"(model\.)?(qformer\.|query_tokens)"  # skip the vision tower and the LLM
-    elif model_type == "bert":
-        _check_bert_like(config, os.path.join(path, "config.json"))
-        cfg = QFormerConfig.from_hf(config, **overrides)
-        rules, fresh = qformer_convert.bert_qformer_rules(), qformer_convert.FRESH_FROM_BERT
-        keep = None
-    else:
-        raise InputError(
-            os.path.join(path, "config.json"),
-            f"unknown architecture model_type={model_type!r} (expected 'blip-2' or 'bert')",
-        )
-    _, tensors = hf_convert.read_hf_dir(path, keep=keep)
-    module = QFormer(cfg)
-    target = init_params(module, seed) if fresh else param_shapes(module)
-    params = hf_convert.apply_rules(tensors, rules, target, source=path, allow_missing=fresh)
-    return module, jax.tree.map(jnp.asarray, params)
-
-
-def bert_from_pretrained(path: str | os.PathLike, **overrides) -> tuple[BertEncoder, dict]:
-    """(BertEncoder, params) from a HF BERT directory (BertModel or BertFor* layouts)."""
-    path = os.fspath(path)
-    config = hf_convert.read_config(path)
-    if config.get("model_type") != "bert":
-        raise InputError(
-            os.path.join(path, "config.json"),
-            f"unknown architecture model_type={config.get('model_type')!r} (expected 'bert')",
-        )
-    _check_bert_like(config, os.path.join(path, "config.json"))
-    cfg = BertConfig.from_hf(config, **overrides)
-    _, tensors = hf_convert.read_hf_dir(path)
-    module = BertEncoder(cfg)
-    params = hf_convert.apply_rules(
-        tensors, qformer_convert.bert_encoder_rules(), param_shapes(module), source=path
-    )
-    return module, jax.tree.map(jnp.asarray, params)

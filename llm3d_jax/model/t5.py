@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from functools import partial
 from typing import Any
 
@@ -35,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.fileio import InputError
 from llm3d_jax.model import location_rows
 
 ACTIVATIONS = {
@@ -635,38 +633,3 @@ def init_location_rows(base: np.ndarray, bins: int, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((bins, base.shape[1])).astype(np.float32)
     return base.mean(0) + 0.1 * base.std(0) * noise
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    loc_bins: int = 0,
-    loc_offset: int | None = None,
-    dtype: str = "float32",
-    **overrides: Any,
-) -> tuple[T5, dict]:
-    """(module, params) from a local HF T5 / FlanT5 directory (config.json + safetensors).
-
-    With `loc_bins > 0` the model gains location-token rows (ids loc_offset.., default
-    loc_offset = vocab_size), initialised by `init_location_rows`. `overrides` are T5Config
-    fields (remat, scan_layers, ...).
-    """
-    from llm3d_jax.convert.hf import read_hf_dir
-    from llm3d_jax.convert.t5 import t5_params
-
-    config, tensors = read_hf_dir(path)
-    arch = config.get("architectures") or ["T5ForConditionalGeneration"]
-    if config.get("model_type") not in (None, "t5") or arch[0] != "T5ForConditionalGeneration":
-        raise InputError(
-            os.path.join(os.fspath(path), "config.json"),
-            f"unsupported architecture {arch[0]} (model_type {config.get('model_type')}); "
-            "expected T5ForConditionalGeneration",
-        )
-    return t5_params(
-        config,
-        tensors,
-        source=os.fspath(path),
-        loc_bins=loc_bins,
-        loc_offset=loc_offset,
-        dtype=dtype,
-        **overrides,
-    )

@@ -19,17 +19,10 @@ state [B,T,C]`, T = 1 + (H/p)(W/p), token 0 is the class token. Images must have
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
-from safetensors.numpy import load_file, save
-
-from llm3d_jax.fileio import InputError, write_bytes_atomic, write_text_atomic
 
 # OpenAI CLIP normalisation, used by both the BLIP-2 and CLIP image processors.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -262,63 +255,6 @@ def normalize_images(images_uint8, config: ViTConfig):
     return (x - jnp.asarray(config.image_mean)) / jnp.asarray(config.image_std)
 
 
-def from_pretrained(path: str | os.PathLike, kind: str | None = None) -> tuple[ViT, dict]:
-    """(module, params) from a local HF directory: Blip2VisionModel, CLIPVisionModel, or a full
-    BLIP-2 / CLIP directory (its `vision_model`). `kind` ("blip2" | "clip") demands that layout:
-    a directory of another kind is an `InputError`."""
-    from llm3d_jax.convert.vit import load_vit  # conversion lives in convert/, imported lazily
-
-    config, params = load_vit(path, kind=kind)
-    return ViT(config), params
-
-
-def save_trained(directory: str | os.PathLike, config: ViTConfig, params: dict) -> None:
-    """Writes `config.json` (the ViTConfig fields) and `model.safetensors` (float32 params under
-    their "/"-joined paths), each atomically: the format of `load_trained` (`--encoder vit:DIR`)."""
-    os.makedirs(directory, exist_ok=True)
-    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()}
-    write_bytes_atomic(os.path.join(directory, "model.safetensors"), save(tensors))
-    write_text_atomic(
-        os.path.join(directory, "config.json"), json.dumps(dataclasses.asdict(config), indent=1)
-    )
-
-
-def load_trained(directory: str | os.PathLike) -> tuple[ViT, dict]:
-    """(module, params) of a directory written by `save_trained`; a missing or bad file, or a
-    tensor whose name or shape does not fit the config, is an InputError naming the file."""
-    config_path = os.path.join(directory, "config.json")
-    weights_path = os.path.join(directory, "model.safetensors")
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise InputError(path, "file not found (expected a directory from save_trained)")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            fields = json.load(f)
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        config = ViTConfig(**fields)
-    except (ValueError, TypeError) as err:
-        raise InputError(config_path, f"not a ViTConfig: {err}") from None
-    try:
-        tensors = load_file(weights_path)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise InputError(weights_path, f"unreadable safetensors file: {err}") from None
-    want = traverse_util.flatten_dict(param_shapes(config), sep="/")
-    if set(tensors) != set(want):
-        missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-        raise InputError(
-            weights_path,
-            f"tensors do not fit the config: missing {missing[:3]}, unexpected {extra[:3]}",
-        )
-    for name, shape in want.items():
-        if tensors[name].shape != shape.shape:
-            raise InputError(
-                weights_path, f"{name} has shape {tensors[name].shape}, config needs {shape.shape}"
-            )
-    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep="/")
-    return ViT(config), params
-
-
 def random_vit(hidden_size: int = 64, seed: int = 0) -> tuple[ViT, dict]:
     """The `random-vit` encoder: `ViTConfig.tiny(hidden_size)` with seeded random weights."""
     config = ViTConfig.tiny(hidden_size)
@@ -328,11 +264,8 @@ def random_vit(hidden_size: int = 64, seed: int = 0) -> tuple[ViT, dict]:
 __all__ = [
     "ViT",
     "ViTConfig",
-    "from_pretrained",
     "init_params",
-    "load_trained",
     "normalize_images",
     "param_shapes",
     "random_vit",
-    "save_trained",
 ]

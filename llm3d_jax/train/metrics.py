@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from llm3d_jax.fileio import write_jsonl_atomic
+from llm3d_jax.model.decoder import DecoderConfig
+from llm3d_jax.model.t5 import T5Config
 
 # Dense bf16 peak FLOP/s per device (datasheet, without sparsity), matched on device_kind.
 PEAK_FLOPS = (
@@ -94,15 +96,49 @@ def _qformer_flops(qf, num_queries, num_points):
     return qf.num_hidden_layers * per_layer + num_cross * cross
 
 
-def llm3d_flops(qformer, t5, num_points: int, prompt_len: int, answer_len: int) -> float:
-    """Training FLOPs of one example of a Q-Former + T5 3D-LLM (`QFormerConfig`, `T5Config`):
-    3 x the forward matmul FLOPs (a backward pass costs twice the forward), the usual MFU
-    convention, counted for the whole model whether a weight is frozen or not."""
+def _decoder_flops(dec, seq_len, logits_len):
+    """A decoder-only LLM (`DecoderConfig`) over `seq_len` slots, logits at `logits_len` of them.
+    Attention is counted over the whole [seq_len, seq_len] square, as for T5 (XLA computes the
+    masked half too)."""
+    d, q_width, kv_width = (
+        dec.hidden_size,
+        dec.num_heads * dec.head_dim,
+        dec.num_kv_heads * dec.head_dim,
+    )
+    ffn_mats = 3 if dec.family == "llama" else 2  # gate, up, down | fc1, fc2
+    layer = (
+        2 * seq_len * 2 * d * q_width  # q, o
+        + 2 * seq_len * 2 * d * kv_width  # k, v (fewer heads with GQA)
+        + _attention_flops(seq_len, seq_len, q_width)
+        + 2 * seq_len * ffn_mats * d * dec.intermediate_size
+    )
+    projections = 0
+    if dec.token_dim != d:  # OPT project_in over every slot, project_out where logits are read
+        projections = 2 * seq_len * dec.token_dim * d + 2 * seq_len * d * dec.token_dim
+    lm_head = 2 * logits_len * dec.token_dim * dec.num_logits
+    return dec.num_layers * layer + projections + lm_head
+
+
+def llm_flops(llm, prefix_len: int, answer_len: int) -> float:
+    """Forward FLOPs of one example of the 3D-LLM's language model, either family: T5 encodes
+    the prefix and decodes the answer; a decoder-only LLM runs [prefix; answer] as one sequence."""
+    if isinstance(llm, T5Config):
+        return _t5_flops(llm, prefix_len, answer_len)
+    if isinstance(llm, DecoderConfig):
+        return _decoder_flops(llm, prefix_len + answer_len, answer_len)
+    raise TypeError(f"no FLOP count for LLM config {type(llm).__name__}")
+
+
+def llm3d_flops(qformer, llm, num_points: int, prompt_len: int, answer_len: int) -> float:
+    """Training FLOPs of one example of a 3D-LLM (`QFormerConfig`, and a `T5Config` or a
+    `DecoderConfig`): 3 x the forward matmul FLOPs (a backward pass costs twice the forward),
+    the usual MFU convention, counted for the whole model whether a weight is frozen or not."""
     q = qformer.num_query_tokens
+    width = llm.d_model if isinstance(llm, T5Config) else llm.token_dim
     forward = (
         _qformer_flops(qformer, q, num_points)
-        + 2 * q * qformer.hidden_size * t5.d_model
-        + _t5_flops(t5, q + prompt_len, answer_len)
+        + 2 * q * qformer.hidden_size * width
+        + llm_flops(llm, q + prompt_len, answer_len)
     )
     return 3.0 * forward
 

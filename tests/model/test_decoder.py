@@ -15,6 +15,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from llm3d_jax import loading
 from llm3d_jax.convert.decoder import stack_layers
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import decoder
@@ -33,9 +34,7 @@ def _forward(module, params, **inputs):
 
 
 def _golden(goldens_dir, name, **overrides):
-    module, params = decoder.from_pretrained(
-        os.path.join(goldens_dir, "decoder", name), **overrides
-    )
+    module, params = loading.load_decoder(os.path.join(goldens_dir, "decoder", name), **overrides)
     io = dict(np.load(os.path.join(goldens_dir, "decoder", f"{name}_io.npz")))
     return module, params, io
 
@@ -250,7 +249,7 @@ def test_location_rows_are_separate_params_with_ids_equal_to_columns(family, tie
 
 def test_from_pretrained_with_location_tokens(goldens_dir):
     path = os.path.join(goldens_dir, "decoder", "llama3")
-    module, params = decoder.from_pretrained(path, loc_bins=16, loc_offset=90)
+    module, params = loading.load_decoder(path, loc_bins=16, loc_offset=90)
     assert params["loc_embed"].shape == (16, 32) and params["loc_head"].shape == (32, 16)
     assert len(np.unique(params["loc_embed"], axis=0)) == 16  # distinct new rows
     logits = _forward(module, params, input_ids=np.array([[3, 95, 105, 7]]))
@@ -381,40 +380,40 @@ def _copy(goldens_dir, tmp_path, name):
 
 def test_bad_checkpoints_give_one_line_errors(goldens_dir, tmp_path):
     with pytest.raises(InputError, match="checkpoint directory not found"):
-        decoder.from_pretrained(tmp_path / "nope")
+        loading.load_decoder(tmp_path / "nope")
     path = _copy(goldens_dir, tmp_path, "mistral")
     config = json.loads((path / "config.json").read_text())
 
     (path / "config.json").write_text(json.dumps(dict(config, intermediate_size=50)))
     with pytest.raises(InputError) as err:
-        decoder.from_pretrained(path)
+        loading.load_decoder(path)
     msg = str(err.value)
     assert "shape mismatch" in msg and "mlp" in msg and "50" in msg and "\n" not in msg
 
     rope = dict(rope_type="yarn", rope_theta=1e6, factor=4.0)
     (path / "config.json").write_text(json.dumps(dict(config, rope_parameters=rope)))
     with pytest.raises(InputError, match="unsupported rope type 'yarn'"):
-        decoder.from_pretrained(path)
+        loading.load_decoder(path)
 
     (path / "config.json").write_text(json.dumps(dict(config, model_type="gpt2")))
     with pytest.raises(InputError, match="unsupported model_type 'gpt2'"):
-        decoder.from_pretrained(path)
+        loading.load_decoder(path)
 
     # A tied config ignores the checkpoint's lm_head (as HF does on load).
     (path / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
-    _, params = decoder.from_pretrained(path)
+    _, params = loading.load_decoder(path)
     assert "lm_head" not in params
 
     shards = _copy(goldens_dir, tmp_path, "llama3")
     os.remove(shards / "model-00002-of-00004.safetensors")
     with pytest.raises(InputError, match="weight shard listed in the index is missing"):
-        decoder.from_pretrained(shards)
+        loading.load_decoder(shards)
 
     untied = _copy(goldens_dir, tmp_path, "qwen2")
     qwen = json.loads((untied / "config.json").read_text())
     (untied / "config.json").write_text(json.dumps(dict(qwen, tie_word_embeddings=False)))
     with pytest.raises(InputError, match="missing weights.*lm_head"):
-        decoder.from_pretrained(untied)
+        loading.load_decoder(untied)
 
 
 # ------------------------------------------------------------------ the 3D-LLM layout

@@ -5,8 +5,6 @@ import functools
 import json
 import os
 import shutil
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +13,11 @@ import optax
 import pytest
 from flax import traverse_util
 
-from llm3d_jax import tokens
+from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import llm3d
 from llm3d_jax.model.qformer import QFormer
+from llm3d_jax.train import step as step_lib
 
 INPUTS = (
     "features",
@@ -33,6 +32,13 @@ TEXT_VOCAB = 160  # of the golden BLIP-2's T5
 
 
 pytestmark = pytest.mark.usefixtures("float32_matmuls")
+
+
+def _answer_loss(logits, answer_ids, answer_mask):
+    """(mean cross-entropy, token accuracy) over the answer tokens: the train step's sums."""
+    ce, correct, count = step_lib.answer_loss_sums(logits, answer_ids, answer_mask)
+    count = jnp.maximum(count, 1.0)
+    return ce / count, correct / count
 
 
 def _logits(module, params, **inputs):
@@ -71,7 +77,7 @@ def tiny():
 
 
 def test_blip2_to_3dllm_matches_pytorch(goldens_dir, golden_io):
-    module, params = llm3d.from_pretrained(_blip2_dir(goldens_dir))
+    module, params = loading.load_llm3d(_blip2_dir(goldens_dir))
     c = module.config
     assert (c.feature_dim, c.qformer.num_query_tokens, c.llm.d_model) == (28, 6, 32)
     assert (c.llm.loc_offset, c.llm.loc_bins) == (TEXT_VOCAB, 256)  # no tokenizer: vocab size
@@ -93,7 +99,7 @@ def test_blip2_to_3dllm_matches_pytorch(goldens_dir, golden_io):
 
 
 def test_generation_interface_matches_pytorch_greedy(goldens_dir, golden_io):
-    module, params = llm3d.from_pretrained(_blip2_dir(goldens_dir), loc_bins=0)
+    module, params = loading.load_llm3d(_blip2_dir(goldens_dir), loc_bins=0)
     assert module.config.llm.num_logits == TEXT_VOCAB
     steps = golden_io["generated"].shape[1]
     inputs = {k: golden_io[k] for k in INPUTS[:5]}
@@ -115,7 +121,7 @@ def test_blip2_opt_to_decoder_only_3dllm_matches_pytorch(goldens_dir):
     """The decoder-only layout [queries; prompt; answer] against the decoder goldens."""
     path = os.path.join(goldens_dir, "decoder", "blip2_opt")
     io = dict(np.load(os.path.join(goldens_dir, "decoder", "blip2_opt_io.npz")))
-    module, params = llm3d.from_pretrained(path, loc_bins=0)
+    module, params = loading.load_llm3d(path, loc_bins=0)
     assert module.config.llm.family == "opt"
     logits = np.asarray(_logits(module, params, **{k: io[k] for k in INPUTS}))
     valid = io["answer_mask"].astype(bool)
@@ -140,11 +146,11 @@ def test_blip2_opt_to_decoder_only_3dllm_matches_pytorch(goldens_dir):
 def test_qformer_from_blip2_with_an_llm_from_another_directory(goldens_dir):
     blip2 = _blip2_dir(goldens_dir)
     llama = os.path.join(goldens_dir, "decoder", "llama3")
-    module, params = llm3d.from_pretrained(blip2, loc_bins=8, llm_path=llama)
+    module, params = loading.load_llm3d(blip2, loc_bins=8, llm_path=llama)
     c = module.config
     assert c.llm.family == "llama" and c.llm.loc_bins == 8
     assert params["proj"]["kernel"].shape == (c.qformer.hidden_size, c.llm_width)
-    _, reference = llm3d.from_pretrained(blip2, loc_bins=0)
+    _, reference = loading.load_llm3d(blip2, loc_bins=0)
     jax.tree.map(np.testing.assert_array_equal, params["qformer"], reference["qformer"])
     probe = llm3d.example_inputs(c, batch=1, points=5)
     probe["answer_ids"] = jnp.array([[c.llm.loc_offset + 7, 3, 1, 0]], jnp.int32)
@@ -181,12 +187,12 @@ def test_prefill_and_decode_step_match_teacher_forcing(tiny):
     np.testing.assert_allclose(np.asarray(a)[::-1], np.asarray(b), atol=1e-5)
 
 
-def test_answer_loss_is_masked_token_mean():
+def test_answer_loss_sums_give_the_masked_token_mean():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((2, 3, 5)).astype(np.float32)
     ids = np.array([[1, 4, 0], [2, 2, 3]])
     mask = np.array([[1, 1, 0], [1, 0, 0]], bool)
-    loss, accuracy = llm3d.answer_loss(logits, ids, mask)
+    loss, accuracy = _answer_loss(logits, ids, mask)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(loss), nll[mask].mean(), rtol=1e-5)
@@ -205,7 +211,7 @@ def test_only_trainable_labels_receive_updates(tiny):
 
     def loss(p):
         logits = module.apply({"params": p}, **batch)
-        return llm3d.answer_loss(logits, batch["answer_ids"], batch["answer_mask"])[0]
+        return _answer_loss(logits, batch["answer_ids"], batch["answer_mask"])[0]
 
     grads = jax.jit(jax.grad(loss))(params)
     flat_grads = traverse_util.flatten_dict(grads)
@@ -235,7 +241,7 @@ def test_tokenizer_in_the_directory_sets_loc_offset(goldens_dir, tmp_path):
     tok = tokens.train_tokenizer(words, vocab_size=120, out_dir=path)
     base_len = len(tok)
     assert base_len <= TEXT_VOCAB
-    module, params = llm3d.from_pretrained(path, loc_bins=16)
+    module, params = loading.load_llm3d(path, loc_bins=16)
     assert module.config.llm.loc_offset == base_len
     assert params["llm"]["loc_embed"].shape == (16, 32)
     probe = llm3d.example_inputs(module.config, batch=1, points=5)
@@ -308,17 +314,9 @@ def test_bf16_compute_and_dropout_control(tiny):
     np.testing.assert_array_equal(np.asarray(run(2)), np.asarray(run(2)))
 
 
-def test_exported_directories_are_delegated(tmp_path, monkeypatch):
-    (tmp_path / llm3d.EXPORTED_CONFIG).write_text("{}")
-    fake = types.ModuleType("llm3d_jax.infer.exported")
-    fake.load_exported = lambda path: ("module", os.fspath(path))
-    monkeypatch.setitem(sys.modules, "llm3d_jax.infer.exported", fake)
-    assert llm3d.from_pretrained(tmp_path) == ("module", os.fspath(tmp_path))
-
-
 def test_bad_blip2_directories_give_one_line_errors(goldens_dir, tmp_path):
     with pytest.raises(InputError, match="unsupported architecture model_type='t5'"):
-        llm3d.from_pretrained(os.path.join(goldens_dir, "t5", "flan_t5"))
+        loading.load_llm3d(os.path.join(goldens_dir, "t5", "flan_t5"))
     path = tmp_path / "blip2"
     shutil.copytree(_blip2_dir(goldens_dir), path)
     config = json.loads((path / "config.json").read_text())
@@ -327,18 +325,18 @@ def test_bad_blip2_directories_give_one_line_errors(goldens_dir, tmp_path):
     gpt2["text_config"]["model_type"] = "gpt2"
     (path / "config.json").write_text(json.dumps(gpt2))
     with pytest.raises(InputError, match="unsupported language model 'gpt2'"):
-        llm3d.from_pretrained(path)
+        loading.load_llm3d(path)
 
     wide = json.loads(json.dumps(config))
     wide["qformer_config"]["hidden_size"] = 40
     (path / "config.json").write_text(json.dumps(wide))
     with pytest.raises(InputError, match=r"shape mismatch for .*\(40, 40\)|shape mismatch for"):
-        llm3d.from_pretrained(path)
+        loading.load_llm3d(path)
 
     (path / "config.json").write_text(json.dumps(config))
     (path / "model.safetensors").unlink()
     with pytest.raises(InputError, match="no \\*.safetensors"):
-        llm3d.from_pretrained(path)
+        loading.load_llm3d(path)
 
 
 def test_spread_seeds_are_evenly_spaced_real_points():
@@ -428,7 +426,7 @@ def _colour_question_accuracy(seeded: bool, steps: int = 250) -> float:
             batch["answer_ids"],
             ones["answer_ids"],
         )
-        return llm3d.answer_loss(logits, batch["answer_ids"], ones["answer_ids"])
+        return _answer_loss(logits, batch["answer_ids"], ones["answer_ids"])
 
     @jax.jit
     def step(params, state, batch):

@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
+from llm3d_jax import loading
 from llm3d_jax.model import llm3d
 from llm3d_jax.model.decoder import DecoderConfig
+from llm3d_jax.train import step as step_lib
 
 INPUTS = (
     "features",
@@ -21,6 +23,13 @@ INPUTS = (
     "answer_ids",
     "answer_mask",
 )
+
+
+def _answer_loss(logits, answer_ids, answer_mask):
+    """(mean cross-entropy, token accuracy) over the answer tokens: the train step's sums."""
+    ce, correct, count = step_lib.answer_loss_sums(logits, answer_ids, answer_mask)
+    count = jnp.maximum(count, 1.0)
+    return ce / count, correct / count
 
 
 def _tiny_decoder(family="llama", **llm_fields):
@@ -49,7 +58,7 @@ def _tiny_decoder_batch(config, seed=0, b=8, n=16, lp=6, la=5):
 
 
 def test_blip2_opt_directory_matches_pytorch(goldens_dir):
-    module, params = llm3d.from_pretrained(
+    module, params = loading.load_llm3d(
         os.path.join(goldens_dir, "decoder", "blip2_opt"), loc_bins=0
     )
     assert isinstance(module.config.llm, DecoderConfig) and module.config.llm.family == "opt"
@@ -103,7 +112,7 @@ def test_decoder_prefill_and_decode_step_match_teacher_forcing(prefix_causal):
 
 def _loss(module, params, batch):
     logits = module.apply({"params": params}, **batch)
-    return llm3d.answer_loss(logits, batch["answer_ids"], batch["answer_mask"])[0]
+    return _answer_loss(logits, batch["answer_ids"], batch["answer_mask"])[0]
 
 
 def test_decoder_training_on_tiny_data_lowers_the_loss():
@@ -167,7 +176,7 @@ def test_train_build_model_reads_scanqa_llama_style_configs(llm_dir):
     """experiments/train.py: BLIP-2 OPT (or its Q-Former + another HF LLM), scanned layers."""
     import ml_collections
 
-    from experiments.train import build_model
+    from llm3d_jax.train.setup import build_model
 
     goldens = os.path.join(os.path.dirname(__file__), "..", "goldens", "decoder")
     config = ml_collections.ConfigDict(

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from llm3d_jax import loading
 from llm3d_jax.model import llm3d, location_rows
 from llm3d_jax.model.posembed import position_embedding_3d
 
@@ -47,7 +48,7 @@ def test_table_rows_keep_parity_of_imported_weights(goldens_dir, golden):
     else:
         path = os.path.join(goldens_dir, "decoder", "blip2_opt")
         io = dict(np.load(os.path.join(goldens_dir, "decoder", "blip2_opt_io.npz")))
-    module, params = llm3d.from_pretrained(path, loc_bins=64)
+    module, params = loading.load_llm3d(path, loc_bins=64)
     module, params = _with_table_rows(module, params, 12)
     assert params["llm"]["loc_embed"].shape[0] == 12
     vocab = module.config.llm.loc_offset

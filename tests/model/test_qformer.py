@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from llm3d_jax import loading
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import qformer
 from llm3d_jax.model.qformer import BertEncoder, QFormer, QFormerConfig
@@ -35,12 +36,12 @@ def _minilm_dir():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return qformer.from_pretrained(BLIP2_TINY)
+    return loading.load_qformer(BLIP2_TINY)
 
 
 @pytest.fixture(scope="module")
 def minilm_qformer():
-    return qformer.from_pretrained(_minilm_dir())
+    return loading.load_qformer(_minilm_dir())
 
 
 def test_blip2_qformer_matches_transformers(tiny):
@@ -73,7 +74,7 @@ def test_encoder_mask_hides_padded_points(tiny):
 
 
 def test_minilm_bert_matches_transformers():
-    module, params = qformer.bert_from_pretrained(_minilm_dir())
+    module, params = loading.load_bert(_minilm_dir())
     g = _golden("minilm.npz")
     out = jax.jit(module.apply)(
         {"params": params}, g["input_ids"], g["attention_mask"], g["token_type_ids"]
@@ -126,11 +127,9 @@ def test_minilm_initialises_qformer(minilm_qformer):
 
 def test_bert_init_is_deterministic_per_seed(minilm_qformer):
     _, params = minilm_qformer
-    _, again = qformer.from_pretrained(_minilm_dir(), encoder_hidden_size=16, num_query_tokens=4)
-    _, again_same = qformer.from_pretrained(
-        _minilm_dir(), encoder_hidden_size=16, num_query_tokens=4
-    )
-    _, other = qformer.from_pretrained(
+    _, again = loading.load_qformer(_minilm_dir(), encoder_hidden_size=16, num_query_tokens=4)
+    _, again_same = loading.load_qformer(_minilm_dir(), encoder_hidden_size=16, num_query_tokens=4)
+    _, other = loading.load_qformer(
         _minilm_dir(), seed=1, encoder_hidden_size=16, num_query_tokens=4
     )
     assert again["layer_0"]["crossattention"]["key"]["kernel"].shape == (16, 384)
@@ -212,7 +211,7 @@ def _edit_config(path, **changes):
 def test_bad_inputs_are_one_line_errors(tmp_path):
     def error(path, **kw):
         with pytest.raises(InputError) as err:
-            qformer.from_pretrained(path, **kw)
+            loading.load_qformer(path, **kw)
         assert "\n" not in str(err.value)
         return str(err.value)
 
@@ -250,4 +249,4 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert "layer_2/crossattention/value/bias" in error(d)
 
     with pytest.raises(InputError, match="expected 'bert'"):
-        qformer.bert_from_pretrained(BLIP2_TINY)
+        loading.load_bert(BLIP2_TINY)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm3d_jax import loading
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import t5
 
@@ -27,7 +28,7 @@ def _logits(module, params, **inputs):
 
 
 def _golden(goldens_dir, name):
-    module, params = t5.from_pretrained(os.path.join(goldens_dir, "t5", name))
+    module, params = loading.load_t5(os.path.join(goldens_dir, "t5", name))
     io = dict(np.load(os.path.join(goldens_dir, "t5", f"{name}_io.npz")))
     return module, params, io
 
@@ -150,7 +151,7 @@ def test_location_rows_are_separate_params_with_ids_equal_to_columns(tied):
 
 def test_from_pretrained_with_location_tokens(goldens_dir):
     path = os.path.join(goldens_dir, "t5", "flan_t5")
-    module, params = t5.from_pretrained(path, loc_bins=16, loc_offset=90)
+    module, params = loading.load_t5(path, loc_bins=16, loc_offset=90)
     assert params["loc_embed"].shape == (16, 32) and params["loc_head"].shape == (32, 16)
     assert len(np.unique(params["loc_embed"], axis=0)) == 16  # distinct new rows
     io = dict(np.load(os.path.join(goldens_dir, "t5", "flan_t5_io.npz")))
@@ -163,7 +164,7 @@ def test_from_pretrained_with_location_tokens(goldens_dir):
     )
     assert logits.shape == (2, 3, 90 + 16)
     # With the default offset (= vocab_size) the base-vocabulary path is untouched.
-    module, params = t5.from_pretrained(path, loc_bins=16)
+    module, params = loading.load_t5(path, loc_bins=16)
     assert module.config.loc_offset == 96
     plain = _logits(
         module,
@@ -179,7 +180,7 @@ def test_from_pretrained_with_location_tokens(goldens_dir):
 
 def test_bf16_compute_keeps_fp32_params(goldens_dir):
     path = os.path.join(goldens_dir, "t5", "flan_t5")
-    module, params = t5.from_pretrained(path, dtype="bfloat16")
+    module, params = loading.load_t5(path, dtype="bfloat16")
     io = dict(np.load(os.path.join(goldens_dir, "t5", "flan_t5_io.npz")))
     assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(params))
     logits = _logits(
@@ -263,27 +264,27 @@ def _copy(goldens_dir, tmp_path, name="flan_t5"):
 
 def test_bad_checkpoints_give_one_line_errors(goldens_dir, tmp_path):
     with pytest.raises(InputError, match="checkpoint directory not found"):
-        t5.from_pretrained(tmp_path / "nope")
+        loading.load_t5(tmp_path / "nope")
     path = _copy(goldens_dir, tmp_path)
     config = json.loads((path / "config.json").read_text())
 
     (path / "config.json").write_text(json.dumps(dict(config, d_ff=50)))
     with pytest.raises(InputError) as err:
-        t5.from_pretrained(path)
+        loading.load_t5(path)
     msg = str(err.value)
     assert "shape mismatch" in msg and "DenseReluDense" in msg and "(48, 32)" in msg and "50" in msg
     assert "\n" not in msg
 
     (path / "config.json").write_text(json.dumps(dict(config, feed_forward_proj="gated-swish7")))
     with pytest.raises(InputError, match="unsupported T5 activation"):
-        t5.from_pretrained(path)
+        loading.load_t5(path)
 
     (path / "config.json").write_text(
         json.dumps(dict(config, architectures=["BertModel"], model_type="bert"))
     )
     with pytest.raises(InputError, match="unsupported architecture BertModel"):
-        t5.from_pretrained(path)
+        loading.load_t5(path)
 
     (path / "config.json").unlink()
     with pytest.raises(InputError, match="missing config.json"):
-        t5.from_pretrained(path)
+        loading.load_t5(path)

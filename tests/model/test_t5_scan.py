@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_t5 import _logits, greedy_with_cache
 
+from llm3d_jax import loading
 from llm3d_jax.convert.t5 import stack_blocks, unstack_blocks
 from llm3d_jax.model import llm3d, t5
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("float32_matmuls")
 
 
 def _golden(goldens_dir, name, **overrides):
-    module, params = t5.from_pretrained(os.path.join(goldens_dir, "t5", name), **overrides)
+    module, params = loading.load_t5(os.path.join(goldens_dir, "t5", name), **overrides)
     io = dict(np.load(os.path.join(goldens_dir, "t5", f"{name}_io.npz")))
     return module, params, io
 
@@ -134,7 +135,7 @@ def _train_step_on_mesh(scan: bool, host_params, mesh):
 
     config = llm3d.with_overrides(_tiny_llm3d(), scan_layers=scan)
     module = llm3d.LLM3D(config)
-    params = llm3d.relayout_llm_layers(host_params, _tiny_llm3d(), scan)
+    params = loading.relayout_llm_layers(host_params, _tiny_llm3d(), scan)
     patterns = (".*",)
     example = llm3d.example_inputs(config, points=16)
     init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
@@ -192,7 +193,7 @@ def test_sharded_train_step_with_scan_equals_unscanned():
     # The stacked kernels keep their fsdp/tensor sharding behind a replicated layer axis.
     q = s_shardings["llm"]["encoder"]["block"]["self_attn"]["q"]["kernel"]
     assert q.spec == P(None, "fsdp", "tensor")
-    _assert_trees_close(s_params, llm3d.relayout_llm_layers(params, _tiny_llm3d(), True))
+    _assert_trees_close(s_params, loading.relayout_llm_layers(params, _tiny_llm3d(), True))
 
 
 def test_build_model_stacks_a_loaded_blip2_t5_and_exports_roundtrip(goldens_dir, tmp_path):
@@ -200,8 +201,8 @@ def test_build_model_stacks_a_loaded_blip2_t5_and_exports_roundtrip(goldens_dir,
     the scanned model reloads scanned, and build_model unstacks it for an unscanned run."""
     import ml_collections
 
-    from experiments.train import build_model
     from llm3d_jax.infer import exported
+    from llm3d_jax.train.setup import build_model
 
     def config(pretrained, scan):
         return ml_collections.ConfigDict(
@@ -217,7 +218,7 @@ def test_build_model_stacks_a_loaded_blip2_t5_and_exports_roundtrip(goldens_dir,
     assert jax.tree.map(np.shape, params) == jax.tree.map(
         lambda x: x.shape, llm3d.abstract_params(module)
     )
-    plain, plain_params = llm3d.from_pretrained(blip2)
+    plain, plain_params = loading.load_llm3d(blip2)
     io = dict(np.load(os.path.join(goldens_dir, "llm3d", "blip2_tiny_io.npz")))
     inputs = {k: io[k] for k in llm3d.example_inputs(module.config)}
     np.testing.assert_allclose(
@@ -229,7 +230,7 @@ def test_build_model_stacks_a_loaded_blip2_t5_and_exports_roundtrip(goldens_dir,
 
     out = str(tmp_path / "model")
     exported.export(out, module, params, params_format="safetensors")
-    reloaded, reloaded_params = llm3d.from_pretrained(out)
+    reloaded, reloaded_params = loading.load_llm3d(out)
     assert reloaded.config.llm.scan_layers
     jax.tree.map(np.testing.assert_array_equal, reloaded_params, params)
     unscanned, unscanned_params = build_model(config(out, False))

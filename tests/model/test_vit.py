@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from llm3d_jax import loading
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import vit
 
@@ -28,7 +29,7 @@ def outputs(goldens_dir):
     ],
 )
 def test_parity_with_transformers(goldens_dir, outputs, name, layout):
-    module, params = vit.from_pretrained(os.path.join(goldens_dir, "vit", name))
+    module, params = loading.load_vit(os.path.join(goldens_dir, "vit", name))
     assert module.config.layout == layout
     hidden = jax.jit(module.apply)({"params": params}, outputs["pixel_values"])
     want = outputs[name]
@@ -39,14 +40,14 @@ def test_parity_with_transformers(goldens_dir, outputs, name, layout):
 def test_kind_mismatch_is_a_clear_error(goldens_dir, tmp_path):
     clip_dir = os.path.join(goldens_dir, "vit", "clip_vision")
     with pytest.raises(InputError, match="expected a blip2 checkpoint"):
-        vit.from_pretrained(clip_dir, kind="blip2")
+        loading.load_vit(clip_dir, kind="blip2")
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     with pytest.raises(InputError, match="not a CLIP vision checkpoint.*'bert'"):
-        vit.from_pretrained(bert, kind="clip")
+        loading.load_vit(bert, kind="clip")
     with pytest.raises(InputError, match="missing config.json"):
-        vit.from_pretrained(tmp_path)
+        loading.load_vit(tmp_path)
 
 
 def test_truncated_checkpoint_names_missing_weights(goldens_dir, tmp_path):
@@ -57,7 +58,7 @@ def test_truncated_checkpoint_names_missing_weights(goldens_dir, tmp_path):
     config["num_hidden_layers"] = 3  # the weights hold 2 layers
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="missing weights.*layers_2"):
-        vit.from_pretrained(dst)
+        loading.load_vit(dst)
 
 
 def test_random_vit_shapes_and_logical_names():

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from llm3d_jax.model import decoder as decoder_lib
 from llm3d_jax.model import qformer as qformer_lib
 from llm3d_jax.model import t5 as t5_lib
 from llm3d_jax.train import metrics
@@ -43,3 +44,36 @@ def test_training_flops_are_three_forwards():
         + metrics._t5_flops(t5, qf.num_query_tokens + 7, 5)
     )
     assert metrics.llm3d_flops(qf, t5, 50, 7, 5) == 3 * forward
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("llama", {}), ("opt", {}), ("opt", dict(embed_dim=16))],
+)
+def test_decoder_forward_flops_match_xla(family, overrides):
+    cfg = decoder_lib.DecoderConfig.tiny(
+        family, hidden_size=128, head_dim=32, intermediate_size=256, vocab_size=512, **overrides
+    )
+    module = decoder_lib.Decoder(cfg)
+    ids = jnp.zeros((2, 24), jnp.int32)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), input_ids=ids))
+    xla = _xla_flops(lambda p: module.apply(p, input_ids=ids), params) / 2
+    assert metrics._decoder_flops(cfg, 24, 24) == pytest.approx(xla, rel=0.05)
+
+
+@pytest.mark.parametrize("family", ["t5", "llama", "opt"])
+def test_llm3d_training_flops_match_xla_for_every_family(family):
+    """The MFU numerator of experiments/train.py, whichever LLM the 3D-LLM has."""
+    from llm3d_jax.model import llm3d
+
+    if family == "t5":
+        config = llm3d.LLM3DConfig.tiny()
+    else:
+        config = llm3d.LLM3DConfig.tiny_decoder(family)
+    module = llm3d.LLM3D(config)
+    inputs = llm3d.example_inputs(config, batch=2, prompt_len=8, answer_len=6)
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
+    xla = _xla_flops(lambda p: module.apply(p, **inputs), params) / 2
+    points = inputs["features"].shape[1]
+    want = metrics.llm3d_flops(config.qformer, config.llm, points, 8, 6) / 3
+    assert want == pytest.approx(xla, rel=0.1)

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from llm3d_jax.model import llm3d, qformer, t5
-from llm3d_jax.train import metrics, optimizer, sharding, synthetic
+from llm3d_jax.train import metrics, setup, sharding, synthetic
 from llm3d_jax.train import state as state_lib
-from llm3d_jax.train import step as step_lib
 
 GIB = 1 << 30
 
@@ -79,59 +78,40 @@ def xl_model():
     return llm3d.LLM3DConfig.flan_t5_xl(), 8, 5000, 64, 40
 
 
+def step_config(batch_size, microbatches, shapes):
+    """experiments/configs/demo.py with the bench's batch and shapes, the model's own trainable
+    table (`llm3d.TRAINABLE`) and a fixed schedule: the run config `build_step` sets up from."""
+    from experiments.configs import demo
+
+    c = demo.get_config()
+    c.batch_size, c.microbatches, c.total_steps = batch_size, microbatches, 1000
+    c.data.num_points, c.data.prompt_len, c.data.answer_len = shapes
+    c.trainable = ()
+    c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.05, grad_clip=1.0)
+    return c
+
+
 def build_step(cfg, mesh, batch_size, microbatches, dtype, remat, shapes, scan_layers=False):
-    """-> (jitted step, abstract state, state shardings, frozen shardings, init_fn, tx, patterns)."""
+    """The train step experiments/train.py compiles (`llm3d_jax.train.setup`), for model config
+    `cfg`, compiled from ShapeDtypeStructs only -> dict(cfg, module, compiled, init_fn, tx,
+    patterns, state_sh, frozen_sh, trainable_abs, frozen_abs)."""
     cfg = llm3d.with_overrides(cfg, dtype=dtype, remat=remat, scan_layers=scan_layers)
     module = llm3d.LLM3D(cfg)
-    num_points, prompt_len, answer_len = shapes
-    example = {
-        "features": jnp.zeros((1, num_points, cfg.feature_dim), jnp.float32),
-        "voxels": jnp.zeros((1, num_points, 3), jnp.int32),
-        "point_mask": jnp.ones((1, num_points), bool),
-        "prompt_ids": jnp.zeros((1, prompt_len), jnp.int32),
-        "prompt_mask": jnp.ones((1, prompt_len), bool),
-        "answer_ids": jnp.zeros((1, answer_len), jnp.int32),
-        "answer_mask": jnp.ones((1, answer_len), bool),
-    }
-    init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
-    boxed = state_lib.abstract_params(init_fn)
-    patterns = llm3d.TRAINABLE
-    trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
-        boxed, mesh, patterns
-    )
-    schedule = optimizer.make_schedule(lr=1e-4, min_lr=1e-5, warmup_steps=10, total_steps=1000)
-    tx = optimizer.make_optimizer(
-        trainable_abs, schedule, b1=0.9, b2=0.999, weight_decay=0.05, grad_clip=1.0
-    )
-    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
-    abstract_state = state_lib.abstract_state(tx, trainable_abs, state_sh)
-    data_sh = sharding.batch_sharding(mesh)
-    batch_abs = {
-        k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=data_sh)
-        for k, v in example.items()
-    }
-    frozen_abs = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen_abs, frozen_sh
-    )
-    step = jax.jit(
-        step_lib.make_train_step(module, tx, schedule, microbatches),
-        in_shardings=(state_sh, frozen_sh, data_sh, sharding.replicated(mesh)),
-        out_shardings=(state_sh, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    with jax.set_mesh(mesh):
-        compiled = step.lower(abstract_state, frozen_abs, batch_abs, jax.random.key(0)).compile()
+    config = step_config(batch_size, microbatches, shapes)
+    training = setup.build_training(config, mesh, module)
+    batch_abs = setup.abstract_batch(config, cfg, mesh)
+    compiled = setup.compile_train_step(config, mesh, training, batch_abs)
     return dict(
         cfg=cfg,
         module=module,
         compiled=compiled,
-        init_fn=init_fn,
-        tx=tx,
-        patterns=patterns,
-        state_sh=state_sh,
-        frozen_sh=frozen_sh,
-        trainable_abs=trainable_abs,
-        frozen_abs=frozen_abs,
+        init_fn=training.init_fn,
+        tx=training.tx,
+        patterns=training.patterns,
+        state_sh=training.state_sh,
+        frozen_sh=training.frozen_sh,
+        trainable_abs=training.trainable_abs,
+        frozen_abs=training.frozen_abs,
     )
 
 

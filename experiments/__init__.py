@@ -1,0 +1,1 @@
+"""Experiment scripts (train.py, eval.py) and their configs (configs/*.py)."""

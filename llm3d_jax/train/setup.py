@@ -1,0 +1,217 @@
+"""A run config -> the model, its data and the compiled train step: the set-up that
+experiments/train.py, experiments/eval.py (through `llm3d_jax.infer.restore.load_run`),
+tools/export.py and the train-step benchmark (tools/bench/train_step.py) share, so they all
+build exactly the model and step a run trains.
+
+The config is the ml_collections dict of experiments/configs/*.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+
+from llm3d_jax import loading, tokens
+from llm3d_jax.fileio import InputError
+from llm3d_jax.model import llm3d
+from llm3d_jax.train import optimizer, sharding
+from llm3d_jax.train import state as state_lib
+from llm3d_jax.train import step as step_lib
+
+
+def build_model(config):
+    """-> (module, host params or None for a random init).
+
+    Pretrained: a BLIP-2 / exported directory (`llm3d_jax.loading.load_llm3d`). Random init: the
+    `model.preset` shapes (an LLM3DConfig constructor; `tiny_decoder:FAMILY` picks the decoder
+    family: llama, qwen2, mistral or opt), with the vocabulary sized to `config.tokenizer` when
+    training on tokenised (tfds) data.
+    """
+    m = config.model
+    overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
+    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
+    # point_tokens / loc_table_dim (demo.py): a pretrained model without them grows them.
+    for key in ("prefix_causal", "scan_layers", "point_tokens", "loc_table_dim"):
+        if key in m:
+            overrides[key] = m[key]
+    llm_path = m.get("llm_pretrained") or None
+    if m.pretrained:
+        for path in (m.pretrained, llm_path):
+            if path and not os.path.isdir(path):
+                raise InputError(path, "pretrained model directory not found")
+        module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
+        model_config = llm3d.with_overrides(module.config, **overrides)
+        # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
+        # exported scanned model may be trained unscanned).
+        params = loading.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
+        loaded = module.config
+        module = llm3d.LLM3D(model_config)
+        if (loaded.point_tokens, loaded.llm.loc_table_dim) != (
+            model_config.point_tokens,
+            model_config.llm.loc_table_dim,
+        ):
+            params, new = llm3d.grow_params(module, params, seed=config.seed)
+            print(f"{m.pretrained}: new params initialised at random: {', '.join(new)}")
+        return module, params
+    model_config = preset_config(m.preset)
+    if config.data_source == "tfds":
+        if not config.tokenizer:
+            raise InputError(
+                None, "set config.model.pretrained, or config.tokenizer for a random-init model"
+            )
+        if not os.path.isdir(config.tokenizer):
+            raise InputError(
+                config.tokenizer,
+                "tokenizer directory not found (make one with python -m llm3d_jax.tokens)",
+            )
+        if not os.path.isdir(config.data_dir):
+            raise InputError(
+                config.data_dir, "data directory not found (python -m data_pipeline.tfds)"
+            )
+        from llm3d_jax.data.pipeline import load_tokenizer, parse_mixture
+        from llm3d_jax.data.sources import dataset_metadata
+
+        # The base vocabulary ends where <loc0> goes (the tokenizer may hold the location
+        # tokens already: python -m llm3d_jax.tokens adds them).
+        try:
+            offset = tokens.add_location_tokens(
+                load_tokenizer(config.tokenizer), model_config.llm.loc_bins
+            )
+        except ValueError as err:
+            raise InputError(config.tokenizer, str(err)) from None
+        overrides["vocab_size"] = offset
+        first = parse_mixture(config.data.datasets)[0][0]
+        overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
+    return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
+
+
+def preset_config(preset: str) -> llm3d.LLM3DConfig:
+    """`config.model.preset` -> LLM3DConfig: a constructor name (tiny, demo, tiny_decoder, ...),
+    optionally `NAME:ARG` for one argument (tiny_decoder:qwen2)."""
+    name, _, arg = preset.partition(":")
+    if name.startswith("_") or not hasattr(llm3d.LLM3DConfig, name):
+        raise InputError(None, f"config.model.preset: LLM3DConfig has no preset {name!r}")
+    try:
+        return getattr(llm3d.LLM3DConfig, name)(*([arg] if arg else []))
+    except (TypeError, ValueError) as err:
+        raise InputError(None, f"config.model.preset {preset!r}: {err}") from None
+
+
+def build_data(config, mesh, model_config, *, train: bool):
+    """Global-batch iterator with get_state()/set_state()/reset(); `synthetic` needs no files."""
+    batch_size = config.batch_size if train else config.eval_batch_size
+    if config.data_source == "synthetic":
+        from llm3d_jax.train.synthetic import SyntheticBatches
+
+        return SyntheticBatches(
+            batch_size=batch_size,
+            num_points=config.data.num_points,
+            feature_dim=model_config.feature_dim,
+            prompt_len=config.data.prompt_len,
+            answer_len=config.data.answer_len,
+            vocab_size=model_config.llm.loc_offset,
+            answer_offset=model_config.llm.loc_offset,
+            seed=config.seed if train else config.seed + 1,
+            sharding=sharding.batch_sharding(mesh),
+        )
+    if config.data_source != "tfds":
+        raise InputError(
+            None, f"config.data_source must be tfds or synthetic, not {config.data_source!r}"
+        )
+    from llm3d_jax.data import pipeline
+
+    if not os.path.isdir(config.data_dir):
+        raise InputError(
+            config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
+        )
+    tokenizer = config.model.get("llm_pretrained") or config.model.pretrained or config.tokenizer
+    common = dict(
+        batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
+    )
+    if train:
+        return pipeline.make_train_iterator(config.data_dir, tokenizer, mesh, **common)
+    return pipeline.make_eval_iterator(config.data_dir, tokenizer, mesh, epochs=None, **common)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What the train step needs besides data: the optimizer and every sharding, all abstract
+    (nothing allocated until `state_lib.init_random` / `init_from_params`)."""
+
+    module: llm3d.LLM3D
+    patterns: tuple[str, ...]  # regexes of the trainable param paths
+    init_fn: object  # rng -> boxed params
+    schedule: object
+    tx: object
+    trainable_abs: dict
+    frozen_abs: dict
+    state_sh: object
+    frozen_sh: dict
+
+
+def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
+    """Trainable / frozen split (`config.trainable`, else the model's table), optimizer and
+    schedule (`config.optim`, `config.total_steps`), state and param shardings on `mesh`."""
+    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    example = llm3d.example_inputs(module.config)  # shapes for init only
+    init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
+    boxed = state_lib.abstract_params(init_fn)
+    optimizer.check_trainable_patterns(nn.meta.unbox(boxed), patterns)
+    trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
+        boxed, mesh, patterns
+    )
+    schedule = optimizer.make_schedule(
+        lr=config.optim.lr,
+        min_lr=config.optim.min_lr,
+        warmup_steps=config.optim.warmup_steps,
+        total_steps=config.total_steps,
+    )
+    tx = optimizer.make_optimizer(
+        trainable_abs,
+        schedule,
+        b1=config.optim.b1,
+        b2=config.optim.b2,
+        weight_decay=config.optim.weight_decay,
+        grad_clip=config.optim.grad_clip,
+    )
+    state_sh = state_lib.state_shardings(tx, trainable_abs, trainable_sh, mesh)
+    return Training(
+        module, patterns, init_fn, schedule, tx, trainable_abs, frozen_abs, state_sh, frozen_sh
+    )
+
+
+def abstract_batch(config, model_config, mesh, batch_size: int | None = None) -> dict:
+    """ShapeDtypeStructs of one global training batch (the data pipeline's shapes), sharded."""
+    batch = batch_size or config.batch_size
+    n, lp, la = config.data.num_points, config.data.prompt_len, config.data.answer_len
+    shapes = llm3d.example_inputs(model_config, batch=batch, points=n, prompt_len=lp, answer_len=la)
+    data_sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in shapes.items()}
+
+
+def compile_train_step(config, mesh, training: Training, batch_abs: dict, frozen_abs=None):
+    """The jitted train step (state donated), lowered for `batch_abs` and compiled on `mesh`.
+    `frozen_abs`: the frozen params (arrays or ShapeDtypeStructs; default: abstract ones)."""
+    data_sh = sharding.batch_sharding(mesh)
+    if frozen_abs is None:
+        frozen_abs = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            training.frozen_abs,
+            training.frozen_sh,
+        )
+    train_step = jax.jit(
+        step_lib.make_train_step(
+            training.module, training.tx, training.schedule, config.microbatches
+        ),
+        in_shardings=(training.state_sh, training.frozen_sh, data_sh, sharding.replicated(mesh)),
+        out_shardings=(training.state_sh, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    abstract_state = state_lib.abstract_state(
+        training.tx, training.trainable_abs, training.state_sh
+    )
+    with jax.set_mesh(mesh):
+        return train_step.lower(abstract_state, frozen_abs, batch_abs, jax.random.key(0)).compile()

@@ -1,0 +1,54 @@
+"""llm3d_jax.train.setup: the experiment configs' own train steps compile on 8 simulated CPU
+devices from abstract weights (no files), the way experiments/train.py builds them."""
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from llm3d_jax.fileio import InputError
+from llm3d_jax.model.decoder import DecoderConfig
+from llm3d_jax.train import metrics, setup, sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config(name):
+    path = os.path.join(REPO, "experiments", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["scanqa_llama"])
+def test_config_compiles_its_train_step_on_8_devices_without_weights(name):
+    config = _config(name)
+    config.data_source = "synthetic"  # shapes only: no tokenizer, no TFDS folder, no weights
+    module, params = setup.build_model(config)
+    assert params is None and isinstance(module.config.llm, DecoderConfig)
+    assert module.config.llm.hidden_size == 3072 and module.config.llm.scan_layers
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+    assert mesh.shape["fsdp"] == 8
+    training = setup.build_training(config, mesh, module)
+    batch = setup.abstract_batch(config, module.config, mesh)
+    compiled = setup.compile_train_step(config, mesh, training, batch)
+    memory = compiled.memory_analysis()
+    # Frozen bf16-compute Llama-3.2-3B in float32, sharded 8 ways: ~1.6 GB of arguments each.
+    assert memory.argument_size_in_bytes < 3e9
+    flops = config.batch_size * metrics.llm3d_flops(
+        module.config.qformer, module.config.llm, 5000, 64, 40
+    )
+    # ~6 x 2.8B non-embedding LLM params x 64 examples x 137 slots (32 queries, 64 + 40 tokens)
+    assert 1e14 < flops < 3e14
+
+
+def test_preset_names_a_constructor_and_its_argument():
+    assert setup.preset_config("tiny_decoder:qwen2").llm.qkv_bias
+    assert setup.preset_config("tiny_decoder:mistral").llm.layer_windows == (8, 8)
+    with pytest.raises(InputError, match="no preset 'nope'"):
+        setup.preset_config("nope")
+    with pytest.raises(InputError, match="unknown model type 'gpt2'"):
+        setup.preset_config("tiny_decoder:gpt2")
