@@ -300,6 +300,7 @@ def check_params(model_dir: str, params: dict, expected: dict, params_dtype: str
 
 
 def _read_params(model_dir: str, params_format: str) -> dict:
+    model_dir = os.path.abspath(model_dir)  # orbax takes absolute paths only
     if params_format == "safetensors":
         path = os.path.join(model_dir, SAFETENSORS_FILE)
         if not os.path.exists(path):

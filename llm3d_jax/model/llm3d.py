@@ -442,7 +442,12 @@ def from_pretrained(
     `llm_path`: take the LLM (and tokenizer) from this HF T5 / OPT / Llama / Qwen2 / Mistral
     directory instead; the projection is then freshly initialised.
     """
+    from llm3d_jax.tokens import refuse_remote_code
+
     path = os.fspath(path)
+    for folder in (path, llm_path):
+        if folder is not None:
+            refuse_remote_code(folder)  # model folders come from strangers: never their code
     if os.path.exists(os.path.join(path, EXPORTED_CONFIG)):
         from llm3d_jax.infer.exported import load_exported
 
