@@ -266,6 +266,9 @@ def load_llm3d(
                 path, "a LAVIS checkpoint needs its BLIP-2 base directory (lavis_base)"
             )
         return lavis_convert.from_lavis(path, lavis_base, dtype=dtype)
+    for folder in (path, lavis_base, llm_path):
+        if folder is not None and os.path.isdir(folder):
+            tokens.refuse_remote_code(folder)  # model folders come from strangers: never their code
     if os.path.exists(os.path.join(path, llm3d.EXPORTED_CONFIG)):
         return load_exported(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -480,6 +483,7 @@ def check_params(model_dir: str, params: dict, expected: dict, params_dtype: str
 
 
 def _read_exported_params(model_dir: str, params_format: str) -> dict:
+    model_dir = os.path.abspath(model_dir)  # orbax takes absolute paths only
     if params_format == "safetensors":
         path = os.path.join(model_dir, EXPORTED_SAFETENSORS)
         if not os.path.exists(path):

@@ -352,3 +352,15 @@ def test_batch_ask_reports_each_skipped_line_on_stderr(root, tmp_path):
         ]
     )
     _one_line_error(proc, "is a directory")
+
+
+def test_blip2_folder_with_auto_map_or_code_is_refused(tmp_path):
+    from llm3d_jax import loading
+
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "m.M"}}))
+    with pytest.raises(InputError, match="auto_map"):
+        loading.load_llm3d(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "m.py").write_text("")
+    with pytest.raises(InputError, match="code files"):
+        loading.load_llm3d(tmp_path)
