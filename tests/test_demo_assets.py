@@ -30,6 +30,7 @@ def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
     # The encoder's features are what the model reads; the queries start from points.
     assert module.config.feature_dim == encoder.config.hidden_size
     assert module.config.qformer.seeded_queries
+    assert module.config == llm3d.LLM3DConfig.demo(vocab_size=module.config.llm.vocab_size)
     assert "<loc0>" in tokenizer.get_vocab()
     # The encoder report says it was trained on rooms of another seed than the demo's.
     with open(os.path.join(demo.ENCODER.removeprefix("vit:"), "report.json")) as f:
@@ -85,10 +86,12 @@ def test_attribute_question_types_are_ones_the_language_generator_writes():
 
 
 def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
-    """The script that built assets/demo, at toy size: encoder, data, both models, both phases."""
+    """The script that built assets/demo, at toy size: encoder, data, both models, all three
+    phases (the optional grounding phase (c) included)."""
     out = tmp_path / "assets"
     argv = ["--out", str(out), "--scenes", "8", "--encoder-scenes", "2", "--encoder-steps", "2"]
-    assert pretrain_demo.main(argv + ["--steps", "2", "--attribute-steps", "2"]) == 0
+    steps = ["--steps", "2", "--attribute-steps", "2", "--grounding-steps", "2"]
+    assert pretrain_demo.main(argv + steps) == 0
     encoder, _ = features.load_encoder(f"vit:{out / 'encoder'}")
     work = out / "work"
     with open(work / "attributes.jsonl") as f:
@@ -99,11 +102,12 @@ def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
         module, _, tokenizer, description = loading.load_exported_bundle(out / f"pretrained_{mode}")
         configs[mode] = module.config
         assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
-        # Phase (b) starts from phase (a)'s export and ends at its own last step.
+        # Phase (c) starts from phase (b)'s export and ends at its own last step.
         assert description["source"]["step"] == 2
-        assert description["source"]["run"].endswith(f"run_{mode}_attributes")
-        for run in (f"run_{mode}", f"run_{mode}_attributes"):
+        assert description["source"]["run"].endswith(f"run_{mode}_grounding")
+        for run in (f"run_{mode}", f"run_{mode}_attributes", f"run_{mode}_grounding"):
             assert (work / run / "eval" / "metrics.json").exists()
     assert configs["3d"] == configs["blind"] and configs["3d"].qformer.seeded_queries
+    assert configs["3d"].point_tokens and configs["3d"].llm.loc_table_dim
     with open(work / "run_blind_attributes" / "config.json") as f:
         assert json.load(f)["data"]["blind"] is True

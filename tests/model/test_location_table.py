@@ -1,7 +1,6 @@
 """Location rows built from the position embedding's sin/cos table (`loc_table_dim`): imported
 weights keep their parity with transformers, and a location token starts out like its voxel."""
 
-import dataclasses
 import os
 
 import jax
@@ -81,10 +80,16 @@ def test_table_rows_follow_the_voxel_grid():
     np.testing.assert_allclose(np.asarray(location_rows.bin_table(64, 21))[10], table[42])
 
 
-def test_demo_config_uses_table_rows_and_point_tokens():
-    c = llm3d.LLM3DConfig.demo()
-    assert c.llm.loc_table_dim == c.feature_dim // 3
-    assert c.point_tokens > 0
-    module = llm3d.LLM3D(dataclasses.replace(c))
-    params = llm3d.abstract_params(module)
-    assert params["llm"]["loc_embed"].shape == (c.feature_dim // 3, c.llm.d_model)
+def test_a_pretrained_model_grows_point_tokens_and_table_rows():
+    """grow_params: the params a model without point tokens / table rows had keep their values,
+    the new ones (point_proj, the table-shaped location rows) come from a random init."""
+    small = llm3d.LLM3D(llm3d.LLM3DConfig.tiny())
+    params = llm3d.init_params(small, seed=0)
+    grown = llm3d.LLM3D(llm3d.with_overrides(small.config, point_tokens=4, loc_table_dim=12))
+    new_params, new = llm3d.grow_params(grown, params, seed=1)
+    assert set(new) == {"point_proj/kernel", "point_proj/bias", "llm/loc_embed", "llm/loc_head"}
+    np.testing.assert_array_equal(new_params["proj"]["kernel"], params["proj"]["kernel"])
+    assert new_params["llm"]["loc_embed"].shape == (12, small.config.llm.d_model)
+    inputs = llm3d.example_inputs(grown.config, points=8)
+    logits = grown.apply({"params": new_params}, **inputs)
+    assert np.isfinite(np.asarray(logits)).all()
