@@ -26,6 +26,7 @@ it can produce L answer tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -259,7 +260,9 @@ class LLM3D(nn.Module):
             self.feature_norm = nn.LayerNorm(epsilon=1e-6, param_dtype=jnp.float32)
         self.posembed = PositionEmbedding3D(c.posembed_mode, c.posembed_scale)
         self.qformer = QFormer(c.qformer)
-        self.proj = nn.Dense(
+        # into the LLM's token width: the queries, and the point tokens when there are any
+        to_llm = functools.partial(
+            nn.Dense,
             c.llm_width,
             dtype=c.llm.compute_dtype,
             param_dtype=jnp.float32,
@@ -268,16 +271,9 @@ class LLM3D(nn.Module):
             ),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
         )
+        self.proj = to_llm()
         if c.point_tokens:
-            self.point_proj = nn.Dense(
-                c.llm_width,
-                dtype=c.llm.compute_dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(c.qformer.initializer_range), (None, "embed")
-                ),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            )
+            self.point_proj = to_llm()
         self.llm = T5(c.llm) if self.is_t5 else Decoder(c.llm)
 
     @property
