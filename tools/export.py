@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from llm3d_jax import loading, tokens  # noqa: E402
 from llm3d_jax.fileio import InputError, check_output_file, cli_main, writing  # noqa: E402
 from llm3d_jax.infer import exported, restore  # noqa: E402
+from llm3d_jax.model.llm3d import EXPORTED_CONFIG  # noqa: E402
 
 
 def prompt_templates(config) -> dict:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         raise InputError(None, "pass --workdir RUN (or --checkpoint DIR)")
     check_output_file(args.out, folder=True)
     if os.path.exists(args.out) and not os.path.exists(
-        os.path.join(args.out, exported.CONFIG_FILE)
+        os.path.join(args.out, EXPORTED_CONFIG)
     ):
         raise InputError(args.out, "exists and is not an exported model; refusing to replace it")
     description = export_run(args.checkpoint or args.workdir, args.out, args.bf16, args.safetensors)

@@ -11,9 +11,9 @@ import os
 import sys
 
 import numpy as np
-from pipeline_inputs import assert_no_traceback, run_module
 
 from data_pipeline.scenes.synthetic import make_scene
+from tests.hostile.pipeline_inputs import assert_no_traceback, run_module
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "data_pipeline"))
 from test_tfds_fixtures import make_records, write_fixture  # noqa: E402

@@ -14,11 +14,11 @@ import threading
 import time
 
 import pytest
-from pipeline_inputs import assert_no_traceback, run_module
 
 from data_pipeline.language import boxes_demo
 from data_pipeline.language.openai_client import ChatClient, ChatConfig, ChatError, ChatRequest
 from data_pipeline.scenes.synthetic import make_scene
+from tests.hostile.pipeline_inputs import assert_no_traceback, run_module
 
 SECRET = "sk-hostile/4f9c2a7d1e8b60535aa1"
 # Pieces of the key a truncated echo could leave behind.

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from pipeline_inputs import assert_no_traceback, run_module, tree
 
 from data_pipeline.scenes.synthetic import make_scene
+from tests.hostile.pipeline_inputs import assert_no_traceback, run_module, tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "convert"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "data_pipeline"))

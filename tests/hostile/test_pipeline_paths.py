@@ -12,12 +12,18 @@ import sys
 
 import numpy as np
 import pytest
-from pipeline_inputs import assert_no_traceback, error_lines, run_module, set_scene_id, tree
 
 from data_pipeline.scenes import Scene
 from data_pipeline.scenes.synthetic import make_scene
 from llm3d_jax import fileio
 from llm3d_jax.fileio import InputError
+from tests.hostile.pipeline_inputs import (
+    assert_no_traceback,
+    error_lines,
+    run_module,
+    set_scene_id,
+    tree,
+)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "data_pipeline"))
 from test_tfds_fixtures import make_records, write_fixture  # noqa: E402

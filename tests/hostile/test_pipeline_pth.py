@@ -14,10 +14,10 @@ import zipfile
 
 import numpy as np
 import pytest
-from pipeline_inputs import assert_no_traceback, error_lines, run_module
 
 from llm3d_jax.convert import pth
 from llm3d_jax.fileio import InputError
+from tests.hostile.pipeline_inputs import assert_no_traceback, error_lines, run_module
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "convert"))
 from test_pth import _tensor_pickle, _write_zip  # noqa: E402
@@ -138,7 +138,7 @@ def test_memory_stays_small_for_a_huge_declared_tensor(tmp_path):
 def run_module_code(code: str):
     import subprocess
 
-    from pipeline_inputs import REPO
+    from tests.hostile.pipeline_inputs import REPO
 
     return subprocess.run(
         [sys.executable, "-c", code],
