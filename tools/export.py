@@ -97,9 +97,7 @@ def main(argv=None) -> int:
     if not (args.workdir or args.checkpoint):
         raise InputError(None, "pass --workdir RUN (or --checkpoint DIR)")
     check_output_file(args.out, folder=True)
-    if os.path.exists(args.out) and not os.path.exists(
-        os.path.join(args.out, EXPORTED_CONFIG)
-    ):
+    if os.path.exists(args.out) and not os.path.exists(os.path.join(args.out, EXPORTED_CONFIG)):
         raise InputError(args.out, "exists and is not an exported model; refusing to replace it")
     description = export_run(args.checkpoint or args.workdir, args.out, args.bf16, args.safetensors)
     print(
