@@ -19,6 +19,7 @@ import pytest
 
 from data_pipeline.tfds import build
 from llm3d_jax import loading, tokens
+from llm3d_jax.evaluate.grounding import answer_iou
 from llm3d_jax.fileio import InputError, save_npz_atomic
 from llm3d_jax.infer.restore import load_run, random_init
 from llm3d_jax.model import llm3d
@@ -255,7 +256,7 @@ def test_visualize_numbers_several_answers_with_their_iou(tmp_path):
         dict(id="none", prompt="Find the lamp.", prediction="", answers=[gt], boxes=[]),
         dict(id="text", prompt="What is it?", prediction="a lamp", answers=["a lamp"], boxes=[]),
     ]
-    assert [visualize.answer_iou(r) for r in rows] == [1.0, 0.0, 0.0, None]
+    assert [answer_iou(r) for r in rows] == [1.0, 0.0, 0.0, None]
     predictions = tmp_path / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = str(tmp_path / "two.png")

@@ -78,7 +78,7 @@ def right_and_wrong(predictions: str) -> tuple[dict, dict]:
     """Two grounding predictions about one room for boxes.png: one the model got right (the best
     IoU, at least 0.5 where there is one) and one it got wrong (IoU below 0.25), from the room
     with the most grounding questions that has both; else the best and the worst answer."""
-    from tools.visualize import answer_iou
+    from llm3d_jax.evaluate.grounding import answer_iou
 
     with open(predictions, encoding="utf-8") as f:
         rows = [r for r in map(json.loads, f) if r["task"] == "grounding"]

@@ -31,8 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mpl_toolkits.mplot3d.art3d import Line3DCollection, Poly3DCollection  # noqa: E402
 
-from llm3d_jax import tokens  # noqa: E402
-from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
+from llm3d_jax.evaluate.grounding import answer_iou  # noqa: E402
 from llm3d_jax.fileio import (  # noqa: E402
     InputError,
     check_output_file,
@@ -195,21 +194,6 @@ def _parse_box(text: str) -> np.ndarray:
     if box.shape != (6,) or not np.all(np.isfinite(box)):
         raise InputError(None, f"--box needs 6 numbers 'x0 y0 z0 x1 y1 z1', got {text!r}")
     return box
-
-
-def answer_iou(row: dict) -> float | None:
-    """IoU of a prediction row's first box with its reference answer's first box (None when the
-    reference has no box; 0 when the prediction has none)."""
-    try:
-        reference = tokens.parse_boxes(row.get("answers", [""])[0])
-    except ValueError:
-        return None
-    if not len(reference):
-        return None
-    predicted = row.get("boxes") or []
-    if not predicted:
-        return 0.0
-    return float(box_iou(np.asarray(predicted[0], np.float64), reference[0]))
 
 
 def _prediction(path: str, record_id: str) -> dict:

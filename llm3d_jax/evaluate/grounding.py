@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llm3d_jax import tokens
+
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of axis-aligned boxes.
@@ -58,3 +60,18 @@ def grounding_metrics(pred_boxes, gt_boxes) -> dict[str, float]:
         "Acc@0.5": 100.0 * float(np.mean(iou >= 0.5)),
         "mIoU": 100.0 * float(np.mean(iou)),
     }
+
+
+def answer_iou(row: dict) -> float | None:
+    """IoU of a prediction row's first box with its reference answer's first box (None when the
+    reference has no box; 0 when the prediction has none)."""
+    try:
+        reference = tokens.parse_boxes(row.get("answers", [""])[0])
+    except ValueError:
+        return None
+    if not len(reference):
+        return None
+    predicted = row.get("boxes") or []
+    if not predicted:
+        return 0.0
+    return float(box_iou(np.asarray(predicted[0], np.float64), reference[0]))
