@@ -108,6 +108,6 @@ def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
         for run in (f"run_{mode}", f"run_{mode}_attributes", f"run_{mode}_grounding"):
             assert (work / run / "eval" / "metrics.json").exists()
     assert configs["3d"] == configs["blind"] and configs["3d"].qformer.seeded_queries
-    assert configs["3d"].point_tokens and configs["3d"].llm.loc_table_dim
+    assert configs["3d"].target_tokens and configs["3d"].llm.loc_table_dim
     with open(work / "run_blind_attributes" / "config.json") as f:
         assert json.load(f)["data"]["blind"] is True

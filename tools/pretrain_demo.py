@@ -16,10 +16,11 @@ synthetic rooms of *another* seed (default 1000; the demo's rooms use seed 0):
         third of the QA): they are what ties a word to the points of one object, and in the
         mixture they come too rarely for the from-scratch Q-Former to learn it (--attribute-steps);
      c. optional (--grounding-steps N > 0; off by default, and assets/demo has none): from (b),
-        the whole mixture again, with GROUNDING_SETTINGS (point tokens next to the queries,
-        location rows from the sin/cos table; grown at random init) for grounding, about a
-        third of the records. Measured: from assets/demo, 4000 steps on 256 rooms, held-out
-        grounding Acc@0.25 1.8 (3D) vs 2.0 (blind), QA EM 57.3 vs 53.2: not learnt yet;
+        the whole mixture again, with GROUNDING_SETTINGS (target tokens: the points rated as
+        the named object's and their box as six location tokens; location rows from the sin/cos
+        table; grown at random init) for grounding, about a third of the records. Measured
+        earlier with point tokens instead of target tokens: from assets/demo, 4000 steps on 256
+        rooms, held-out grounding Acc@0.25 1.8 (3D) vs 2.0 (blind): not learnt;
   4. tools/export.py --safetensors of each last phase.
 
     python -m tools.pretrain_demo --out assets/demo
@@ -56,7 +57,11 @@ ATTRIBUTE_QUESTIONS = (
 
 # Phase (c): what the model grows for grounding, and a higher peak rate than the demo's
 # fine-tuning for those new params (same warm-up and cosine decay).
-GROUNDING_SETTINGS = ("--config.model.point_tokens=64", "--config.model.loc_table_dim=21")
+GROUNDING_SETTINGS = (
+    "--config.model.target_tokens=32",
+    "--config.model.target_layers=1",
+    "--config.model.loc_table_dim=21",
+)
 GROUNDING_LR = 5e-4
 
 

@@ -39,13 +39,19 @@ def get_config():
     c.model.preset = "demo"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim; 0: none, as assets/demo).
-    # tools/pretrain_demo.py's phase (c) sets them; a pretrained model without them grows them.
+    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers;
+    # 0: none, as assets/demo). tools/pretrain_demo.py's phase (c) sets them; a pretrained model
+    # without them grows them (docs/architecture.md, "Location tokens in the model").
     c.model.point_tokens = 0
     c.model.loc_table_dim = 0
+    c.model.target_tokens = 0
+    c.model.target_layers = 1
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,
     # projection, location rows). A random-init LLM has nothing to keep frozen: all trains.
     c.trainable = (".*",)
+
+    # Weight of the per-point rating loss of a model with target_tokens (train/step.py).
+    c.rating_loss_weight = 1.0
 
     c.optim = ml_collections.ConfigDict(
         dict(

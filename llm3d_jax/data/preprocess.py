@@ -24,6 +24,7 @@ MODEL_KEYS = (
     "prompt_mask",
     "answer_ids",
     "answer_mask",
+    "point_target",  # bool [P]: the point belongs to an object the record names (object_ids)
 )
 
 
@@ -114,6 +115,17 @@ def fill_points(scene: dict, keep: np.ndarray | None, features, voxels) -> np.nd
     return np.arange(num_points) < n
 
 
+def target_points(scene: dict, keep: np.ndarray | None, object_ids, num_points: int) -> np.ndarray:
+    """bool [P]: which of the chosen points (as `fill_points` lays them out) belong to one of
+    `object_ids` (the scene's per-point `instance`); False on padding and for a record that
+    names no object. What `LLM3DConfig.target_tokens`' point ratings learn to pick."""
+    out = np.zeros(num_points, bool)
+    if len(object_ids):
+        instance = scene["instance"] if keep is None else scene["instance"][keep]
+        out[: len(instance)] = np.isin(instance, np.asarray(object_ids))
+    return out
+
+
 def sample_points(scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32):
     """-> features `dtype` [P,D], voxels int32 [P,3], mask bool [P] for one scene (P = num_points).
 
@@ -189,7 +201,18 @@ class Preprocess:
         if self.blind:
             features[:] = 0
             voxels[:] = 0
-        arrays = {"features": features, "voxels": voxels, "point_mask": point_mask}
+        point_target = np.stack(
+            [
+                target_points(*e["points"], e["meta"]["object_ids"], self.num_points)
+                for e in examples
+            ]
+        )
+        arrays = {
+            "features": features,
+            "voxels": voxels,
+            "point_mask": point_mask,
+            "point_target": point_target,
+        }
         arrays.update(
             {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS if k not in arrays}
         )

@@ -33,11 +33,13 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from llm3d_jax.model.decoder import Decoder, DecoderConfig
+from llm3d_jax.model.location_rows import GRID
 from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
-from llm3d_jax.model.qformer import QFormer, QFormerConfig
+from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, _dense, _layer_norm
 from llm3d_jax.model.t5 import T5, T5Config, shift_right
 
 # Regexes (fullmatch over "/"-joined param paths) of what trains by default.
@@ -71,6 +73,14 @@ class LLM3DConfig:
     # the queries in the LLM input, so the LLM can read where things are directly (grounding);
     # 0: the LLM sees the queries only, as the released 3D-LLM.
     point_tokens: int = 0
+    # >0: a small transformer (`PointRelevance`, `target_layers` layers) rates every point against
+    # the prompt, and the `target_tokens` best-rated points, projected to the LLM width and scaled
+    # by their rating, follow the scene tokens: the points of the object the prompt names, so the
+    # LLM reads its extent instead of searching the whole scene for it (grounding). The ratings
+    # train with the answer loss and, where the data names the objects, a per-point loss
+    # (`relevance_loss`). 0: none, as the released 3D-LLM.
+    target_tokens: int = 0
+    target_layers: int = 2
 
     def __post_init__(self):
         if self.posembed_mode not in MODES:
@@ -196,6 +206,13 @@ class LLM3DConfig:
         return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=llm, **d)
 
 
+def grounding_settings(config: LLM3DConfig) -> tuple[int, int, int, int]:
+    """What a model grows for grounding: (point_tokens, loc_table_dim, target_tokens,
+    target_layers); a loaded model whose settings differ is grown (`grow_params`)."""
+    layers = config.target_layers if config.target_tokens else 0
+    return config.point_tokens, config.llm.loc_table_dim, config.target_tokens, layers
+
+
 def with_overrides(
     config: LLM3DConfig,
     *,
@@ -274,19 +291,27 @@ class LLM3D(nn.Module):
         self.proj = to_llm()
         if c.point_tokens:
             self.point_proj = to_llm()
+        if c.target_tokens:
+            self.relevance = PointRelevance(relevance_config(c))
+            self.target_proj = to_llm()
         self.llm = T5(c.llm) if self.is_t5 else Decoder(c.llm)
 
     @property
     def is_t5(self) -> bool:
         return isinstance(self.config.llm, T5Config)
 
-    def scene_tokens(self, features, voxels, point_mask, deterministic=True):
+    def scene_tokens(
+        self, features, voxels, point_mask, prompt_embeds=None, prompt_mask=None, deterministic=True
+    ):
         """-> (the 3D scene as the LLM sees it [B,S,width], its mask bool [B,S]): the projected
-        queries [B,Q,width], then with `point_tokens` P projected points [B,P,width]."""
+        queries [B,Q,width], then with `point_tokens` P projected points [B,P,width], then with
+        `target_tokens` T projected best-rated points [B,T,width] (these need the embedded
+        prompt [B,Lp,width] and its mask)."""
         c = self.config
         if c.feature_norm:
             features = self.feature_norm(features.astype(jnp.float32))
         points = self.posembed(features, voxels)  # [B,N,D']
+        point_mask = jnp.asarray(point_mask, bool)
         seeds = None
         if c.qformer.seeded_queries:
             index = spread_seeds(point_mask, c.qformer.num_query_tokens)
@@ -297,21 +322,62 @@ class LLM3D(nn.Module):
             index = spread_seeds(point_mask, c.point_tokens)  # [B,P]
             picked = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,P,D']
             tokens = jnp.concatenate([tokens, self.point_proj(picked).astype(tokens.dtype)], 1)
-            picked_mask = jnp.take_along_axis(jnp.asarray(point_mask, bool), index, axis=1)
-            mask = jnp.concatenate([mask, picked_mask], axis=1)
+            mask = jnp.concatenate([mask, jnp.take_along_axis(point_mask, index, axis=1)], 1)
+        if c.target_tokens:
+            rating = self.relevance(points, point_mask, prompt_embeds, prompt_mask, deterministic)
+            rating = jnp.where(point_mask, rating, -1e9)  # [B,N] float32
+            self.sow("intermediates", "point_ratings", rating)
+            _, index = jax.lax.top_k(rating, min(c.target_tokens, rating.shape[1]))
+            index = jnp.sort(index, axis=1)  # [B,T], in stored (raster) order
+            picked = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,T,D']
+            gate = jax.nn.sigmoid(jnp.take_along_axis(rating, index, axis=1))[..., None]
+            picked = (self.target_proj(picked) * gate.astype(tokens.dtype)).astype(tokens.dtype)
+            extent = self.llm.embed(self.extent_ids(rating, voxels, point_mask))  # [B,6,width]
+            tokens = jnp.concatenate([tokens, picked, extent.astype(tokens.dtype)], 1)
+            mask = jnp.concatenate(
+                [
+                    mask,
+                    jnp.take_along_axis(point_mask, index, axis=1),
+                    jnp.ones(extent.shape[:2], bool),
+                ],
+                1,
+            )
         return tokens, mask
 
+    def extent_ids(self, rating, voxels, point_mask):
+        """ratings [B,N], voxels int [B,N,3] -> location token ids int32 [B,6]: the box (x, y, z
+        minima, then maxima) of the points rated as the named object's (rating > 0; the
+        best-rated point when none is), as the answer would spell it. They follow the target
+        tokens, so answering "where" is copying six tokens the LLM already reads; the box is
+        discrete (no gradient): the ratings learn from their own per-point loss."""
+        llm = self.config.llm
+        point_mask = jnp.asarray(point_mask, bool)
+        inside = (rating > 0) & point_mask
+        best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
+        inside = inside | (jnp.arange(rating.shape[1])[None, :] == best[:, None])
+        v = jnp.asarray(voxels, jnp.int32)
+        lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
+        hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
+        bins = jnp.concatenate([lo, hi], axis=1) * llm.loc_bins // GRID
+        return (llm.loc_offset + bins).astype(jnp.int32)
+
     def query_embeds(self, features, voxels, point_mask, deterministic=True):
-        """-> projected queries [B,Q,width] (the scene tokens without the point tokens)."""
-        tokens, _ = self.scene_tokens(features, voxels, point_mask, deterministic)
-        return tokens[:, : self.config.qformer.num_query_tokens]
+        """-> projected queries [B,Q,width] (the scene tokens without point or target tokens)."""
+        c = self.config
+        if c.target_tokens:
+            raise ValueError("query_embeds: a model with target_tokens needs the prompt (prefix)")
+        tokens, _ = self.scene_tokens(features, voxels, point_mask, deterministic=deterministic)
+        return tokens[:, : c.qformer.num_query_tokens]
 
     def prefix(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
         """-> ([scene tokens; embedded prompt] [B,S+Lp,width], its mask bool [B,S+Lp])."""
-        scene, scene_mask = self.scene_tokens(features, voxels, point_mask, deterministic)
-        dtype = self.config.llm.compute_dtype
-        embeds = jnp.concatenate([scene.astype(dtype), self.llm.embed(prompt_ids)], axis=1)
-        mask = jnp.concatenate([scene_mask, prompt_mask.astype(bool)], axis=1)
+        prompt = self.llm.embed(prompt_ids)
+        prompt_mask = prompt_mask.astype(bool)
+        scene, scene_mask = self.scene_tokens(
+            features, voxels, point_mask, prompt, prompt_mask, deterministic
+        )
+        embeds = jnp.concatenate([scene.astype(prompt.dtype), prompt], axis=1)
+        mask = jnp.concatenate([scene_mask, prompt_mask], axis=1)
         return embeds, mask
 
     def encode(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
@@ -364,6 +430,59 @@ class LLM3D(nn.Module):
 
     def decode_step(self, cache, token_ids):
         return self.llm.decode_step(cache, token_ids)
+
+
+def relevance_config(config: LLM3DConfig) -> QFormerConfig:
+    """The shapes of `PointRelevance`: the Q-Former's width, heads and feed-forward, reading
+    the position-embedded points and cross-attending to the LLM's prompt embeddings."""
+    return dataclasses.replace(
+        config.qformer,
+        num_hidden_layers=config.target_layers,
+        encoder_hidden_size=config.llm_width,
+        seeded_queries=False,
+    )
+
+
+def _unit_dense(features: int, config: QFormerConfig, name: str) -> nn.Dense:
+    """A Dense from a width to `features` with LeCun-normal init (variance 1 / fan-in)."""
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(), ("enc_embed", "embed")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+class PointRelevance(nn.Module):
+    """points [B,N,D'] (position-embedded features), point_mask bool [B,N], prompt [B,Lp,width]
+    (the LLM's prompt embeddings), prompt_mask bool [B,Lp] -> ratings float32 [B,N]: a logit of
+    each point belonging to what the prompt names. Each layer: self-attention over the points
+    (relations between objects), cross-attention to the prompt, feed-forward."""
+
+    config: QFormerConfig
+
+    @nn.compact
+    def __call__(self, points, point_mask, prompt, prompt_mask, deterministic=True):
+        cfg = self.config
+        x = _dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "points_in")(points)  # [B,N,H]
+        x = _layer_norm(cfg, "norm_in")(x)
+        prompt = prompt.astype(x.dtype)
+        # A direct match of each point with the prompt's words, summed over the words, so a point
+        # matching two of them ("red" and "chair") outscores one that matches one.
+        # Both factors start at unit scale (LeCun init, not the layers' 0.02): a product of two
+        # 0.02-scaled projections starts near zero with near-zero gradients and barely moves.
+        words = _unit_dense(cfg.hidden_size, cfg, "words")(prompt)  # [B,Lp,H]
+        words = jnp.sum(words * prompt_mask[..., None].astype(words.dtype), axis=1)  # [B,H]
+        keys = _unit_dense(cfg.hidden_size, cfg, "match")(points)  # [B,N,H]
+        match = jnp.einsum("bnh,bh->bn", keys, words).astype(jnp.float32) / np.sqrt(keys.shape[-1])
+        for i in range(cfg.num_hidden_layers):
+            layer = BertLayer(cfg, has_cross_attention=True, name=f"layer_{i}")
+            x = layer(x, point_mask, prompt, prompt_mask, deterministic)
+        return _dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
 
 
 def spread_seeds(point_mask, count: int):

@@ -13,6 +13,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError
@@ -33,8 +34,9 @@ def build_model(config):
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
-    # point_tokens / loc_table_dim (demo.py): a pretrained model without them grows them.
-    for key in ("prefix_causal", "scan_layers", "point_tokens", "loc_table_dim"):
+    # Grounding knobs (demo.py): a pretrained model without them grows them.
+    grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
+    for key in ("prefix_causal", "scan_layers", *grounding):
         if key in m:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
@@ -49,10 +51,7 @@ def build_model(config):
         params = loading.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
         loaded = module.config
         module = llm3d.LLM3D(model_config)
-        if (loaded.point_tokens, loaded.llm.loc_table_dim) != (
-            model_config.point_tokens,
-            model_config.llm.loc_table_dim,
-        ):
+        if llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
             params, new = llm3d.grow_params(module, params, seed=config.seed)
             print(f"{m.pretrained}: new params initialised at random: {', '.join(new)}")
         return module, params
@@ -188,6 +187,8 @@ def abstract_batch(config, model_config, mesh, batch_size: int | None = None) ->
     batch = batch_size or config.batch_size
     n, lp, la = config.data.num_points, config.data.prompt_len, config.data.answer_len
     shapes = llm3d.example_inputs(model_config, batch=batch, points=n, prompt_len=lp, answer_len=la)
+    if config.data_source == "tfds":  # the pipeline's per-point targets (data.preprocess)
+        shapes["point_target"] = jax.ShapeDtypeStruct((batch, n), jnp.bool_)
     data_sh = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in shapes.items()}
 
@@ -204,7 +205,11 @@ def compile_train_step(config, mesh, training: Training, batch_abs: dict, frozen
         )
     train_step = jax.jit(
         step_lib.make_train_step(
-            training.module, training.tx, training.schedule, config.microbatches
+            training.module,
+            training.tx,
+            training.schedule,
+            config.microbatches,
+            rating_weight=config.get("rating_loss_weight", 1.0),
         ),
         in_shardings=(training.state_sh, training.frozen_sh, data_sh, sharding.replicated(mesh)),
         out_shardings=(training.state_sh, sharding.replicated(mesh)),

@@ -52,8 +52,21 @@ def _model_inputs(batch):
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
+def rating_loss_sums(ratings, point_target, point_mask, answer_mask):
+    """-> (sum of per-point binary cross-entropy, number of points) of the point ratings
+    [B,N] (`LLM3DConfig.target_tokens`) against `point_target` [B,N], over the real points of
+    rows that carry an answer (eval padding rows carry none)."""
+    weight = point_mask.astype(jnp.float32) * jnp.any(answer_mask, axis=1, keepdims=True)
+    bce = optax.sigmoid_binary_cross_entropy(ratings, point_target.astype(jnp.float32))
+    return jnp.sum(bce * weight), jnp.sum(weight)
+
+
 def make_train_step(
-    module: nn.Module, tx: optax.GradientTransformation, schedule, microbatches: int
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule,
+    microbatches: int,
+    rating_weight: float = 1.0,
 ):
     """-> train_step(state, frozen, batch, rng) -> (state, metrics).
 
@@ -61,31 +74,55 @@ def make_train_step(
     split into that many interleaved slices (rows m, m+M, ...: every slice stays spread over all
     data-parallel devices), gradients are summed in fp32 by a `lax.scan`, and the result equals
     the full-batch gradient of the mean token loss.
+
+    A model with `target_tokens` rates every point against the prompt; when the batch has
+    `point_target` (the tfds pipeline), the loss adds `rating_weight` x the mean per-point
+    cross-entropy of those ratings (`rating_loss_sums`).
     """
+    config = getattr(module, "config", None)  # stand-in modules of the tests have none
+    rates_points = bool(getattr(config, "target_tokens", 0)) and rating_weight > 0
 
     def sums_fn(params, frozen, batch, rng):
-        logits = module.apply(
-            {"params": optimizer.merge(params, frozen)},
-            **_model_inputs(batch),
-            deterministic=False,
-            rngs={"dropout": rng},
+        variables = {"params": optimizer.merge(params, frozen)}
+        inputs = _model_inputs(batch)
+        if not (rates_points and "point_target" in batch):
+            logits = module.apply(variables, **inputs, deterministic=False, rngs={"dropout": rng})
+            zero = jnp.float32(0)
+            return (
+                *answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"]),
+                zero,
+                zero,
+            )
+        logits, inter = module.apply(
+            variables, **inputs, deterministic=False, rngs={"dropout": rng}, mutable="intermediates"
         )
-        return answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"])
+        ratings = inter["intermediates"]["point_ratings"][0]
+        rating = rating_loss_sums(
+            ratings, batch["point_target"], batch["point_mask"], batch["answer_mask"]
+        )
+        return (*answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"]), *rating)
 
     def train_step(state: TrainState, frozen, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
         total_tokens = jnp.maximum(jnp.sum(batch["answer_mask"].astype(jnp.float32)), 1.0)
+        total_points = jnp.maximum(
+            jnp.sum(
+                batch["point_mask"].astype(jnp.float32)
+                * jnp.any(batch["answer_mask"], axis=1, keepdims=True)
+            ),
+            1.0,
+        )
 
         def micro_grads(params, micro, micro_rng):
             def scaled_loss(p):
-                ce, correct, count = sums_fn(p, frozen, micro, micro_rng)
-                return ce / total_tokens, (ce, correct, count)
+                sums = sums_fn(p, frozen, micro, micro_rng)
+                return sums[0] / total_tokens + rating_weight * sums[3] / total_points, sums
 
             return jax.grad(scaled_loss, has_aux=True)(params)
 
         with nn.logical_axis_rules(sharding.RULES):
             if microbatches == 1:
-                grads, (ce, correct, count) = micro_grads(state.params, batch, rng)
+                grads, sums = micro_grads(state.params, batch, rng)
             else:
                 micro_batch = jax.tree.map(
                     lambda x: jax.lax.with_sharding_constraint(
@@ -105,11 +142,12 @@ def make_train_step(
 
                 zeros = (
                     jax.tree.map(jnp.zeros_like, state.params),
-                    (jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+                    tuple(jnp.float32(0) for _ in range(5)),
                 )
-                (grads, (ce, correct, count)), _ = jax.lax.scan(
+                (grads, sums), _ = jax.lax.scan(
                     body, zeros, (micro_batch, jnp.arange(microbatches))
                 )
+        ce, correct, count, rating_sum, rating_count = sums
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -120,6 +158,8 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state.step),
         }
+        if rates_points and "point_target" in batch:
+            metrics["rating_loss"] = rating_sum / jnp.maximum(rating_count, 1.0)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step

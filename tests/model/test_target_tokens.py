@@ -1,0 +1,137 @@
+"""Target tokens (`LLM3DConfig.target_tokens`): the points rated as the object the prompt names,
+and the six location tokens of their box, follow the scene tokens; the ratings learn from a
+per-point loss against the points of the record's objects (`point_target`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm3d_jax.data import preprocess
+from llm3d_jax.infer.decode import DecodeConfig
+from llm3d_jax.infer.generate import generate
+from llm3d_jax.model import llm3d
+from llm3d_jax.train import step as step_lib
+
+
+def _module(**overrides):
+    config = llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1, **overrides)
+    return llm3d.LLM3D(config)
+
+
+def _inputs(config, batch=2, points=16, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = llm3d.example_inputs(config, batch=batch, points=points, prompt_len=5, answer_len=7)
+    return {
+        **inputs,
+        "features": rng.normal(size=inputs["features"].shape).astype(np.float32),
+        "voxels": rng.integers(0, 256, inputs["voxels"].shape).astype(np.int32),
+        "prompt_ids": rng.integers(2, 500, inputs["prompt_ids"].shape).astype(np.int32),
+    }
+
+
+def test_extent_ids_are_the_box_of_the_points_rated_positive():
+    module = _module()
+    llm = module.config.llm
+    voxels = np.array([[[10, 20, 30], [200, 5, 7], [50, 60, 70], [0, 255, 1]]], np.int32)
+    point_mask = np.array([[True, True, True, False]])
+    rating = np.array([[2.0, -1.0, 0.5, 9.0]], np.float32)  # the masked point is ignored
+    ids = module.apply({}, jnp.asarray(rating), voxels, point_mask, method=llm3d.LLM3D.extent_ids)
+    box = np.array([10, 20, 30, 50, 60, 70]) * llm.loc_bins // 256
+    np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
+    # none rated positive: the box of the best-rated real point
+    ids = module.apply(
+        {}, jnp.asarray(rating - 10.0), voxels, point_mask, method=llm3d.LLM3D.extent_ids
+    )
+    box = np.array([10, 20, 30, 10, 20, 30]) * llm.loc_bins // 256
+    np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
+
+
+def test_scene_tokens_add_target_and_extent_tokens_and_depend_on_the_prompt():
+    module = _module()
+    c = module.config
+    params = llm3d.init_params(module, seed=0, points=16)
+    x = _inputs(c)
+    embeds, mask = module.apply(
+        {"params": params},
+        *(x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")),
+        method=llm3d.LLM3D.prefix,
+    )
+    scene = c.qformer.num_query_tokens + c.target_tokens + 6
+    assert embeds.shape[1] == scene + x["prompt_ids"].shape[1]
+    assert np.asarray(mask).all()
+    other = dict(x, prompt_ids=(x["prompt_ids"] + 7) % 500)
+    embeds2, _ = module.apply(
+        {"params": params},
+        *(other[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")),
+        method=llm3d.LLM3D.prefix,
+    )
+    q = c.qformer.num_query_tokens
+    np.testing.assert_array_equal(np.asarray(embeds)[:, :q], np.asarray(embeds2)[:, :q])
+    assert not np.allclose(np.asarray(embeds)[:, q:scene], np.asarray(embeds2)[:, q:scene])
+
+
+def test_generation_runs_with_target_tokens():
+    module = _module()
+    c = module.config
+    params = llm3d.init_params(module, seed=0, points=16)
+    x = _inputs(c)
+    inputs = {k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")}
+    dc = DecodeConfig(max_new_tokens=8, loc_offset=c.llm.loc_offset, loc_bins=c.llm.loc_bins)
+    ids, _ = generate(module, params, inputs, dc)
+    assert ids.shape == (2, 8)
+
+
+def test_the_rating_loss_trains_the_ratings_towards_the_target_points():
+    """The train step adds the per-point loss when the batch has `point_target`; a few steps on
+    one batch lower it, and it is reported as `rating_loss`."""
+    module = _module()
+    c = module.config
+    params = llm3d.init_params(module, seed=0, points=16)
+    x = _inputs(c)
+    x["point_target"] = np.zeros((2, 16), bool)
+    x["point_target"][:, :5] = True
+    tx = optax.adam(3e-3)
+    state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    train_step = jax.jit(step_lib.make_train_step(module, tx, lambda s: 3e-3, 1))
+    losses = []
+    for _ in range(15):
+        state, metrics = train_step(state, {}, x, jax.random.key(0))
+        losses.append(float(metrics["rating_loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    without = {k: v for k, v in x.items() if k != "point_target"}
+    _, metrics = train_step(state, {}, without, jax.random.key(0))
+    assert "rating_loss" not in metrics
+
+
+def test_rating_loss_sums_count_real_points_of_answered_rows():
+    ratings = jnp.array([[0.0, 3.0, -2.0], [1.0, 1.0, 1.0]])
+    target = jnp.array([[True, True, False], [True, False, True]])
+    point_mask = jnp.array([[True, True, False], [True, True, True]])
+    answer_mask = jnp.array([[True, False], [False, False]])  # row 1: eval padding
+    total, count = step_lib.rating_loss_sums(ratings, target, point_mask, answer_mask)
+    expected = optax.sigmoid_binary_cross_entropy(ratings[0, :2], jnp.ones(2)).sum()
+    np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
+    assert float(count) == 2.0
+
+
+def test_target_points_follow_the_chosen_points_and_padding():
+    scene = {"instance": np.array([-1, 3, 3, 7, 2], np.int32)}
+    keep = np.array([1, 3, 4])
+    np.testing.assert_array_equal(
+        preprocess.target_points(scene, keep, [3, 2], 3), [True, False, True]
+    )
+    np.testing.assert_array_equal(
+        preprocess.target_points(scene, None, [7], 7), [False, False, False, True, False, 0, 0]
+    )
+    assert not preprocess.target_points(scene, None, [], 5).any()
+
+
+def test_a_pretrained_model_grows_target_tokens():
+    small = llm3d.LLM3D(llm3d.LLM3DConfig.tiny())
+    params = llm3d.init_params(small, seed=0)
+    grown = _module()
+    new_params, new = llm3d.grow_params(grown, params, seed=1)
+    assert new and all(p.startswith(("relevance/", "target_proj/")) for p in new), new
+    np.testing.assert_array_equal(new_params["proj"]["kernel"], params["proj"]["kernel"])
+    assert llm3d.grounding_settings(small.config) != llm3d.grounding_settings(grown.config)
