@@ -65,26 +65,24 @@ def read_checkpoint(path: str) -> tuple[int, dict, dict]:
         raise InputError(step_dir, f"incomplete checkpoint: missing {', '.join(missing)}")
     problem = None
     try:
-        with ckpt.closed_loop_noise_dropped() as drain:
-            try:
-                tree = manager.item_metadata(step)[ckpt.STATE]
-                tree = getattr(tree, "tree", tree)
-                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-                abstract = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
-                )
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        **{
-                            ckpt.STATE: ocp.args.StandardRestore(abstract),
-                            ckpt.META: ocp.args.JsonRestore(),
-                        }
-                    ),
-                )
-            except Exception as err:  # a damaged step can fail in any layer (json, tensorstore)
-                drain()
-                problem = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        with ckpt.settled_event_loops():
+            tree = manager.item_metadata(step)[ckpt.STATE]
+            tree = getattr(tree, "tree", tree)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+            )
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        ckpt.STATE: ocp.args.StandardRestore(abstract),
+                        ckpt.META: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+    except Exception as err:  # a damaged step can fail in any layer (json, tensorstore)
+        problem = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     finally:
         manager.close()
     if problem is not None:

@@ -14,14 +14,12 @@ step that is listed but unreadable (corrupt) is skipped with a warning by `resto
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
-import tempfile
-import time
 
 import grain
 import jax
@@ -80,52 +78,49 @@ def save(manager, step: int, state, data_iterator, meta: dict, force: bool = Fal
     )
 
 
-# What tensorstore prints for each read still in flight when orbax gives up on a corrupt step
-# and closes its event loop: the read cannot wake the closed loop. Printed from C (not through
-# sys.stderr or the exception hooks) by several threads at once, so the tracebacks' lines
-# interleave; hundreds per step, while and after the restore fails. They say nothing the
-# one-line warning of `restore_latest` does not, so their lines are dropped one by one.
-_CLOSED_LOOP_LINE = re.compile(
-    r"Traceback \(most recent call last\):"
-    r'|  File ".*asyncio.base_events\.py", line \d+, in (?:call_soon_threadsafe|_check_closed)'
-    r"|    self\._check_closed\(\)"
-    r"|    raise RuntimeError\('Event loop is closed'\)"
-    r"|RuntimeError: Event loop is closed"
-)
+class _SettlingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first runs the tasks it still holds to completion.
+
+    Orbax runs each restore in a fresh loop (`run_until_complete`, then `close`). When one
+    array of a corrupt step fails, `asyncio.gather` raises at once and the loop is closed while
+    the other arrays' tensorstore reads are still in flight; each of those reads completes later
+    on a tensorstore thread and calls `loop.call_soon_threadsafe` on the closed loop, which
+    prints a 'RuntimeError: Event loop is closed' traceback (hundreds per step). Letting the
+    leftover tasks finish (their reads fail or succeed; results and errors are dropped) before
+    the loop closes leaves no callback that could still reach it. Tasks still running after
+    SETTLE_S (a read that hangs) are cancelled instead, which unregisters their callbacks.
+    """
+
+    SETTLE_S = 60.0
+
+    def close(self) -> None:
+        while not self.is_running() and not self.is_closed():
+            pending = asyncio.all_tasks(self)
+            if not pending:
+                break
+            settle = asyncio.gather(*pending, return_exceptions=True)
+            try:
+                self.run_until_complete(asyncio.wait_for(settle, self.SETTLE_S))
+            except TimeoutError:  # wait_for has cancelled them and waited for that
+                pass
+        super().close()
+
+
+class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _SettlingEventLoop()
 
 
 @contextlib.contextmanager
-def closed_loop_noise_dropped():
-    """Captures file descriptor 2 while the body runs; on leaving, writes back everything but
-    the closed-loop tracebacks. Yields `drain()`: waits until the capture has been quiet for a
-    second (at most ten), so reads that finish after a failed restore are captured too."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-
-        def drain(quiet_s: float = 1.0, limit_s: float = 10.0) -> None:
-            size, quiet_since, start = -1, time.monotonic(), time.monotonic()
-            while time.monotonic() - start < limit_s:
-                now_size = os.fstat(capture.fileno()).st_size
-                if now_size != size:
-                    size, quiet_since = now_size, time.monotonic()
-                elif time.monotonic() - quiet_since >= quiet_s:
-                    return
-                time.sleep(0.1)
-
-        try:
-            yield drain
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
-            kept = "".join(x for x in lines if not _CLOSED_LOOP_LINE.fullmatch(x.rstrip("\n")))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+def settled_event_loops():
+    """Event loops created inside (orbax's, one per restore) finish their tasks before closing,
+    so a restore that fails part-way leaves no tensorstore read behind (see _SettlingEventLoop)."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_SettlingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def restore_latest(manager, abstract_state, data_iterator):
@@ -135,8 +130,8 @@ def restore_latest(manager, abstract_state, data_iterator):
     A step that fails to restore is reported on stderr in one line and the previous one is tried.
     """
     for step in sorted(manager.all_steps(), reverse=True):
-        with closed_loop_noise_dropped() as drain:
-            try:
+        try:
+            with settled_event_loops():
                 restored = manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -147,9 +142,8 @@ def restore_latest(manager, abstract_state, data_iterator):
                         }
                     ),
                 )
-            except Exception as err:  # a corrupt step can fail in any layer (json, tensorstore)
-                drain()
-                restored, problem = None, f"{type(err).__name__}: {' '.join(str(err).split())}"
+        except Exception as err:  # a corrupt step can fail in any layer (json, tensorstore)
+            restored, problem = None, f"{type(err).__name__}: {' '.join(str(err).split())}"
         if restored is None:
             print(
                 f"warning: checkpoint step {step} in {manager.directory} is unreadable, skipped "

@@ -1,13 +1,18 @@
 """The train library on a stand-in model: mesh/rules, trainable table, sharded equivalence,
 gradient accumulation, frozen weights, checkpoints, metrics."""
 
+import asyncio
 import json
 import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from standin import TRAINABLE, build, run_steps
 
 from llm3d_jax.fileio import InputError
@@ -187,6 +192,61 @@ def test_checkpoint_roundtrip_and_fallback_from_a_corrupt_latest(tmp_path, capsy
     restored, _ = checkpoint.restore_latest(manager, abstract, data)
     assert int(restored.step) == 1 and data.index == saved[1][1]["index"]
     assert "checkpoint step 2" in capsys.readouterr().err
+
+
+def _restore_that_fails_with_a_read_in_flight(resolve):
+    """Runs a restore the way orbax does (a fresh loop, `run_until_complete`, `close`): one
+    array fails while another still awaits a tensorstore read; `resolve(loop, promise)` (on a
+    thread) completes that read. -> what reached sys.unraisablehook (tensorstore reports errors
+    of its done-callbacks there)."""
+    promise, read = ts.Promise.new()
+
+    async def fail():
+        await asyncio.sleep(0)
+        raise ValueError("corrupt array")
+
+    async def restore():
+        await asyncio.gather(read, fail())
+
+    unraisable, hook = [], sys.unraisablehook
+    sys.unraisablehook = lambda info: unraisable.append(info.exc_value)
+    try:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=resolve, args=(loop, promise))
+        thread.start()
+        try:
+            with pytest.raises(ValueError, match="corrupt array"):
+                loop.run_until_complete(restore())
+        finally:
+            loop.close()
+        thread.join()
+    finally:
+        sys.unraisablehook = hook
+    return unraisable
+
+
+def _resolve_after_close(loop, promise):
+    """Completes the read once the loop is closed (or has not closed after a second: a loop
+    that waits for its reads before closing would wait forever)."""
+    for _ in range(100):
+        if loop.is_closed():
+            break
+        time.sleep(0.01)
+    promise.set_result(1)
+
+
+def test_a_failed_restore_leaves_no_read_to_wake_a_closed_loop():
+    """Issue 22 case 11: a read that completes after orbax closed the restore's loop prints
+    'RuntimeError: Event loop is closed' (hundreds per corrupt step). Inside
+    `settled_event_loops` the loop lets that read finish before it closes."""
+    errors = _restore_that_fails_with_a_read_in_flight(_resolve_after_close)
+    assert [str(e) for e in errors] == ["Event loop is closed"]  # the bug, reproduced
+    with checkpoint.settled_event_loops():
+        errors = _restore_that_fails_with_a_read_in_flight(_resolve_after_close)
+    assert errors == []
+    loop = asyncio.new_event_loop()  # the policy is back to asyncio's own
+    assert not isinstance(loop, checkpoint._SettlingEventLoop)
+    loop.close()
 
 
 def test_metric_writer_drops_rows_past_the_resume_step_and_plots(tmp_path):
