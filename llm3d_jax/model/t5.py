@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.model import location_rows
+from llm3d_jax.model import attention, location_rows
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -72,8 +72,10 @@ class T5Config:
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each block in the backward pass
     scan_layers: bool = False  # stack blocks on a leading axis and run them with nn.scan
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
 
     def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown T5 activation {self.activation!r}")
         location_rows.check_config(self.loc_offset, self.loc_bins, self.vocab_size)
@@ -219,7 +221,7 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    """Multi-head attention without scaling or biases.
+    """Multi-head attention without scaling or biases (the position bias is an input).
 
     key_value: [B,Lk,d] -> k, v [B,Lk,H,dk];  __call__: x [B,Lq,d], k, v, bias [B|1,H,Lq,Lk] or
     None, mask bool [B,1|H,Lq,Lk] -> [B,Lq,d].
@@ -246,16 +248,19 @@ class T5Attention(nn.Module):
         return self._split(self.k(x)), self._split(self.v(x))
 
     def __call__(self, x, k, v, bias, mask, deterministic: bool):
-        q = self._split(self.q(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if bias is not None:
-            scores = scores + bias.astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = self.dropout(weights, deterministic=deterministic).astype(
-            self.config.compute_dtype
-        )
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        c = self.config
+        q = self._split(self.q(x))  # [B,Lq,H,dk]
+        training = not deterministic and c.dropout_rate > 0
+        out = attention.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            scale=1.0,  # T5 folds 1/sqrt(dk) into the init of q
+            dropout=partial(self.dropout, deterministic=False) if training else None,
+            implementation=c.attention_impl,
+        )  # [B,Lq,H,dk]
         return self.o(out.reshape(*out.shape[:2], -1))
 
 
