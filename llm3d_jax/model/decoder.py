@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.model import location_rows
+from llm3d_jax.model import attention, location_rows
 
 FAMILIES = ("opt", "llama")
 MODEL_TYPES = {"opt": "opt", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
@@ -101,8 +101,10 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each layer in the backward pass
     scan_layers: bool = False  # stack layers on a leading axis and run them with nn.scan
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
 
     def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
         # A config read back from JSON has a list here; keep the dataclass hashable.
         object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
         if self.family not in FAMILIES:
@@ -425,14 +427,16 @@ class Attention(nn.Module):
             slot = write[:, :, None, None]
             k = jnp.where(slot, k.astype(cache_k.dtype), cache_k)
             v = jnp.where(slot, v.astype(cache_v.dtype), cache_v)
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, length, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * np.float32(c.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = self.dropout(weights, deterministic=deterministic).astype(c.compute_dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(c.compute_dtype))
+        training = not deterministic and c.attention_dropout > 0
+        out = attention.dot_product_attention(
+            q,  # [B,Lq,N,hd]
+            k.astype(c.compute_dtype),  # [B,Lk,KV,hd]: grouped-query when KV < N
+            v.astype(c.compute_dtype),
+            mask=mask[:, None],  # [B,1,Lq,Lk]
+            scale=c.head_dim**-0.5,
+            dropout=partial(self.dropout, deterministic=False) if training else None,
+            implementation=c.attention_impl,
+        )  # [B,Lq,N,hd]
         return self.o(out.reshape(b, length, c.num_heads * c.head_dim)), new_kv
 
 
