@@ -32,9 +32,10 @@ def build_model(config):
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
-    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
+    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
+    # attention_impl ("cudnn": cuDNN's fused attention on a GPU).
     # point_tokens / loc_table_dim (demo.py): a pretrained model without them grows them.
-    for key in ("prefix_causal", "scan_layers", "point_tokens", "loc_table_dim"):
+    for key in ("prefix_causal", "scan_layers", "attention_impl", "point_tokens", "loc_table_dim"):
         if key in m:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
