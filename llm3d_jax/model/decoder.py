@@ -416,9 +416,13 @@ class Attention(nn.Module):
     def __call__(self, x, rope, mask, kv_cache, deterministic: bool):
         c = self.config
         b, length = x.shape[:2]
-        q = self.q(x).reshape(b, length, c.num_heads, c.head_dim)
-        k = self.k(x).reshape(b, length, c.num_kv_heads, c.head_dim)
-        v = self.v(x).reshape(b, length, c.num_kv_heads, c.head_dim)
+        # [B,Lq,N*hd] and [B,Lq,KV*hd], split over the heads, -> [B,Lq,N|KV,hd]
+        q = nn.with_logical_constraint(self.q(x), ("batch", "length", "heads"))
+        k = nn.with_logical_constraint(self.k(x), ("batch", "length", "kv"))
+        v = nn.with_logical_constraint(self.v(x), ("batch", "length", "kv"))
+        q = q.reshape(b, length, c.num_heads, c.head_dim)
+        k = k.reshape(b, length, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, length, c.num_kv_heads, c.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         new_kv = (k, v)
@@ -437,7 +441,9 @@ class Attention(nn.Module):
             dropout=partial(self.dropout, deterministic=False) if training else None,
             implementation=c.attention_impl,
         )  # [B,Lq,N,hd]
-        return self.o(out.reshape(b, length, c.num_heads * c.head_dim)), new_kv
+        out = out.reshape(b, length, c.num_heads * c.head_dim)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads"))  # [B,Lq,N*hd]
+        return self.o(out), new_kv
 
 
 class MLP(nn.Module):
@@ -462,6 +468,7 @@ class MLP(nn.Module):
             h = act(dense(c.intermediate_size, name="gate")(x)) * up
         else:
             h = act(up)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,F]
         return nn.Dense(
             c.hidden_size,
             use_bias=c.mlp_bias,
@@ -495,6 +502,7 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, layer, ctx, deterministic: bool, return_kv: bool):
         c = self.config
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B,Lq,d]
         mask = ctx["mask"]
         if c.layer_windows:
             window = layer["window"]
@@ -514,6 +522,7 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(h, deterministic=deterministic)
         if not c.pre_norm:
             x = self.mlp_norm(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (kv if return_kv else None)
 
 
@@ -605,9 +614,12 @@ class Decoder(nn.Module):
                 self.loc_embed, None if tied else self.loc_head, c.loc_bins, c.loc_table_dim
             )
             loc_head = rows if tied else head_rows
-        return location_rows.logits(
+        logits = location_rows.logits(
             h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
         )
+        # [B,L,V], or [B,V] at one decoding position
+        names = ("batch", "length", "vocab") if logits.ndim == 3 else ("batch", "vocab")
+        return nn.with_logical_constraint(logits, names)
 
     def _inputs(self, x, positions, deterministic):
         """Token embeddings [B,L,token_dim] -> (layer input [B,L,d], rope tables or None)."""

@@ -178,9 +178,13 @@ class BertAttention(nn.Module):
         cfg = self.config
         heads, width = cfg.num_attention_heads, cfg.hidden_size
         head_dim = width // heads
+        # [B,L|S,N*hd], split over the heads
         q = _dense(width, ("embed", "heads"), cfg, "query")(x)
         k = _dense(width, (self.kv_axis, "heads"), cfg, "key")(kv)
         v = _dense(width, (self.kv_axis, "heads"), cfg, "value")(kv)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads"))
         q = q.reshape(*q.shape[:2], heads, head_dim)  # [B,L,N,hd]
         k = k.reshape(*k.shape[:2], heads, head_dim)  # [B,S,N,hd]
         v = v.reshape(*v.shape[:2], heads, head_dim)
@@ -196,6 +200,7 @@ class BertAttention(nn.Module):
             implementation=cfg.attention_impl,
         )  # [B,L,N,hd]
         context = context.reshape(*context.shape[:2], width)
+        context = nn.with_logical_constraint(context, ("batch", "length", "heads"))  # [B,L,N*hd]
         out = _dense(width, ("heads", "embed"), cfg, "out")(context)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
         return _layer_norm(cfg, "norm")(out + x)
@@ -211,6 +216,7 @@ class BertFeedForward(nn.Module):
         cfg = self.config
         h = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "intermediate")(x)
         h = jax.nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,F]
         h = _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "output")(h)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(cfg, "norm")(h + x)
@@ -226,11 +232,13 @@ class BertLayer(nn.Module):
     def __call__(
         self, x, mask=None, encoder_hidden_states=None, encoder_mask=None, deterministic=True
     ):
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B,L,H]
         x = BertAttention(self.config, name="attention")(x, x, mask, deterministic)
         if self.has_cross_attention:
             cross = BertAttention(self.config, kv_axis="enc_embed", name="crossattention")
             x = cross(x, encoder_hidden_states, encoder_mask, deterministic)
-        return BertFeedForward(self.config, name="mlp")(x, deterministic)
+        x = BertFeedForward(self.config, name="mlp")(x, deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +285,9 @@ class QFormer(nn.Module):
             )
         x = _layer_norm(cfg, "layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        encoder_hidden_states = encoder_hidden_states.astype(dtype)
+        encoder_hidden_states = nn.with_logical_constraint(
+            encoder_hidden_states.astype(dtype), ("batch", "length", "enc_embed")
+        )  # [B,N,D]
         for i in range(cfg.num_hidden_layers):
             layer = BertLayer(
                 cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0, name=f"layer_{i}"
