@@ -43,7 +43,7 @@ from llm3d_jax.convert import qformer as qformer_convert
 from llm3d_jax.convert import t5 as t5_convert
 from llm3d_jax.convert import vit as vit_convert
 from llm3d_jax.fileio import InputError, write_bytes_atomic, write_text_atomic
-from llm3d_jax.model import decoder, llm3d, qformer, t5, vit
+from llm3d_jax.model import attention, decoder, llm3d, qformer, t5, vit
 
 # Exported model directories (written by llm3d_jax.infer.exported.export).
 EXPORTED_FORMAT = "llm3d_jax.exported"
@@ -373,6 +373,11 @@ def check_model_config(path: str, model: dict, prefix: str = "model") -> None:
             if field.name not in values or field.name in ("qformer", "llm"):
                 continue
             name, value = f"{where}.{field.name}", values[field.name]
+            if field.name == "attention_impl":
+                if value not in attention.IMPLEMENTATIONS:
+                    choices = ", ".join(str(v) for v in attention.IMPLEMENTATIONS)
+                    raise InputError(path, f"{name}: expected one of {choices}, got {value!r}")
+                continue
             default = (
                 field.default
                 if field.default is not dataclasses.MISSING

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.model import location_rows
+from llm3d_jax.model import attention, location_rows
 
 FAMILIES = ("opt", "llama")
 MODEL_TYPES = {"opt": "opt", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
@@ -101,8 +101,10 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each layer in the backward pass
     scan_layers: bool = False  # stack layers on a leading axis and run them with nn.scan
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
 
     def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
         # A config read back from JSON has a list here; keep the dataclass hashable.
         object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))
         if self.family not in FAMILIES:
@@ -414,9 +416,13 @@ class Attention(nn.Module):
     def __call__(self, x, rope, mask, kv_cache, deterministic: bool):
         c = self.config
         b, length = x.shape[:2]
-        q = self.q(x).reshape(b, length, c.num_heads, c.head_dim)
-        k = self.k(x).reshape(b, length, c.num_kv_heads, c.head_dim)
-        v = self.v(x).reshape(b, length, c.num_kv_heads, c.head_dim)
+        # [B,Lq,N*hd] and [B,Lq,KV*hd], split over the heads, -> [B,Lq,N|KV,hd]
+        q = nn.with_logical_constraint(self.q(x), ("batch", "length", "heads"))
+        k = nn.with_logical_constraint(self.k(x), ("batch", "length", "kv"))
+        v = nn.with_logical_constraint(self.v(x), ("batch", "length", "kv"))
+        q = q.reshape(b, length, c.num_heads, c.head_dim)
+        k = k.reshape(b, length, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, length, c.num_kv_heads, c.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         new_kv = (k, v)
@@ -425,15 +431,19 @@ class Attention(nn.Module):
             slot = write[:, :, None, None]
             k = jnp.where(slot, k.astype(cache_k.dtype), cache_k)
             v = jnp.where(slot, v.astype(cache_v.dtype), cache_v)
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, length, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * np.float32(c.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = self.dropout(weights, deterministic=deterministic).astype(c.compute_dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, v.astype(c.compute_dtype))
-        return self.o(out.reshape(b, length, c.num_heads * c.head_dim)), new_kv
+        training = not deterministic and c.attention_dropout > 0
+        out = attention.dot_product_attention(
+            q,  # [B,Lq,N,hd]
+            k.astype(c.compute_dtype),  # [B,Lk,KV,hd]: grouped-query when KV < N
+            v.astype(c.compute_dtype),
+            mask=mask[:, None],  # [B,1,Lq,Lk]
+            scale=c.head_dim**-0.5,
+            dropout=partial(self.dropout, deterministic=False) if training else None,
+            implementation=c.attention_impl,
+        )  # [B,Lq,N,hd]
+        out = out.reshape(b, length, c.num_heads * c.head_dim)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads"))  # [B,Lq,N*hd]
+        return self.o(out), new_kv
 
 
 class MLP(nn.Module):
@@ -458,6 +468,7 @@ class MLP(nn.Module):
             h = act(dense(c.intermediate_size, name="gate")(x)) * up
         else:
             h = act(up)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,F]
         return nn.Dense(
             c.hidden_size,
             use_bias=c.mlp_bias,
@@ -491,6 +502,7 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x, layer, ctx, deterministic: bool, return_kv: bool):
         c = self.config
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B,Lq,d]
         mask = ctx["mask"]
         if c.layer_windows:
             window = layer["window"]
@@ -510,6 +522,7 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(h, deterministic=deterministic)
         if not c.pre_norm:
             x = self.mlp_norm(x)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, (kv if return_kv else None)
 
 
@@ -601,9 +614,12 @@ class Decoder(nn.Module):
                 self.loc_embed, None if tied else self.loc_head, c.loc_bins, c.loc_table_dim
             )
             loc_head = rows if tied else head_rows
-        return location_rows.logits(
+        logits = location_rows.logits(
             h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
         )
+        # [B,L,V], or [B,V] at one decoding position
+        names = ("batch", "length", "vocab") if logits.ndim == 3 else ("batch", "vocab")
+        return nn.with_logical_constraint(logits, names)
 
     def _inputs(self, x, positions, deterministic):
         """Token embeddings [B,L,token_dim] -> (layer input [B,L,d], rope tables or None)."""

@@ -225,6 +225,7 @@ def with_overrides(
     loc_table_dim: int | None = None,
     prefix_causal: bool | None = None,
     scan_layers: bool | None = None,
+    attention_impl: str | None = None,
     **fields,
 ) -> LLM3DConfig:
     """A copy with common knobs changed in every sub-config they touch.
@@ -232,7 +233,8 @@ def with_overrides(
     dtype: compute dtype of the Q-Former and the LLM; remat: per LLM block; feature_dim: also
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
     scan_layers: LLM blocks stacked and run with nn.scan (params of the other layout convert with
-    `llm3d_jax.loading.relayout_llm_layers`); prefix_causal: decoder-only LLMs only; other
+    `llm3d_jax.loading.relayout_llm_layers`); prefix_causal: decoder-only LLMs only;
+    attention_impl: the Q-Former's and the LLM's ("xla" or "cudnn"; None keeps them); other
     keywords are top-level fields (posembed_mode, posembed_scale, num_points).
     """
     qformer, llm = config.qformer, config.llm
@@ -249,6 +251,9 @@ def with_overrides(
         llm = dataclasses.replace(llm, dtype=dtype)
     if remat is not None:
         llm = dataclasses.replace(llm, remat=remat)
+    if attention_impl is not None:
+        qformer = dataclasses.replace(qformer, attention_impl=attention_impl)
+        llm = dataclasses.replace(llm, attention_impl=attention_impl)
     if vocab_size is not None:
         llm = dataclasses.replace(
             llm, vocab_size=vocab_size, loc_offset=vocab_size if loc_offset is None else loc_offset

@@ -24,7 +24,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from llm3d_jax.model import attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class QFormerConfig:
     # local slots of the scene. False: learned tokens only, as BLIP-2.
     seeded_queries: bool = False
     dtype: str = "float32"
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
+
+    def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
 
     @classmethod
     def tiny(cls, **overrides) -> QFormerConfig:
@@ -105,6 +110,10 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
     dtype: str = "float32"
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
+
+    def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
 
     @classmethod
     def tiny(cls, **overrides) -> BertConfig:
@@ -120,7 +129,9 @@ class BertConfig:
 
     @classmethod
     def from_hf(cls, config: dict, **overrides) -> BertConfig:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "dtype"]
+        names = [
+            f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "attention_impl")
+        ]
         return dataclasses.replace(cls(**{n: config[n] for n in names if n in config}), **overrides)
 
 
@@ -167,21 +178,29 @@ class BertAttention(nn.Module):
         cfg = self.config
         heads, width = cfg.num_attention_heads, cfg.hidden_size
         head_dim = width // heads
+        # [B,L|S,N*hd], split over the heads
         q = _dense(width, ("embed", "heads"), cfg, "query")(x)
         k = _dense(width, (self.kv_axis, "heads"), cfg, "key")(kv)
         v = _dense(width, (self.kv_axis, "heads"), cfg, "value")(kv)
-        q = q.reshape(*q.shape[:2], heads, head_dim)
-        k = k.reshape(*k.shape[:2], heads, head_dim)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "heads"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "heads"))
+        q = q.reshape(*q.shape[:2], heads, head_dim)  # [B,L,N,hd]
+        k = k.reshape(*k.shape[:2], heads, head_dim)  # [B,S,N,hd]
         v = v.reshape(*v.shape[:2], heads, head_dim)
-        scores = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32) / np.sqrt(head_dim)
-        if kv_mask is not None:
-            scores = jnp.where(
-                kv_mask[:, None, None, :].astype(bool), scores, jnp.finfo(jnp.float32).min
-            )
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bhls,bshd->blhd", probs.astype(v.dtype), v)
+        mask = None if kv_mask is None else kv_mask[:, None, None, :].astype(bool)  # [B,1,1,S]
+        probs_dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        training = not deterministic and cfg.attention_probs_dropout_prob > 0
+        context = attention.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            dropout=functools.partial(probs_dropout, deterministic=False) if training else None,
+            implementation=cfg.attention_impl,
+        )  # [B,L,N,hd]
         context = context.reshape(*context.shape[:2], width)
+        context = nn.with_logical_constraint(context, ("batch", "length", "heads"))  # [B,L,N*hd]
         out = _dense(width, ("heads", "embed"), cfg, "out")(context)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
         return _layer_norm(cfg, "norm")(out + x)
@@ -197,6 +216,7 @@ class BertFeedForward(nn.Module):
         cfg = self.config
         h = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "intermediate")(x)
         h = jax.nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,F]
         h = _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "output")(h)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
         return _layer_norm(cfg, "norm")(h + x)
@@ -212,11 +232,13 @@ class BertLayer(nn.Module):
     def __call__(
         self, x, mask=None, encoder_hidden_states=None, encoder_mask=None, deterministic=True
     ):
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B,L,H]
         x = BertAttention(self.config, name="attention")(x, x, mask, deterministic)
         if self.has_cross_attention:
             cross = BertAttention(self.config, kv_axis="enc_embed", name="crossattention")
             x = cross(x, encoder_hidden_states, encoder_mask, deterministic)
-        return BertFeedForward(self.config, name="mlp")(x, deterministic)
+        x = BertFeedForward(self.config, name="mlp")(x, deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +285,9 @@ class QFormer(nn.Module):
             )
         x = _layer_norm(cfg, "layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
-        encoder_hidden_states = encoder_hidden_states.astype(dtype)
+        encoder_hidden_states = nn.with_logical_constraint(
+            encoder_hidden_states.astype(dtype), ("batch", "length", "enc_embed")
+        )  # [B,N,D]
         for i in range(cfg.num_hidden_layers):
             layer = BertLayer(
                 cfg, has_cross_attention=i % cfg.cross_attention_frequency == 0, name=f"layer_{i}"

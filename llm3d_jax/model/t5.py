@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm3d_jax.model import location_rows
+from llm3d_jax.model import attention, location_rows
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -72,8 +72,10 @@ class T5Config:
     dtype: str = "float32"  # compute dtype; params are always float32
     remat: bool = False  # rematerialise each block in the backward pass
     scan_layers: bool = False  # stack blocks on a leading axis and run them with nn.scan
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
 
     def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown T5 activation {self.activation!r}")
         location_rows.check_config(self.loc_offset, self.loc_bins, self.vocab_size)
@@ -219,7 +221,7 @@ class T5LayerNorm(nn.Module):
 
 
 class T5Attention(nn.Module):
-    """Multi-head attention without scaling or biases.
+    """Multi-head attention without scaling or biases (the position bias is an input).
 
     key_value: [B,Lk,d] -> k, v [B,Lk,H,dk];  __call__: x [B,Lq,d], k, v, bias [B|1,H,Lq,Lk] or
     None, mask bool [B,1|H,Lq,Lk] -> [B,Lq,d].
@@ -240,23 +242,31 @@ class T5Attention(nn.Module):
         self.dropout = nn.Dropout(c.dropout_rate)
 
     def _split(self, x):
+        """[B,L,H*dk] (split over the heads) -> [B,L,H,dk]."""
+        x = nn.with_logical_constraint(x, ("batch", "length", "heads"))
         return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
 
     def key_value(self, x):
+        """x [B,Lk,d] -> k, v [B,Lk,H,dk]."""
         return self._split(self.k(x)), self._split(self.v(x))
 
     def __call__(self, x, k, v, bias, mask, deterministic: bool):
-        q = self._split(self.q(x))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if bias is not None:
-            scores = scores + bias.astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = self.dropout(weights, deterministic=deterministic).astype(
-            self.config.compute_dtype
-        )
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return self.o(out.reshape(*out.shape[:2], -1))
+        c = self.config
+        q = self._split(self.q(x))  # [B,Lq,H,dk]
+        training = not deterministic and c.dropout_rate > 0
+        out = attention.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=bias,
+            mask=mask,
+            scale=1.0,  # T5 folds 1/sqrt(dk) into the init of q
+            dropout=partial(self.dropout, deterministic=False) if training else None,
+            implementation=c.attention_impl,
+        )  # [B,Lq,H,dk]
+        out = out.reshape(*out.shape[:2], -1)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads"))  # [B,Lq,H*dk]
+        return self.o(out)
 
 
 class T5MLP(nn.Module):
@@ -275,6 +285,7 @@ class T5MLP(nn.Module):
             h = h * dense(c.d_ff, kernel_init=wi_init, name="wi_1")(x)
         else:
             h = act(dense(c.d_ff, kernel_init=wi_init, name="wi")(x))
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,d_ff]
         h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
         return dense(c.d_model, kernel_init=_param_init(c.d_ff**-0.5, ("mlp", "embed")), name="wo")(
             h
@@ -317,6 +328,7 @@ class T5Block(nn.Module):
             return self.step(x, jax.tree.map(take, ctx["cache"]), ctx)
         if "cross_kv_of" in ctx:
             return x, self.cross_key_value(ctx["cross_kv_of"])
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))  # [B,L,d]
         h = self.self_attn_norm(x)
         k, v = self.self_attn.key_value(h)
         attended = self.self_attn(h, k, v, ctx["bias"], ctx["mask"], deterministic)
@@ -324,7 +336,8 @@ class T5Block(nn.Module):
         if self.is_decoder:
             ck, cv = self.cross_attn.key_value(ctx["encoded"])
             x = x + self._cross(x, ck, cv, ctx["encoder_mask"], deterministic)
-        return x + self._mlp(x, deterministic), None
+        x = x + self._mlp(x, deterministic)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
     def _cross(self, x, ck, cv, encoder_mask, deterministic):
         h = self.cross_attn_norm(x)
@@ -344,6 +357,7 @@ class T5Block(nn.Module):
         cross_k, cross_v [B,Le,H,dk]; ctx: bias [B,H,1,Lmax], mask bool [B,1,1,Lmax], write bool
         [B,Lmax] (the slot of this position), encoder_mask bool [B,1,1,Le]
         -> (x [B,1,d], (k, v) [B,1,H,dk] of this position, for the caller to write)."""
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         h = self.self_attn_norm(x)
         k_new, v_new = self.self_attn.key_value(h)
         slot = ctx["write"][:, :, None, None]
@@ -353,7 +367,8 @@ class T5Block(nn.Module):
         x = x + self._cross(
             x, layer_cache["cross_k"], layer_cache["cross_v"], ctx["encoder_mask"], True
         )
-        return x + self._mlp(x, True), (k_new, v_new)
+        x = nn.with_logical_constraint(x + self._mlp(x, True), ("batch", "length", "embed"))
+        return x, (k_new, v_new)
 
 
 class T5Stack(nn.Module):
@@ -546,9 +561,12 @@ class T5(nn.Module):
                 self.loc_embed, None if tied else self.loc_head, c.loc_bins, c.loc_table_dim
             )
             loc_head = rows if tied else head_rows
-        return location_rows.logits(
+        logits = location_rows.logits(
             h, head, loc_head, tied, c.loc_offset, c.loc_bins, c.compute_dtype
         )
+        # [B,L,V], or [B,V] at one decoding position
+        names = ("batch", "length", "vocab") if logits.ndim == 3 else ("batch", "vocab")
+        return nn.with_logical_constraint(logits, names)
 
     def encode(self, input_ids=None, attention_mask=None, inputs_embeds=None, deterministic=True):
         """-> encoder output [B,Le,d]."""

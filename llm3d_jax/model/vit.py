@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm3d_jax.model import attention
+
 # OpenAI CLIP normalisation, used by both the BLIP-2 and CLIP image processors.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -45,8 +47,10 @@ class ViTConfig:
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    attention_impl: str | None = None  # None / "xla" | "cudnn" (llm3d_jax.model.attention)
 
     def __post_init__(self):
+        attention.check_implementation(self.attention_impl)
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.hidden_size % self.num_heads:
@@ -158,10 +162,10 @@ class Attention(nn.Module):
             q = _dense(c, ("embed", "heads"), name="query", dtype=dtype)(x)
             k = _dense(c, ("embed", "heads"), name="key", dtype=dtype)(x)
             v = _dense(c, ("embed", "heads"), name="value", dtype=dtype)(x)
-        q, k, v = (y.reshape(b, t, cfg.num_heads, head_dim) for y in (q, k, v))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, c)
+        q, k, v = (y.reshape(b, t, cfg.num_heads, head_dim) for y in (q, k, v))  # [B,T,N,hd]
+        out = attention.dot_product_attention(
+            q, k, v, scale=head_dim**-0.5, implementation=cfg.attention_impl
+        ).reshape(b, t, c)
         return _dense(c, ("heads", "embed"), name="out", dtype=dtype)(out)
 
 

@@ -33,10 +33,11 @@ def build_model(config):
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
-    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py).
+    # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
+    # attention_impl ("cudnn": cuDNN's fused attention on a GPU).
     # Grounding knobs (demo.py): a pretrained model without them grows them.
     grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
-    for key in ("prefix_causal", "scan_layers", *grounding):
+    for key in ("prefix_causal", "scan_layers", "attention_impl", *grounding):
         if key in m:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None

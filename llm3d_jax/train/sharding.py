@@ -1,8 +1,10 @@
 """Device mesh, the logical-axis rules table, and the shardings derived from them.
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`, names fixed in
-docs/architecture.md); `RULES` maps them onto the mesh axes `('data', 'fsdp', 'tensor')`.
-Changing how a model is laid out over devices means changing this table, nothing else.
+docs/architecture.md), and so do the main activations (`nn.with_logical_constraint` at block
+boundaries and on the heads / mlp / vocab dims inside the Q-Former and the LLMs); `RULES` maps
+them onto the mesh axes `('data', 'fsdp', 'tensor')`. Changing how a model is laid out over
+devices means changing this table, nothing else.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from jax.sharding import PartitionSpec as P
 from llm3d_jax.fileio import InputError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axes the batch dimension is split over (logical `batch`; every batch array).
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axis name -> mesh axis (or axes). One entry per name in docs/architecture.md.
 # An array dimension takes the first rule whose mesh axes are still free in that array, so an
-# activation [batch, length, embed] shards batch over data+fsdp and leaves embed whole.
+# activation [batch, length, embed] shards batch over data+fsdp and its length over tensor (the
+# residual stream between blocks is sequence-parallel), while [batch, length, heads|mlp|vocab]
+# keeps its length whole and splits heads / mlp / vocab over tensor (`length` comes last).
 RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -36,6 +42,7 @@ RULES = (
     ("norm", None),
     ("layers", None),
     ("pos", None),
+    ("length", "tensor"),  # after heads, mlp, kv, vocab: only where none of them is present
 )
 
 
@@ -75,7 +82,7 @@ def make_mesh(
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
     """How many ways the batch dimension is split (the mesh axes that `batch` maps to)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def check_batch(batch_size: int, microbatches: int, mesh: jax.sharding.Mesh) -> None:
@@ -96,7 +103,7 @@ def check_batch(batch_size: int, microbatches: int, mesh: jax.sharding.Mesh) -> 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Sharding of every batch array: leading (batch) dimension over data and fsdp."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

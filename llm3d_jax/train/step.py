@@ -129,7 +129,7 @@ def make_train_step(
                         x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
                             0, 1
                         ),
-                        P(None, ("data", "fsdp")),
+                        P(None, sharding.BATCH_AXES),
                     ),
                     batch,
                 )

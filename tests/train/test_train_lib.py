@@ -54,6 +54,7 @@ def test_rules_cover_the_logical_names_of_the_architecture_doc():
         "norm",
         "layers",
         "pos",
+        "length",
     }
     assert all(
         axis is None or set(np.atleast_1d(axis)) <= set(sharding.MESH_AXES)
