@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections import defaultdict
@@ -35,6 +34,7 @@ from llm3d_jax.evaluate import (
     caption_metrics_by_group,
     em_by_question_type,
     grounding_metrics,
+    last_question,
     navigation_metrics,
     sqa3d_question_type,
     strip_locations,
@@ -147,12 +147,6 @@ def predict(
 
 
 # ---------------------------------------------------------------------- metrics
-
-
-def last_question(prompt: str) -> str:
-    """The last sentence of a prompt (SQA3D prompts are `situation question`)."""
-    parts = [p for p in re.split(r"(?<=[.!?])\s+", prompt.strip()) if p]
-    return parts[-1] if parts else ""
 
 
 def compute_metrics(rows: list[dict]) -> dict:
