@@ -1,6 +1,9 @@
 """Golden `generate` outputs of HF transformers for tests/infer/test_generation_penalties.py.
 
-    python tools/make_goldens_generation.py      (a venv with torch and transformers)
+    python tools/make_goldens_generation.py
+
+in a separate venv with `pip install torch==2.13.0 transformers==5.25.0 safetensors numpy` (the
+goldens were made with these; torch is never a dependency of the package).
 
 Writes tests/goldens/generation/:
 - tiny_t5/ : a tiny random FlanT5-layout T5 (gated-gelu, untied lm_head, 1 + 1 layers, vocab 32;
