@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections import defaultdict
@@ -35,6 +34,7 @@ from llm3d_jax.evaluate import (
     caption_metrics_by_group,
     em_by_question_type,
     grounding_metrics,
+    last_question,
     navigation_metrics,
     sqa3d_question_type,
     strip_locations,
@@ -147,12 +147,6 @@ def predict(
 
 
 # ---------------------------------------------------------------------- metrics
-
-
-def last_question(prompt: str) -> str:
-    """The last sentence of a prompt (SQA3D prompts are `situation question`)."""
-    parts = [p for p in re.split(r"(?<=[.!?])\s+", prompt.strip()) if p]
-    return parts[-1] if parts else ""
 
 
 def compute_metrics(rows: list[dict]) -> dict:
@@ -276,6 +270,18 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--length_penalty", type=float, default=0.0, help="beam: logp / len**lp")
+    parser.add_argument(
+        "--early_stopping",
+        choices=("never", "heuristic", "true"),
+        default="never",
+        help="beam: transformers' early_stopping 'never' (exact), False (heuristic), True",
+    )
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0: off")
+    parser.add_argument(
+        "--min_new_tokens", type=int, default=0, help="no EOS before this many answer tokens"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--free_locations",
@@ -316,9 +322,18 @@ def main(argv=None) -> int:
             eos_id=run.module.config.llm.eos_token_id,
             pad_id=pad,
             num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping={"never": "never", "heuristic": False, "true": True}[
+                args.early_stopping
+            ],
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            min_new_tokens=args.min_new_tokens,
+            # T5 starts decoding from this token, and the penalties count it as transformers does
+            start_id=getattr(run.module.config.llm, "decoder_start_token_id", None),
             loc_offset=0 if args.free_locations else run.module.config.llm.loc_offset,
             loc_bins=0 if args.free_locations else run.module.config.llm.loc_bins,
         )

@@ -121,6 +121,8 @@ def load_model(model_dir: str, decode: dict | None = None, batch_size: int = 1) 
         max_new_tokens=int(info["answer_len"]),
         eos_id=encoder.eos_id,
         pad_id=encoder.pad_id,
+        # T5 starts decoding from this token, and the penalties count it as transformers does
+        start_id=getattr(llm, "decoder_start_token_id", None),
         **{**grammar, **(decode or {})},
     )
     run = jax.jit(generate_fn(module, config))
@@ -305,6 +307,18 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--length_penalty", type=float, default=0.0, help="beam: logp / len**lp")
+    parser.add_argument(
+        "--early_stopping",
+        choices=("never", "heuristic", "true"),
+        default="never",
+        help="beam: transformers' early_stopping 'never' (exact), False (heuristic), True",
+    )
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0: off")
+    parser.add_argument(
+        "--min_new_tokens", type=int, default=0, help="no EOS before this many answer tokens"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", help="also render the scene with the answer's boxes")
     parser.add_argument(
@@ -320,6 +334,11 @@ def main(argv=None) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        length_penalty=args.length_penalty,
+        early_stopping={"never": "never", "heuristic": False, "true": True}[args.early_stopping],
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens,
     )
     if args.free_locations:
         decode["loc_bins"] = 0

@@ -2,13 +2,18 @@
 
 from llm3d_jax.evaluate.answers import (
     SQA3D_QUESTION_TYPES,
+    SQA3D_RELEASE_QUESTION_TYPES,
     answer_metrics,
     em_by_question_type,
     exact_match,
+    last_question,
     normalize_answer,
     normalized_exact_match,
     refined_exact_match,
+    release_clean_answer,
+    release_exact_match,
     sqa3d_question_type,
+    sqa3d_release_question_type,
     strip_locations,
 )
 from llm3d_jax.evaluate.captions import (
@@ -22,6 +27,7 @@ from llm3d_jax.evaluate.navigation import navigation_metrics
 __all__ = [
     "CAPTION_METRIC_NAMES",
     "SQA3D_QUESTION_TYPES",
+    "SQA3D_RELEASE_QUESTION_TYPES",
     "answer_metrics",
     "box_iou",
     "caption_metrics",
@@ -29,10 +35,14 @@ __all__ = [
     "em_by_question_type",
     "exact_match",
     "grounding_metrics",
+    "last_question",
     "navigation_metrics",
     "normalize_answer",
     "normalized_exact_match",
     "refined_exact_match",
+    "release_clean_answer",
+    "release_exact_match",
     "sqa3d_question_type",
+    "sqa3d_release_question_type",
     "strip_locations",
 ]

@@ -7,6 +7,13 @@ prediction only matches an empty answer: a plain substring test would count "" a
 every answer.
 Normalised EM (the validation metric of experiments/train.py): the normalised prediction equals
 one of the normalised answers.
+
+The released 3D-LLM's scripts (`calculate_scores/calculate_score_{scanqa,sqa3d,3dmvvqa}.py`)
+score differently: `release_clean_answer` removes every `,`, `<pad>` and `</s>` from the
+prediction, strips it and keeps its first line; `release_exact_match` then asks whether that
+string is one of the answers as they are (no normalisation, no stripping). SQA3D question types
+there come from ordered, case-sensitive substring tests on the whole question text
+(`sqa3d_release_question_type`), not from its first word.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 # SQA3D reports accuracy by the question's first word.
 SQA3D_QUESTION_TYPES = ("what", "is", "how", "can", "which", "others")
+# The released 3D-LLM's SQA3D types: the first of these substrings found in the question, in this
+# order (case-sensitive), else "Other".
+SQA3D_RELEASE_QUESTION_TYPES = ("What", "How", "Can", "Is", "Which", "Other")
 
 
 def number_to_words(n: int) -> str:
@@ -89,6 +99,34 @@ def sqa3d_question_type(question: str) -> str:
     words = _PUNCT.sub(" ", question.lower()).split()
     first = words[0] if words else ""
     return first if first in SQA3D_QUESTION_TYPES[:-1] else "others"
+
+
+def last_question(prompt: str) -> str:
+    """The last sentence of a prompt (SQA3D prompts are `situation question`)."""
+    parts = [p for p in re.split(r"(?<=[.!?])\s+", prompt.strip()) if p]
+    return parts[-1] if parts else ""
+
+
+def sqa3d_release_question_type(question: str) -> str:
+    """The released 3D-LLM's SQA3D type: "What" if the text contains "What", else "How", "Can",
+    "Is", "Which" in that order, else "Other" (so "How many... What..." is "What")."""
+    for name in SQA3D_RELEASE_QUESTION_TYPES[:-1]:
+        if name in question:
+            return name
+    return "Other"
+
+
+def release_clean_answer(text: str) -> str:
+    """A prediction as the released 3D-LLM scores it: `,` `<pad>` `</s>` removed, stripped, its
+    first line."""
+    text = text.replace(",", "").replace("<pad>", "").replace("</s>", "").strip()
+    return text.split("\n")[0]
+
+
+def release_exact_match(pred: str, answers: list[str]) -> bool:
+    """The released 3D-LLM's EM: the cleaned prediction is one of the answers, character for
+    character (answers are not cleaned)."""
+    return release_clean_answer(pred) in answers
 
 
 def em_by_question_type(

@@ -9,11 +9,21 @@ cache that `llm3d.prefill` returns. Every array in the cache has the batch on ax
 search can expand and reorder it with `jnp.repeat` / `jnp.take`. All loops are pure, run inside
 `jax.lax.while_loop` (leaving early once every row has emitted EOS) and have static output shapes
 [B, max_len]; positions after EOS hold `pad_id`, EOS itself is kept.
+
+The penalties follow transformers' `generate` on the same logits (`process_scores`):
+`repetition_penalty` divides the positive and multiplies the negative scores of every token
+already in the sequence, `no_repeat_ngram_size` forbids a token that would repeat an n-gram of
+the sequence, `min_new_tokens` forbids EOS before that many tokens. The sequence, as
+transformers counts it, starts with the decoder start token for encoder-decoder models (`start_id`,
+T5: pad) and holds no prompt for decoder-only models fed embeddings (`start_id` None). Greedy
+and sampling apply them to the logits, beam search to the log-probabilities (no renormalisation),
+as transformers does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,9 +42,16 @@ class DecodeConfig:
 
     strategy: greedy | sample | beam. max_new_tokens: answer tokens including EOS (the released
     3D-LLM answers with up to 40). Beam search ranks finished beams by
-    `sum log p / length ** length_penalty` (0 = plain log-probability; keeps width 1 == greedy).
+    `sum log p / length ** length_penalty` (0 = plain log-probability; keeps width 1 == greedy;
+    transformers' default is 1.0, negative favours short answers). `early_stopping` as in
+    transformers: "never" (default here) stops once no alive beam can beat the worst kept finished
+    one (exact), False (transformers' default) judges that by the alive beam's current length,
+    True stops a row as soon as it holds `num_beams` finished beams.
     Sampling draws from softmax(logits / temperature) restricted to the `top_k` best tokens
     (0 = all) and to the smallest set whose probability reaches `top_p` (1.0 = all).
+    repetition_penalty (1.0 = off), no_repeat_ngram_size (0 = off), min_new_tokens (0 = off) and
+    start_id: as transformers' `generate` (module doc); LAVIS' `min_len` L for FlanT5 counts the
+    start token, i.e. min_new_tokens L - 1.
     """
 
     strategy: str = "greedy"
@@ -43,9 +60,14 @@ class DecodeConfig:
     pad_id: int = 0
     num_beams: int = 4
     length_penalty: float = 0.0
+    early_stopping: bool | str = "never"
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    start_id: int | None = None
     # Location grammar (`location_mask`): with loc_bins > 0, once a location token starts a run
     # the run becomes a point (3 tokens) or whole boxes (6k) with min <= max on every axis.
     loc_offset: int = 0
@@ -58,8 +80,21 @@ class DecodeConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty}")
+        if not (self.early_stopping is True or self.early_stopping is False) and (
+            self.early_stopping != "never"
+        ):
+            raise ValueError(
+                f"early_stopping must be True, False or 'never', got {self.early_stopping!r}"
+            )
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
+            raise ValueError(
+                "no_repeat_ngram_size and min_new_tokens must be >= 0, got "
+                f"{self.no_repeat_ngram_size}, {self.min_new_tokens}"
+            )
         if not self.temperature > 0:
             raise ValueError("temperature must be > 0 (use strategy='greedy' for argmax)")
         if self.top_k < 0:
@@ -114,6 +149,69 @@ def constrain(logits: jax.Array, history, t, max_len: int, loc_offset: int, loc_
     return jnp.where(allowed, logits, -jnp.inf)
 
 
+def ngram_ban(seq: jax.Array, length, n: int, vocab: int) -> jax.Array:
+    """Tokens that would repeat an n-gram: bool [R, vocab].
+
+    seq int [R, S] holds the sequence in its first `length` positions (the rest is ignored). A
+    token is banned when the last n - 1 tokens followed by it form an n-gram already in the
+    sequence (transformers' NoRepeatNGramLogitsProcessor). Nothing is banned before n tokens.
+    """
+    rows, size = seq.shape
+    banned = jnp.zeros((rows, vocab), bool)
+    windows = size - n + 1
+    if windows <= 0:
+        return banned
+    grams = jnp.stack([seq[:, j : j + windows] for j in range(n)], axis=-1)  # [R, windows, n]
+    # a window counts when it lies inside the sequence: it ends at i + n - 1 <= length - 1
+    match = jnp.broadcast_to(jnp.arange(windows) <= length - n, (rows, windows))
+    if n > 1:
+        start = jnp.maximum(length - n + 1, 0)
+        suffix = jax.lax.dynamic_slice_in_dim(seq, start, n - 1, axis=1)  # the last n - 1 tokens
+        match = match & jnp.all(grams[..., :-1] == suffix[:, None, :], axis=-1)
+    ids = jnp.where(match, grams[..., -1], vocab)
+    return banned.at[jnp.arange(rows)[:, None], ids].set(True, mode="drop")
+
+
+def process_scores(
+    scores: jax.Array,
+    history: jax.Array,
+    t,
+    *,
+    max_len: int,
+    eos_id: int,
+    loc_offset: int = 0,
+    loc_bins: int = 0,
+    start_id: int | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
+) -> jax.Array:
+    """Scores [R,V] of position `t` after the penalties (module doc) and the location grammar.
+
+    history: int [R, max_len], the tokens generated so far (positions >= t are ignored). Forbidden
+    tokens get -inf. Without penalties and grammar the scores come back unchanged.
+    """
+    rows, vocab = scores.shape
+    if start_id is None:
+        seq, length = history, t
+    else:
+        seq = jnp.concatenate([jnp.full((rows, 1), start_id, history.dtype), history], axis=1)
+        length = t + 1
+    if repetition_penalty != 1.0:
+        scores = scores.astype(jnp.float32)
+        ids = jnp.where(jnp.arange(seq.shape[1])[None, :] < length, seq, vocab)
+        seen = jnp.zeros((rows, vocab), bool)
+        seen = seen.at[jnp.arange(rows)[:, None], ids].set(True, mode="drop")
+        penalised = jnp.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+        scores = jnp.where(seen, penalised, scores)
+    if no_repeat_ngram_size > 0:
+        scores = jnp.where(ngram_ban(seq, length, no_repeat_ngram_size, vocab), -jnp.inf, scores)
+    if min_new_tokens > 0:
+        early_eos = (jnp.arange(vocab) == eos_id)[None, :] & (t < min_new_tokens)
+        scores = jnp.where(early_eos, -jnp.inf, scores)
+    return constrain(scores, history, t, max_len, loc_offset, loc_bins)
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Sets logits outside the top-k / top-p (nucleus) set to -inf.
 
@@ -148,18 +246,17 @@ def _sequential_decode(
     max_len: int,
     eos_id: int,
     pad_id: int,
-    loc_offset: int = 0,
-    loc_bins: int = 0,
+    **processing,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row per step, chosen by `pick(logits [B,V], step) -> [B]` among the tokens
-    the location grammar allows (`constrain`; off for loc_bins 0).
+    """One token per row per step, chosen by `pick(logits [B,V], step) -> [B]` from the logits
+    after `process_scores` (processing: its penalty and grammar options; all off by default).
 
     Returns tokens int32 [B, max_len] and the model log-probability of each row float32 [B].
     """
     batch = logits0.shape[0]
 
     def choose(t, logits, tokens, done, logp):
-        allowed = constrain(logits, tokens, t, max_len, loc_offset, loc_bins)
+        allowed = process_scores(logits, tokens, t, max_len=max_len, eos_id=eos_id, **processing)
         tok = jnp.where(done, pad_id, pick(allowed, t).astype(jnp.int32))
         logp = logp + jnp.where(done, 0.0, _token_logp(logits, tok))
         return tokens.at[:, t].set(tok), done | (tok == eos_id), logp
@@ -184,12 +281,12 @@ def _sequential_decode(
     return tokens, logp
 
 
-def greedy_decode(step_fn, cache, logits0, *, max_len: int, eos_id: int, pad_id: int, **grammar):
+def greedy_decode(step_fn, cache, logits0, *, max_len: int, eos_id: int, pad_id: int, **processing):
     """Argmax at every step. -> tokens int32 [B, max_len], log-probability float32 [B].
-    grammar: loc_offset, loc_bins (`constrain`)."""
+    processing: penalties and grammar (`process_scores`)."""
     pick = lambda logits, t: jnp.argmax(logits, axis=-1)
     return _sequential_decode(
-        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **grammar
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **processing
     )
 
 
@@ -205,9 +302,9 @@ def sample_decode(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    **grammar,
+    **processing,
 ):
-    """Ancestral sampling with temperature and top-k / top-p filtering.
+    """Ancestral sampling with temperature and top-k / top-p filtering, after the penalties.
 
     -> tokens int32 [B, max_len], log-probability under the unfiltered model float32 [B].
     """
@@ -217,7 +314,7 @@ def sample_decode(
         return jax.random.categorical(jax.random.fold_in(rng, t), scaled, axis=-1)
 
     return _sequential_decode(
-        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **grammar
+        step_fn, cache, logits0, pick, max_len=max_len, eos_id=eos_id, pad_id=pad_id, **processing
     )
 
 
@@ -231,22 +328,28 @@ def beam_search(
     eos_id: int,
     pad_id: int,
     length_penalty: float = 0.0,
-    loc_offset: int = 0,
-    loc_bins: int = 0,
+    early_stopping: bool | str = "never",
+    **processing,
 ):
-    """Beam search keeping `num_beams` alive and `num_beams` finished hypotheses per row.
+    """Beam search keeping `num_beams` alive and `num_beams` finished hypotheses per row, as
+    transformers' `generate` does.
 
-    Each step scores all K x V extensions, takes the best 2K; an EOS extension finishes a
-    hypothesis only when it ranks among the best K (so width 1 is exactly greedy), the best K
-    non-EOS extensions stay alive. Alive hypotheses finish when they reach `max_len`. The loop
-    stops once no alive hypothesis can beat the K-th finished one.
+    Each step scores all K x V extensions (log-probabilities after `process_scores`; processing:
+    its penalty and grammar options), takes the best 2K; an EOS extension finishes a hypothesis
+    only when it ranks among the best K (so width 1 is exactly greedy), the best K non-EOS
+    extensions stay alive. Alive hypotheses finish when they reach `max_len`. A row stops taking
+    finished hypotheses once it is done: it holds K and its best alive beam cannot beat the worst
+    of them, judged over the longest length ("never" with length_penalty > 0; exact) or over its
+    current length (otherwise; exact for "never"), or, with early_stopping True, as soon as it
+    holds K. The loop ends when every row is done.
 
     -> tokens int32 [B, max_len] of the best finished hypothesis and its score float32 [B]
-    (`logp / length ** length_penalty`).
+    (`logp / length ** length_penalty`, logp after the penalties).
     """
     batch, vocab = logits0.shape
     k = num_beams
     neg_inf = jnp.float32(-jnp.inf)
+    bound_at_max_len = early_stopping == "never" and length_penalty > 0
 
     def penalised(logp, length):
         return logp / jnp.asarray(length, jnp.float32) ** length_penalty
@@ -261,21 +364,18 @@ def beam_search(
         alive_logp=jnp.where(jnp.arange(k) == 0, 0.0, neg_inf)[None].repeat(batch, 0),
         fin_seq=jnp.full((batch, k, max_len), pad_id, jnp.int32),
         fin_score=jnp.full((batch, k), neg_inf),
+        open=jnp.ones((batch,), bool),  # the row still takes finished hypotheses
     )
 
     def cond(s):
-        # Finished hypotheses only get longer denominators, alive ones only lower log-probs:
-        # the best an alive beam can still reach is its log-prob over the longest length.
-        best_alive = penalised(jnp.max(s["alive_logp"], axis=-1), max_len)
-        worst_kept = s["fin_score"][:, -1]
-        return (s["t"] < max_len) & ~jnp.all(worst_kept >= best_alive)
+        return (s["t"] < max_len) & jnp.any(s["open"])
 
     def body(s):
         t = s["t"]
         logp = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
         history = s["alive_seq"].reshape(batch * k, max_len)
-        logp = constrain(logp, history, t, max_len, loc_offset, loc_bins).reshape(batch, k, vocab)
-        cand = (s["alive_logp"][:, :, None] + logp).reshape(batch, k * vocab)
+        logp = process_scores(logp, history, t, max_len=max_len, eos_id=eos_id, **processing)
+        cand = (s["alive_logp"][:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, -1)
         top_logp, top_idx = jax.lax.top_k(cand, 2 * k)  # [B,2K], best first
         parent = top_idx // vocab
         tok = (top_idx % vocab).astype(jnp.int32)
@@ -283,7 +383,7 @@ def beam_search(
         seqs = seqs.at[:, :, t].set(tok)
         is_eos = tok == eos_id
 
-        finishes = (is_eos & (jnp.arange(2 * k) < k)) | (t == max_len - 1)
+        finishes = (is_eos | (t == max_len - 1)) & (jnp.arange(2 * k) < k) & s["open"][:, None]
         new_fin = jnp.where(finishes, penalised(top_logp, t + 1), neg_inf)
         fin_score, fin_idx = jax.lax.top_k(jnp.concatenate([s["fin_score"], new_fin], 1), k)
         fin_seq = jnp.take_along_axis(
@@ -296,6 +396,14 @@ def beam_search(
             -1
         )
         cache = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), s["cache"])
+
+        # Finished scores only fall as the denominator grows (length_penalty > 0) or rise as it
+        # shrinks; an alive beam's log-prob only falls.
+        full = fin_score[:, -1] > neg_inf
+        best_alive = penalised(alive_logp[:, 0], max_len if bound_at_max_len else t + 1)
+        still_open = s["open"] & ~(full & (best_alive <= fin_score[:, -1]))
+        if early_stopping is True:
+            still_open = still_open & ~full
 
         def advance(cache):
             return step_fn(cache, alive_seq[:, :, t].reshape(-1))
@@ -310,6 +418,7 @@ def beam_search(
             alive_logp=alive_logp,
             fin_seq=fin_seq,
             fin_score=fin_score,
+            open=still_open,
         )
 
     s = jax.lax.while_loop(cond, body, state)
@@ -324,6 +433,10 @@ def decode(step_fn, cache, logits0, config: DecodeConfig, rng: jax.Array | None 
         pad_id=config.pad_id,
         loc_offset=config.loc_offset,
         loc_bins=config.loc_bins,
+        start_id=config.start_id,
+        repetition_penalty=config.repetition_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        min_new_tokens=config.min_new_tokens,
     )
     if config.strategy == "greedy":
         return greedy_decode(step_fn, cache, logits0, **common)
@@ -334,6 +447,7 @@ def decode(step_fn, cache, logits0, config: DecodeConfig, rng: jax.Array | None 
             logits0,
             num_beams=config.num_beams,
             length_penalty=config.length_penalty,
+            early_stopping=config.early_stopping,
             **common,
         )
     if rng is None:

@@ -365,3 +365,31 @@ def test_blip2_folder_with_auto_map_or_code_is_refused(tmp_path):
     (tmp_path / "m.py").write_text("")
     with pytest.raises(InputError, match="code files"):
         loading.load_llm3d(tmp_path)
+
+
+def test_generation_penalties_reach_the_decoder(root, monkeypatch):
+    monkeypatch.chdir(root)
+    options = dict(
+        strategy="beam",
+        length_penalty=1.2,
+        early_stopping=False,
+        repetition_penalty=1.5,
+        no_repeat_ngram_size=2,
+        min_new_tokens=3,
+    )
+    model = ask.load_model("model", options)
+    assert {k: getattr(model.decode, k) for k in options} == options
+    # the tiny model is a T5: the penalties count its decoder start token
+    assert model.decode.start_id == model.module.config.llm.decoder_start_token_id
+
+    def bigrams(answer):
+        return list(zip(answer.token_ids, answer.token_ids[1:]))
+
+    plain, _ = ask.ask("model", "scene.npz", QUESTION)
+    assert len(set(bigrams(plain))) < len(bigrams(plain))  # the plain answer repeats itself
+    fresh, _ = ask.ask("model", "scene.npz", QUESTION, decode=dict(no_repeat_ngram_size=2))
+    assert len(set(bigrams(fresh))) == len(bigrams(fresh)) > 0
+    with pytest.raises(InputError, match="repetition_penalty"):
+        ask.main(
+            ["--model", "model", "--scene", "scene.npz", QUESTION, "--repetition_penalty", "0"]
+        )

@@ -221,7 +221,12 @@ def test_decode_dispatch_and_config_validation():
         dict(temperature=0.0),
         dict(max_new_tokens=0),
         dict(num_beams=0),
-        dict(length_penalty=-1.0),
+        dict(length_penalty=float("nan")),
+        dict(early_stopping="sometimes"),
+        dict(early_stopping=1),
+        dict(repetition_penalty=0.0),
+        dict(no_repeat_ngram_size=-1),
+        dict(min_new_tokens=-1),
     ]:
         with pytest.raises(ValueError):
             DecodeConfig(**bad)
