@@ -54,7 +54,14 @@ def build_model(config):
         module = llm3d.LLM3D(model_config)
         if llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
             params, new = llm3d.grow_params(module, params, seed=config.seed)
-            print(f"{m.pretrained}: new params initialised at random: {', '.join(new)}")
+            # one entry per module (relevance/... has dozens of arrays)
+            grown = sorted(
+                {
+                    "/".join(p.split("/")[:2]) if p.startswith("llm/") else p.split("/")[0]
+                    for p in new
+                }
+            )
+            print(f"{m.pretrained}: new params initialised at random: {', '.join(grown)}")
         return module, params
     model_config = preset_config(m.preset)
     if config.data_source == "tfds":
