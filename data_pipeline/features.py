@@ -7,7 +7,7 @@ For each SCENES/<scene_id>.npz it uses SCENES/views/<scene_id>.npz when present 
 `--views` views at `--width` x `--height`), computes ConceptFusion pixel features (masks from the
 instance renders, or from `--masks DIR/<scene_id>.npz`, format in data_pipeline/features2d.py),
 lifts them with the chosen method, voxelises onto the scene's 256^3 grid and writes
-FEATURES/<scene_id>.npz (the scene feature file of shared/DESIGN.md) atomically.
+FEATURES/<scene_id>.npz (the scene feature file of docs/reference.md) atomically.
 A scene that fails is reported and skipped (exit status 1 at the end); an output that already
 exists and is valid for the same method and encoder is kept (resume).
 """

@@ -1,4 +1,4 @@
-"""Pixel-aligned 2D features, ConceptFusion-style, as 3D-LLM builds them (shared/REFERENCE.md).
+"""Pixel-aligned 2D features, ConceptFusion-style, as 3D-LLM builds them (docs/reference.md).
 
 Per frame, with masks m_1..m_K (instance renders by default, or an external segmenter's file):
   f_G = pooled feature of the whole frame, f_i = pooled feature of the crop of mask i (its

@@ -48,7 +48,7 @@ SPLITS = {"val": "validation", "validation": "validation", "train": "train"}
 TEXT_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM", "EM-refined")
 GROUNDING_COLUMNS = ("Acc@0.25", "Acc@0.5", "mIoU")
 
-# Published numbers (shared/REFERENCE.md), shown beside ours in metrics.md.
+# Published numbers (docs/reference.md "Published results"), shown beside ours in metrics.md.
 SCANQA_VAL = {
     "ScanQA": (30.2, 10.1, 13.1, 33.3, 64.9, 21.0),
     "3D-LLM (BLIP2-flant5)": (39.3, 12.0, 14.5, 35.7, 69.4, 20.5),
@@ -214,7 +214,7 @@ def markdown(metrics: dict, title: str) -> str:
         ]
         lines += [
             "",
-            "Published, ScanQA validation (shared/REFERENCE.md):",
+            "Published, ScanQA validation (docs/reference.md):",
             "",
             "| system | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr | EM |",
             "|---" * 7 + "|",

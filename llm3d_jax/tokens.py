@@ -1,6 +1,6 @@
 """The text side of location tokens: metres in text <-> `<locN>` tokens on a scene's voxel grid.
 
-Language records write locations in metres, grid-independent (DESIGN "language record"):
+Language records write locations in metres, grid-independent (docs/architecture.md):
 `<box>x0 y0 z0 x1 y1 z1</box>` for an axis-aligned box and `<pt>x y z</pt>` for a point. Before
 tokenisation they become location tokens on the scene's 256^3 grid, one token per axis coordinate,
 `voxel = clip(floor((p - grid_origin) / grid_voxel), 0, bins - 1)`, the same formula as the

@@ -8,7 +8,7 @@ Writes tests/goldens/llm3d/:
   wrong mapping shows;
 - blip2_tiny_io.npz : point features, voxels, masks, prompt and answer ids; the reference
   computation of the released 3D-LLM forward pass:
-    features + 0.01 * pos-embed(voxels)   (numpy formula of REFERENCE.md; D = 28, odd D//3 = 9)
+    features + 0.01 * pos-embed(voxels)   (numpy formula of docs/reference.md; D = 28, odd D//3 = 9)
     -> model.qformer(query_embeds=query_tokens, encoder_hidden_states, encoder_attention_mask)
     -> language_projection
     -> language_model(inputs_embeds=[queries; embed(prompt)], attention_mask=[ones; prompt_mask],
@@ -40,7 +40,7 @@ TEXT_VOCAB = 160
 
 
 def sincos_table(num_positions: int, channels: int) -> np.ndarray:
-    """REFERENCE.md: inv_freq_k = 1 / 10000^(2k / C'), rows [sin, cos] interleaved, cut to C."""
+    """docs/reference.md: inv_freq_k = 1 / 10000^(2k / C'), [sin, cos] interleaved, cut to C."""
     even = channels + channels % 2
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, even, 2, dtype=np.float64) / even))
     angles = np.arange(num_positions, dtype=np.float64)[:, None] * inv_freq[None, :]

@@ -1,6 +1,6 @@
 """Importers for the public 3D language datasets into language records.
 
-Formats (shared/REFERENCE.md "Public data formats"):
+Formats (docs/reference.md "Public data formats"):
 - ScanQA: a JSON list of {scene_id, question_id, question, answers[], object_ids[], object_names[]}
   -> qa records, id `scanqa-<question_id>`, meta {question_id, object_names}. Test-split entries
   without answers are skipped (a record needs an answer).

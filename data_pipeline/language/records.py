@@ -1,4 +1,4 @@
-"""The language record (DESIGN "language record"): construction, validation, JSONL reading.
+"""The language record (docs/architecture.md contract): construction, validation, JSONL reading.
 
 One record is one JSON object:
     {"id", "scene_id", "task", "prompt", "answers": [str, ...], "object_ids": [int, ...],
@@ -113,7 +113,7 @@ def make_record(
     meta: dict | None = None,
     record_id: str | None = None,
 ) -> dict:
-    """A record with the DESIGN fields in order; `id` defaults to `content_id(...)`.
+    """A record with the contract fields in order; `id` defaults to `content_id(...)`.
 
     Values are not coerced (a non-string answer stays one, for `validate_record` to reject).
     """
@@ -135,7 +135,7 @@ def make_record(
 def validate_record(record, known_scenes: set[str] | None = None) -> None:
     """Raises ValueError with the reason when `record` breaks the schema.
 
-    Checks: exactly the DESIGN fields with their types, a known task and source, a non-empty
+    Checks: exactly the contract fields with their types, a known task and source, a non-empty
     prompt, at least one answer and no empty answer, integer object ids, well-formed
     `<box>`/`<pt>` placeholders in prompt and answers, and (when `known_scenes` is given) a
     scene id among them.

@@ -1,4 +1,4 @@
-"""Lifted points -> the 256^3 grid of the scene feature file (shared/DESIGN.md).
+"""Lifted points -> the 256^3 grid of the scene feature file (docs/reference.md).
 
 Grid: origin = the AABB minimum, voxel = largest extent / 256, nudged up by a few float32 ulps
 when needed so that the top face still falls in voxel 255. The invariant every reader relies on,

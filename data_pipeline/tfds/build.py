@@ -1,9 +1,9 @@
 """Validates scene feature files + language records and writes the two TFDS datasets.
 
-`build()` reads every language record (JSONL, DESIGN contract), gives each a split (its own
-`meta.split` when the language stage set one, else by a seeded hash of its scene id, so all of a
-scene's records share a split), reads each referenced scene feature file once, and rejects bad
-items with a reason instead of stopping:
+`build()` reads every language record (JSONL, docs/architecture.md contract), gives each a split
+(its own `meta.split` when the language stage set one, else by a seeded hash of its scene id, so
+all of a scene's records share a split), reads each referenced scene feature file once, and
+rejects bad items with a reason instead of stopping:
 
   scene:  unreadable file or missing keys, NaN/Inf points or features, voxels that are not
           integers in 0..255, feature width differing from the dataset's (the first good

@@ -99,7 +99,7 @@ CONFIGS = {
 
 
 def scene_features(dim: int) -> tfds.features.FeaturesDict:
-    """One scene feature file (DESIGN scene feature file), fp16 features stored as raw bytes."""
+    """One scene feature file (docs/architecture.md contract), fp16 features stored as raw bytes."""
 
     def array(shape, dtype):
         return tfds.features.Tensor(shape=shape, dtype=dtype, encoding="bytes")
@@ -123,7 +123,7 @@ def scene_features(dim: int) -> tfds.features.FeaturesDict:
 
 
 def language_features() -> tfds.features.FeaturesDict:
-    """One language record (DESIGN language record) plus the join index into the scenes split."""
+    """One language record (docs/architecture.md contract) + the join index to the scenes split."""
     return tfds.features.FeaturesDict(
         {
             "id": tfds.features.Text(),

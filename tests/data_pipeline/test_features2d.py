@@ -17,7 +17,7 @@ def test_fuse_mask_features_matches_the_formula():
     f_g = rng.normal(size=8)
     local = _unit(rng.normal(size=(3, 8)))
     got = features2d.fuse_mask_features(f_g, local)
-    # Written out one mask at a time from shared/REFERENCE.md.
+    # Written out one mask at a time from docs/reference.md.
     cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     score = np.array(
         [

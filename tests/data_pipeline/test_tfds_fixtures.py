@@ -1,4 +1,5 @@
-"""Small scene feature files + language records (DESIGN contracts) for the TFDS and grain tests.
+"""Small scene feature files + language records (docs/architecture.md contracts) for the TFDS
+and grain tests.
 
 The helpers are imported by tests/data_pipeline/test_tfds_build.py and tests/data/test_*.py; the
 tests here check that the fixtures themselves follow the contracts.

@@ -1,8 +1,17 @@
 """experiments/eval.py's grouping of prediction rows into metrics (hand-made rows, no model)."""
 
+import os
+
 import pytest
 
-from experiments.eval import compute_metrics, last_question, markdown, strip_locations
+from experiments.eval import (
+    SCANQA_VAL,
+    SCANREFER_ACC25,
+    compute_metrics,
+    last_question,
+    markdown,
+    strip_locations,
+)
 
 
 def _row(i, dataset, task, prompt, prediction, answers, boxes=()):
@@ -59,3 +68,16 @@ def test_compute_metrics_groups_sqa3d_types_and_grounding():
         "| sqa3d/qa | 3 |" in table and "| scanrefer/grounding | 2 | 50.0 | 50.0 | 50.0 |" in table
     )
     assert "ScanRefer Acc@0.25: 3D-LLM 30.3" in table
+    assert "Published, ScanQA validation (docs/reference.md):" in table
+
+
+def test_published_numbers_match_docs_reference():
+    """The numbers eval.py prints beside ours are the ones docs/reference.md gives, with sources."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "reference.md"), encoding="utf-8") as f:
+        reference = f.read()
+    for name, values in SCANQA_VAL.items():
+        cells = " | ".join("-" if v is None else f"{v}" for v in values)
+        assert f"| {name} | {cells} |" in reference
+    scanrefer = ", ".join(f"{k} {v}" for k, v in SCANREFER_ACC25.items())
+    assert f"ScanRefer Acc@0.25 (x100): {scanrefer}." in reference

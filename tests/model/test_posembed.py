@@ -19,7 +19,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "..", "goldens", "qformer", "po
 
 
 def _formula(num_positions: int, channels: int) -> np.ndarray:
-    """Direct transcription of REFERENCE.md, one entry at a time, in float64."""
+    """Direct transcription of docs/reference.md, one entry at a time, in float64."""
     even = channels + channels % 2
     out = np.zeros((num_positions, channels))
     for p in range(num_positions):

@@ -35,7 +35,7 @@ from llm3d_jax.fileio import load_npz, save_npz_atomic, write_jsonl_atomic
 
 
 def make_inputs(root: str, num_scenes: int, points: int, dim: int, per_scene: int, seed: int = 0):
-    """Random scene feature files (DESIGN contract) and qa/grounding records on them."""
+    """Random scene feature files (docs/architecture.md) and qa/grounding records on them."""
     rng = np.random.default_rng(seed)
     rows = []
     for s in range(num_scenes):

@@ -36,7 +36,7 @@ DEFAULT_THREADS = torch.get_num_threads()
 
 
 def sincos_table(num_positions: int, channels: int) -> np.ndarray:
-    """REFERENCE.md's table: inv_freq_k = 1 / 10000^(2k / C'), [sin, cos] interleaved, cut to C."""
+    """docs/reference.md: inv_freq_k = 1 / 10000^(2k / C'), [sin, cos] interleaved, cut to C."""
     even = channels + channels % 2
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, even, 2, dtype=np.float64) / even))
     angles = np.arange(num_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
