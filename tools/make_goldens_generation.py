@@ -213,7 +213,9 @@ def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "tiny_t5")
     make_model(path)
-    model = T5ForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+    model = T5ForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False
+    ).eval()
     io = inputs()
     t = {k: torch.from_numpy(v) for k, v in io.items()}
     out, table = dict(io), {}
