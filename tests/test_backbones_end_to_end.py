@@ -1,7 +1,8 @@
 """Every LLM backbone from the command line, with relative paths: a tokenizer
 (`python -m llm3d_jax.tokens`), then experiments/train.py on TFDS data and on synthetic batches
 -> experiments/eval.py -> tools/export.py -> tools/ask.py, for tiny random T5, OPT, Llama, Qwen2
-and Mistral 3D-LLMs (2 steps each: this checks the plumbing, not learning)."""
+and Mistral 3D-LLMs (2 steps each: this checks the plumbing, not learning; `FULL` says which
+families also run the synthetic smoke command and eval.py)."""
 
 import json
 import os
@@ -21,6 +22,10 @@ PRESETS = {
     "qwen2": "tiny_decoder:qwen2",
     "mistral": "tiny_decoder:mistral",
 }
+# The synthetic-data smoke run and experiments/eval.py take the same path for every decoder
+# family (the model is built and decoded as in train.py and ask.py): one encoder-decoder and one
+# decoder run them; every family trains on TFDS data, exports and answers.
+FULL = ("t5", "llama")
 SHAPES = [
     "--config.batch_size=4",
     "--config.eval_batch_size=4",
@@ -83,23 +88,27 @@ def test_train_eval_export_ask_from_the_command_line(workspace, family):
     preset = f"--config.model.preset={PRESETS[family]}"
     run, model = f"run_{family}", f"model_{family}"
 
-    # Synthetic batches: the documented smoke command, no files at all.
-    _run(cwd, env, rel("experiments", "train.py"), *config, f"--workdir=syn_{family}", preset,
-         "--config.data_source=synthetic", "--config.total_steps=2", *SHAPES)  # fmt: skip
-    rows = [json.loads(line) for line in open(cwd / f"syn_{family}" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["mfu"] > 0 for r in rows)
+    if family in FULL:
+        # Synthetic batches: the documented smoke command, no files at all.
+        _run(cwd, env, rel("experiments", "train.py"), *config, f"--workdir=syn_{family}", preset,
+             "--config.data_source=synthetic", "--config.total_steps=2", *SHAPES)  # fmt: skip
+        rows = [json.loads(line) for line in open(cwd / f"syn_{family}" / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2] and all(r["mfu"] > 0 for r in rows)
 
     # TFDS data and the command-line tokenizer.
     _run(cwd, env, rel("experiments", "train.py"), *config, f"--workdir={run}", preset,
          "--config.data_dir=tfds", "--config.tokenizer=tok", "--config.total_steps=2",
          *SHAPES)  # fmt: skip
     assert os.path.isdir(cwd / run / "checkpoints" / "2")
+    rows = [json.loads(line) for line in open(cwd / run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["mfu"] > 0 for r in rows)
 
-    out = _run(cwd, env, rel("experiments", "eval.py"), "--workdir", run, "--limit", "4",
-               "--batch_size", "2", "--max_new_tokens", "4")  # fmt: skip
-    assert "model: step 2" in out
-    predictions = [json.loads(line) for line in open(cwd / run / "eval" / "predictions.jsonl")]
-    assert len(predictions) == 4 and all("prediction" in p for p in predictions)
+    if family in FULL:
+        out = _run(cwd, env, rel("experiments", "eval.py"), "--workdir", run, "--limit", "4",
+                   "--batch_size", "2", "--max_new_tokens", "4")  # fmt: skip
+        assert "model: step 2" in out
+        predictions = [json.loads(line) for line in open(cwd / run / "eval" / "predictions.jsonl")]
+        assert len(predictions) == 4 and all("prediction" in p for p in predictions)
 
     _run(cwd, env, rel("tools", "export.py"), "--workdir", run, "--out", model)
     with open(cwd / model / "llm3d_config.json") as f:

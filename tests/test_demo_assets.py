@@ -86,28 +86,69 @@ def test_attribute_question_types_are_ones_the_language_generator_writes():
 
 
 def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
-    """The script that built assets/demo, at toy size: encoder, data, both models, all three
-    phases (the optional grounding phase (c) included)."""
+    """The script that built assets/demo, at toy size: encoder, data, and the 3D model through
+    all three phases (the optional grounding phase (c) included). The blind model runs the same
+    commands with the blind flag (next test); at toy size it would double this test's minutes."""
     out = tmp_path / "assets"
     argv = ["--out", str(out), "--scenes", "8", "--encoder-scenes", "2", "--encoder-steps", "2"]
-    steps = ["--steps", "2", "--attribute-steps", "2", "--grounding-steps", "2"]
+    steps = ["--steps", "2", "--attribute-steps", "2", "--grounding-steps", "2", "--modes", "3d"]
     assert pretrain_demo.main(argv + steps) == 0
     encoder, _ = features.load_encoder(f"vit:{out / 'encoder'}")
     work = out / "work"
     with open(work / "attributes.jsonl") as f:
         qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
     assert qtypes and qtypes <= set(pretrain_demo.ATTRIBUTE_QUESTIONS)
-    configs = {}
-    for mode in ("3d", "blind"):
-        module, _, tokenizer, description = loading.load_exported_bundle(out / f"pretrained_{mode}")
-        configs[mode] = module.config
-        assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
-        # Phase (c) starts from phase (b)'s export and ends at its own last step.
-        assert description["source"]["step"] == 2
-        assert description["source"]["run"].endswith(f"run_{mode}_grounding")
-        for run in (f"run_{mode}", f"run_{mode}_attributes", f"run_{mode}_grounding"):
-            assert (work / run / "eval" / "metrics.json").exists()
-    assert configs["3d"] == configs["blind"] and configs["3d"].qformer.seeded_queries
-    assert configs["3d"].target_tokens and configs["3d"].llm.loc_table_dim
-    with open(work / "run_blind_attributes" / "config.json") as f:
-        assert json.load(f)["data"]["blind"] is True
+    module, _, tokenizer, description = loading.load_exported_bundle(out / "pretrained_3d")
+    assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
+    # Phase (c) starts from phase (b)'s export and ends at its own last step.
+    assert description["source"]["step"] == 2
+    assert description["source"]["run"].endswith("run_3d_grounding")
+    for run in ("run_3d", "run_3d_attributes", "run_3d_grounding"):
+        assert (work / run / "eval" / "metrics.json").exists()
+    assert module.config.qformer.seeded_queries
+    assert module.config.target_tokens and module.config.llm.loc_table_dim
+    assert not (out / "pretrained_blind").exists() and not (work / "run_blind").exists()
+    with open(work / "run_3d_attributes" / "config.json") as f:
+        assert json.load(f)["data"]["blind"] is False
+
+
+def test_pretrain_demo_runs_each_mode_through_the_same_phases(tmp_path, monkeypatch):
+    """Both modes, every phase in order, the blind flag on the blind model's runs only, each
+    phase starting from the one before; the commands themselves run in the toy-size test."""
+    calls = []
+    data = {"records": "R", "tfds": "T", "features": "F"}
+    monkeypatch.setattr(pretrain_demo.train_encoder, "main", lambda argv: calls.append("encoder"))
+    monkeypatch.setattr(pretrain_demo.demo, "build_data", lambda *a, **k: dict(data))
+    monkeypatch.setattr(pretrain_demo.demo, "build_tfds", lambda *a: None)
+    monkeypatch.setattr(pretrain_demo, "attribute_records", lambda records, out: 1)
+    monkeypatch.setattr(pretrain_demo.shutil, "copytree", lambda a, b: calls.append(("copy", a, b)))
+
+    def train_and_eval(run, data, seed, blind, steps, pretrained="", extra=()):
+        calls.append(("train", os.path.basename(run), blind, steps, pretrained, extra))
+
+    monkeypatch.setattr(pretrain_demo.demo, "train_and_eval", train_and_eval)
+    monkeypatch.setattr(
+        pretrain_demo, "export", lambda run, target: calls.append(("export", target))
+    )
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--steps", "3", "--attribute-steps", "4", "--grounding-steps", "5"]
+    assert pretrain_demo.main(argv) == 0
+    trains = [c[1:4] for c in calls if c[0] == "train"]
+    assert trains == [
+        (f"run_{mode}{phase}", mode == "blind", steps)
+        for mode in ("3d", "blind")
+        for phase, steps in (("", 3), ("_attributes", 4), ("_grounding", 5))
+    ]
+    work = str(out / "work")
+    starts = [c[4] for c in calls if c[0] == "train"]
+    assert starts == [
+        s for m in ("3d", "blind") for s in ("", f"{work}/mixture_{m}", f"{work}/attributes_{m}")
+    ]
+    grounding = [c[5] for c in calls if c[0] == "train" and c[1].endswith("_grounding")]
+    assert all(set(pretrain_demo.GROUNDING_SETTINGS) <= set(extra) for extra in grounding)
+    assert [c[2] for c in calls if c[0] == "copy"] == [
+        str(out / "pretrained_3d"),
+        str(out / "pretrained_blind"),
+    ]
+    with pytest.raises(SystemExit, match="--modes"):
+        pretrain_demo.main(["--out", str(out), "--modes", "3d,other"])

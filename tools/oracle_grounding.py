@@ -12,7 +12,15 @@ tokens of the box. One process, no files but the two data sets:
         --set loc_table_dim=21 --set target_tokens=32 --set target_layers=1
 
 `--set` overrides LLM3DConfig.demo fields (integers). Every 600 steps and at the end it prints
-held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions.
+held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions
+(`answer`) and, with target tokens, of the box of the points the model rates as the named
+object's (`rated`: what the LLM is shown, so the answers' ceiling if it copies it).
+
+The same rooms with the lifted features of the real pipeline instead of the one-hots (same
+points, questions and boxes), to tell whether the features or the model stop grounding:
+
+    python -m tools.oracle_grounding data --rooms 400 --seed 1000 --out LIFTED/train \
+        --features FEATURES   # python -m data_pipeline.features on rooms of seed 1000
 Measured (2-core CPU, shared): table rows alone 3.5 at 1200 steps; target tokens 17.0 / 9.0
 at 1200 steps (docs/architecture.md, "Location tokens in the model").
 """
@@ -39,6 +47,7 @@ from data_pipeline.lift.voxelize import balanced_sample, grid_for_bounds, voxel_
 from data_pipeline.scenes import synthetic  # noqa: E402
 from llm3d_jax import tokens  # noqa: E402
 from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
+from llm3d_jax.fileio import InputError, load_npz  # noqa: E402
 from llm3d_jax.infer.decode import DecodeConfig  # noqa: E402
 from llm3d_jax.infer.generate import generate  # noqa: E402
 from llm3d_jax.model import llm3d  # noqa: E402
@@ -78,12 +87,45 @@ def room_points(scene, rng):
     return voxels[keep].astype(np.uint8), instance[keep].astype(np.int32), features, (origin, voxel)
 
 
-def make_data(rooms: int, seed: int, out: str) -> None:
+def lifted_points(path: str, rng):
+    """-> voxels [STORED,3], instance [STORED], features [STORED,D], grid (origin, voxel) of one
+    room's feature file (python -m data_pipeline.features): STORED points balanced over objects
+    as `room_points` chooses them (a room with fewer has some twice), so only the features
+    differ from the oracle's."""
+    arrays = load_npz(
+        path, required=("features", "voxels", "instance", "grid_origin", "grid_voxel")
+    )
+    instance = arrays["instance"]
+    if not len(instance):
+        raise InputError(path, "no points")
+    if len(instance) >= STORED:
+        keep = balanced_sample(instance, STORED, rng)
+    else:  # a small room: every point, some twice (a repeat moves no box)
+        keep = np.sort(
+            np.concatenate(
+                [np.arange(len(instance)), rng.choice(len(instance), STORED - len(instance))]
+            )
+        )
+    grid = (np.asarray(arrays["grid_origin"], np.float64), float(arrays["grid_voxel"]))
+    voxels = arrays["voxels"][keep].astype(np.uint8)
+    return (
+        voxels,
+        instance[keep].astype(np.int32),
+        arrays["features"][keep].astype(np.float32),
+        grid,
+    )
+
+
+def make_data(rooms: int, seed: int, out: str, features_dir: str | None = None) -> None:
     rng = np.random.default_rng(seed)
     arrays, records = {"features": [], "voxels": [], "instance": []}, []
     for index in range(rooms):
         scene = synthetic.make_scene(seed, index)
-        voxels, instance, features, (origin, voxel) = room_points(scene, rng)
+        if features_dir:
+            path = os.path.join(features_dir, f"synth_{index:04d}.npz")
+            voxels, instance, features, (origin, voxel) = lifted_points(path, rng)
+        else:
+            voxels, instance, features, (origin, voxel) = room_points(scene, rng)
         arrays["features"].append(features)
         arrays["voxels"].append(voxels)
         arrays["instance"].append(instance)
@@ -96,7 +138,9 @@ def make_data(rooms: int, seed: int, out: str) -> None:
     np.savez(out + ".npz", **{k: np.stack(v) for k, v in arrays.items()})
     with open(out + ".jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    print(f"{out}: {rooms} rooms, {len(records)} grounding questions, {WIDTH}-d oracle features")
+    kind = f"lifted features of {features_dir}" if features_dir else "oracle features"
+    width = arrays["features"][0].shape[1]
+    print(f"{out}: {rooms} rooms, {len(records)} grounding questions, {width}-d {kind}")
 
 
 class Words:
@@ -135,9 +179,24 @@ def batch(data, records, words, rng):
     return out
 
 
-def held_out_accuracy(module, params, data, records, words) -> tuple[float, float]:
+def _rated_extent(module, variables, x):
+    """-> location ids [B,6] of the box of the points the model rates as the named object's (what
+    a model with target_tokens shows the LLM)."""
+
+    def extent(m, features, voxels, point_mask, prompt_ids, prompt_mask):
+        features = m.feature_norm(features) if m.config.feature_norm else features
+        points = m.posembed(features, voxels)
+        rating = m.relevance(points, point_mask, m.llm.embed(prompt_ids), prompt_mask)
+        return m.extent_ids(jnp.where(point_mask, rating, -1e9), voxels, point_mask)
+
+    return module.apply(variables, **x, method=extent)
+
+
+def held_out_accuracy(module, params, data, records, words) -> dict[str, float]:
+    """-> Acc@0.25 / Acc@0.5 of the greedy answers (`answer`) and, with target tokens, of the box
+    of the rated points itself (`rated`): the second bounds what copying it can reach."""
     config = DecodeConfig(max_new_tokens=7, loc_offset=LOC_OFFSET, loc_bins=256)
-    ious = []
+    ious = {"answer": [], "rated": []}
     for start in range(0, len(records), 50):
         part = records[start : start + 50]
         x = batch(data, part, words, np.random.default_rng(0))
@@ -145,14 +204,23 @@ def held_out_accuracy(module, params, data, records, words) -> tuple[float, floa
             k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
         }
         generated, _ = generate(module, params, inputs, config)
-        for r, ids in zip(part, generated):
+        rated = None
+        if module.config.target_tokens:
+            rated = np.asarray(_rated_extent(module, {"params": params}, inputs)) - LOC_OFFSET
+        for row, (r, ids) in enumerate(zip(part, generated)):
+            truth = np.array([r["box"]], float)
             box = [i - LOC_OFFSET for i in ids[:6] if LOC_OFFSET <= i < LOC_OFFSET + 256]
-            if len(box) != 6:
-                ious.append(0.0)
-                continue
-            ious.append(float(box_iou(np.array([box], float), np.array([r["box"]], float))[0]))
-    ious = np.asarray(ious)
-    return 100 * float(np.mean(ious >= 0.25)), 100 * float(np.mean(ious >= 0.5))
+            iou = float(box_iou(np.array([box], float), truth)[0]) if len(box) == 6 else 0.0
+            ious["answer"].append(iou)
+            if rated is not None:
+                ious["rated"].append(float(box_iou(rated[row : row + 1].astype(float), truth)[0]))
+    out = {}
+    for name, values in ious.items():
+        if values:
+            values = np.asarray(values)
+            out[f"{name} Acc@0.25"] = 100 * float(np.mean(values >= 0.25))
+            out[f"{name} Acc@0.5"] = 100 * float(np.mean(values >= 0.5))
+    return out
 
 
 def train(args) -> None:
@@ -164,7 +232,8 @@ def train(args) -> None:
     (train_data, train_records), (test_data, test_records) = load("train"), load("test")
     test_records = test_records[:: max(1, len(test_records) // 400)][:400]
     overrides = {k: int(v) for k, v in (s.split("=", 1) for s in args.set)}
-    module = llm3d.LLM3D(llm3d.LLM3DConfig.demo(feature_dim=WIDTH, **overrides))
+    width = train_data["features"].shape[-1]
+    module = llm3d.LLM3D(llm3d.LLM3DConfig.demo(feature_dim=width, **overrides))
     params = llm3d.init_params(module, seed=0)
     schedule = optax.warmup_cosine_decay_schedule(
         0, args.lr, 50, max(args.steps, 100), args.lr / 10
@@ -199,11 +268,12 @@ def train(args) -> None:
         params, opt_state, losses = step(params, opt_state, batch(train_data, picked, words, rng))
         logged.append([float(v) for v in losses])
         if i % 600 == 0 or i == args.steps:
-            acc25, acc50 = held_out_accuracy(module, params, test_data, test_records, words)
+            accuracy = held_out_accuracy(module, params, test_data, test_records, words)
             ce, rating = np.mean(logged[-100:], axis=0)
+            held_out = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items())
             print(
                 f"step {i}: answer loss {ce:.3f}, rating loss {rating:.3f}, held-out "
-                f"Acc@0.25 {acc25:.1f}, Acc@0.5 {acc50:.1f} ({time.time() - start:.0f} s)",
+                f"{held_out} ({time.time() - start:.0f} s)",
                 flush=True,
             )
 
@@ -215,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--rooms", type=int, required=True)
     data.add_argument("--seed", type=int, required=True)
     data.add_argument("--out", required=True, help="path without extension: OUT.npz, OUT.jsonl")
+    data.add_argument(
+        "--features",
+        help="a folder of the rooms' lifted feature files (synth_<index>.npz, python -m "
+        "data_pipeline.features on rooms of --seed) to use instead of the oracle's one-hots",
+    )
     run = sub.add_parser("train")
     run.add_argument("--data", required=True, help="folder with train.* and test.*")
     run.add_argument("--steps", type=int, default=1200)
@@ -223,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], help="LLM3DConfig field=int")
     args = parser.parse_args(argv)
     if args.command == "data":
-        make_data(args.rooms, args.seed, args.out)
+        make_data(args.rooms, args.seed, args.out, args.features)
     else:
         train(args)
     return 0

@@ -25,7 +25,7 @@ synthetic rooms of *another* seed (default 1000; the demo's rooms use seed 0):
 
     python -m tools.pretrain_demo --out assets/demo
     python -m tools.pretrain_demo --out OUT --from-pretrained assets/demo --scenes 256 \
-        --grounding-steps 4000    # phase (c) only, from assets/demo's pretrained models
+        --grounding-steps 4000 --modes 3d    # phase (c) of the 3D-LLM only, from assets/demo
 
 OUT gets encoder/, pretrained_3d/, pretrained_blind/ (what assets/demo holds) and work/ (data,
 runs with their eval/metrics.md; not needed afterwards). Every stage is skipped when its
@@ -119,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         "instead of the encoder stage and phases (a) and (b); its encoder/ encodes the rooms",
     )
     parser.add_argument("--seed", type=int, default=1000, help="rooms of this seed (demo: 0)")
+    parser.add_argument(
+        "--modes",
+        default="3d,blind",
+        help="which models to train: 3d, blind or both (a grounding try needs only 3d)",
+    )
     args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"3d", "blind"}:
+        raise SystemExit(f"error: --modes {args.modes!r}: give 3d, blind or 3d,blind")
     out = os.path.abspath(args.out)
     work = os.path.join(out, "work")
 
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{count} attribute questions -> {attributes['records']}")
     demo.build_tfds(data["features"], attributes["records"], attributes["tfds"])
 
-    for mode in ("3d", "blind"):
+    for mode in modes:
         blind = mode == "blind"
         if start:
             phase_c(work, data, args, mode, os.path.join(start, f"pretrained_{mode}"), out)
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             phase_c(work, data, args, mode, os.path.join(work, f"attributes_{mode}"), out)
         else:
             export(attribute_run, os.path.join(out, f"pretrained_{mode}"))
-    print(f"-> {os.path.relpath(out)}: encoder/, pretrained_3d/, pretrained_blind/")
+    print(f"-> {os.path.relpath(out)}: encoder/, " + ", ".join(f"pretrained_{m}/" for m in modes))
     return 0
 
 
