@@ -27,6 +27,12 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
+def flops(q_len: int, kv_len: int, width: int) -> int:
+    """Matmul FLOPs of one attention (scores and weighted sum: two [q_len, kv_len] x width
+    matmuls), over the whole square whatever the mask (XLA computes the masked part too)."""
+    return 2 * 2 * q_len * kv_len * width
+
+
 def check_implementation(value) -> None:
     """A config's `attention_impl` must be one of IMPLEMENTATIONS."""
     if value not in IMPLEMENTATIONS:

@@ -139,6 +139,25 @@ class DecoderConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
+    def forward_flops(self, prefix_len: int, answer_len: int) -> int:
+        """Matmul FLOPs of one example's forward pass over [prefix; answer] with logits at the
+        answer slots (the LLM interface's FLOP count, for MFU); attention over the whole square,
+        as for T5."""
+        seq, d = prefix_len + answer_len, self.hidden_size
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        ffn_mats = 3 if self.family == "llama" else 2  # gate, up, down | fc1, fc2
+        layer = (
+            2 * seq * 2 * d * q_width  # q, o
+            + 2 * seq * 2 * d * kv_width  # k, v (fewer heads with GQA)
+            + attention.flops(seq, seq, q_width)
+            + 2 * seq * ffn_mats * d * self.intermediate_size
+        )
+        projections = 0
+        if self.token_dim != d:  # OPT project_in over every slot, project_out where logits are read
+            projections = 2 * seq * self.token_dim * d + 2 * seq * d * self.token_dim
+        lm_head = 2 * answer_len * self.token_dim * self.num_logits
+        return self.num_layers * layer + projections + lm_head
+
     @classmethod
     def tiny(cls, family: str = "llama", **overrides) -> DecoderConfig:
         """A small model for unit tests and the CPU demo. `family` is a key of MODEL_TYPES:
@@ -782,6 +801,18 @@ class Decoder(nn.Module):
             position=(jnp.max(positions, axis=1) + 1).astype(jnp.int32),
         )
         return cache, logits
+
+    def prefill_embeds(self, prefix_embeds, prefix_mask, max_decode_len: int):
+        """The LLM interface's prefill (model/t5.py has the same): the 3D-LLM's prefix
+        [B,P,token_dim] with its mask [B,P], bidirectional unless `prefix_causal` -> (cache,
+        logits [B,num_logits] of the first answer token)."""
+        batch, length = prefix_mask.shape
+        return self.prefill(
+            attention_mask=prefix_mask,
+            max_decode_len=max_decode_len,
+            inputs_embeds=prefix_embeds,
+            prefix_len=jnp.full((batch,), length, jnp.int32),
+        )
 
     def decode_step(self, cache, token_ids):
         """token_ids int [B] -> (logits [B,num_logits] of the next token, cache with the token

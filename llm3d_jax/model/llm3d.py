@@ -2,12 +2,14 @@
 
     features [B,N,D] + voxels [B,N,3] --posembed--> [B,N,D] --qformer(point_mask)--> [B,Q,H]
     --proj--> [B,Q,width];  prefix = [queries; embed(prompt_ids)] with mask [ones(Q); prompt_mask]
-    -> logits [B,La,V] where logits[:, t] scores answer_ids[:, t]. Two LLM families:
+    -> logits [B,La,V] where logits[:, t] scores answer_ids[:, t]. The LLM is driven through
+    one interface, `embed`, `answer_logits`, `prefill_embeds` and `decode_step` (and its config's
+    `token_dim` and `forward_flops`), which both families implement (`LLMS`):
     - T5 / FlanT5 (`T5Config`): the prefix is the encoder input; decoder input = answer_ids
       shifted right (start token 0), decoder mask = answer_mask.
     - decoder-only (`DecoderConfig`: OPT, Llama, Qwen2, Mistral): input = [prefix; answer], loss
-      on the answer only (`Decoder.answer_logits`); the prefix attends causally or, with
-      `prefix_causal=False`, bidirectionally.
+      on the answer only; the prefix attends causally or, with `prefix_causal=False`,
+      bidirectionally.
 
 Parameters: `qformer/...` (with `qformer/query_tokens`), `proj/{kernel,bias}`, `llm/...` (the
 LLM, with the location-token rows `llm/loc_embed` and, for an untied head, `llm/loc_head`).
@@ -40,7 +42,10 @@ from llm3d_jax.model.decoder import Decoder, DecoderConfig
 from llm3d_jax.model.location_rows import GRID
 from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
 from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, _dense, _layer_norm
-from llm3d_jax.model.t5 import T5, T5Config, shift_right
+from llm3d_jax.model.t5 import T5, T5Config
+
+# The LLM module of each config class: both implement the interface in this module's docstring.
+LLMS = {T5Config: T5, DecoderConfig: Decoder}
 
 # Regexes (fullmatch over "/"-joined param paths) of what trains by default.
 TRAINABLE = (
@@ -193,7 +198,7 @@ class LLM3DConfig:
     @property
     def llm_width(self) -> int:
         """Width of the LLM's token embeddings: what `proj` maps the queries to."""
-        return self.llm.d_model if isinstance(self.llm, T5Config) else self.llm.token_dim
+        return self.llm.token_dim
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,11 +304,7 @@ class LLM3D(nn.Module):
         if c.target_tokens:
             self.relevance = PointRelevance(relevance_config(c))
             self.target_proj = to_llm()
-        self.llm = T5(c.llm) if self.is_t5 else Decoder(c.llm)
-
-    @property
-    def is_t5(self) -> bool:
-        return isinstance(self.config.llm, T5Config)
+        self.llm = LLMS[type(c.llm)](c.llm)
 
     def scene_tokens(
         self, features, voxels, point_mask, prompt_embeds=None, prompt_mask=None, deterministic=True
@@ -406,32 +407,14 @@ class LLM3D(nn.Module):
         answer_mask,
         deterministic: bool = True,
     ):
-        if not self.is_t5:
-            embeds, mask = self.prefix(
-                features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
-            )
-            return self.llm.answer_logits(embeds, mask, answer_ids, answer_mask, deterministic)
-        encoded, mask = self.encode(
+        embeds, mask = self.prefix(
             features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
         )
-        decoder_input_ids = shift_right(answer_ids, self.config.llm.decoder_start_token_id)
-        return self.llm.decode(encoded, mask, decoder_input_ids, answer_mask, deterministic)
+        return self.llm.answer_logits(embeds, mask, answer_ids, answer_mask, deterministic)
 
     def prefill(self, features, voxels, point_mask, prompt_ids, prompt_mask, max_decode_len: int):
-        if not self.is_t5:
-            embeds, mask = self.prefix(features, voxels, point_mask, prompt_ids, prompt_mask)
-            batch, length = mask.shape
-            return self.llm.prefill(
-                attention_mask=mask,
-                max_decode_len=max_decode_len,
-                inputs_embeds=embeds,
-                prefix_len=jnp.full((batch,), length, jnp.int32),
-            )
-        encoded, mask = self.encode(features, voxels, point_mask, prompt_ids, prompt_mask)
-        cache = self.llm.init_cache(encoded, mask, max_decode_len)
-        start = jnp.full((encoded.shape[0],), self.config.llm.decoder_start_token_id, jnp.int32)
-        logits, cache = self.llm.decode_step(cache, start)
-        return cache, logits
+        embeds, mask = self.prefix(features, voxels, point_mask, prompt_ids, prompt_mask)
+        return self.llm.prefill_embeds(embeds, mask, max_decode_len)
 
     def decode_step(self, cache, token_ids):
         return self.llm.decode_step(cache, token_ids)

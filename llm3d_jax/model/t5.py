@@ -86,8 +86,35 @@ class T5Config:
         return location_rows.num_logits(self.vocab_size, self.loc_offset, self.loc_bins)
 
     @property
+    def token_dim(self) -> int:
+        """Width of the token embeddings (and of `inputs_embeds`)."""
+        return self.d_model
+
+    @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    def forward_flops(self, prefix_len: int, answer_len: int) -> int:
+        """Matmul FLOPs of one example's forward pass: the encoder over the prefix, the decoder
+        over the answer (the LLM interface's FLOP count, for MFU)."""
+        inner = self.num_heads * self.d_kv
+        ffn_mats = 3 if self.gated else 2
+        enc, dec, d = prefix_len, answer_len, self.d_model
+        enc_layer = (
+            2 * enc * 4 * d * inner
+            + attention.flops(enc, enc, inner)
+            + 2 * enc * ffn_mats * d * self.d_ff
+        )
+        dec_layer = (
+            2 * dec * 4 * d * inner  # self attention q k v o
+            + attention.flops(dec, dec, inner)
+            + 2 * dec * 2 * d * inner  # cross attention q o
+            + 2 * enc * 2 * d * inner  # cross attention k v (over the encoder output)
+            + attention.flops(dec, enc, inner)
+            + 2 * dec * ffn_mats * d * self.d_ff
+        )
+        lm_head = 2 * dec * d * self.num_logits
+        return self.num_layers * enc_layer + self.num_decoder_layers * dec_layer + lm_head
 
     @classmethod
     def tiny(cls, **overrides) -> T5Config:
@@ -608,6 +635,32 @@ class T5(nn.Module):
         return self.decode(
             encoded, attention_mask, decoder_input_ids, decoder_attention_mask, deterministic
         )
+
+    # -- the LLM interface the 3D-LLM drives (model/decoder.py's Decoder has the same four) ------
+    # embed(ids); answer_logits(prefix, mask, answer_ids, answer_mask); prefill_embeds(prefix,
+    # mask, max_decode_len) -> (cache, first logits); decode_step(cache, ids). T5 encodes the
+    # prefix and decodes the answer from the decoder start token.
+
+    def answer_logits(
+        self, prefix_embeds, prefix_mask, answer_ids, answer_mask, deterministic: bool = True
+    ):
+        """prefix_embeds [B,P,d_model] (the 3D-LLM's scene tokens and prompt), prefix_mask [B,P],
+        answer_ids / answer_mask [B,La] -> teacher-forced logits [B,La,num_logits], `logits[:, t]`
+        scoring `answer_ids[:, t]`."""
+        encoded = self.encode(
+            inputs_embeds=prefix_embeds, attention_mask=prefix_mask, deterministic=deterministic
+        )
+        decoder_input_ids = shift_right(answer_ids, self.config.decoder_start_token_id)
+        return self.decode(encoded, prefix_mask, decoder_input_ids, answer_mask, deterministic)
+
+    def prefill_embeds(self, prefix_embeds, prefix_mask, max_decode_len: int):
+        """Encodes the prefix once -> (cache with room for `max_decode_len` answer tokens, logits
+        [B,num_logits] of the first answer token)."""
+        encoded = self.encode(inputs_embeds=prefix_embeds, attention_mask=prefix_mask)
+        cache = self.init_cache(encoded, prefix_mask, max_decode_len)
+        start = jnp.full((encoded.shape[0],), self.config.decoder_start_token_id, jnp.int32)
+        logits, cache = self.decode_step(cache, start)
+        return cache, logits
 
     def init_cache(self, encoded, encoder_mask, max_decode_len: int) -> dict:
         """Decoding cache: index [B], encoder_mask [B,Le] and the decoder blocks' self-attention

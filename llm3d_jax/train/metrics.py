@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llm3d_jax.fileio import write_jsonl_atomic
-from llm3d_jax.model.decoder import DecoderConfig
-from llm3d_jax.model.t5 import T5Config
+from llm3d_jax.model import attention
 
 # Dense bf16 peak FLOP/s per device (datasheet, without sparsity), matched on device_kind.
 PEAK_FLOPS = (
@@ -59,86 +58,28 @@ def peak_flops() -> tuple[float, str]:
     )
 
 
-def _attention_flops(q_len, kv_len, width):
-    """Scores and weighted sum: two [q_len, kv_len] x width matmuls."""
-    return 2 * 2 * q_len * kv_len * width
-
-
-def _t5_flops(t5, enc_len, dec_len):
-    inner = t5.num_heads * t5.d_kv
-    ffn_mats = 3 if t5.gated else 2
-    enc_layer = (
-        2 * enc_len * 4 * t5.d_model * inner
-        + _attention_flops(enc_len, enc_len, inner)
-        + 2 * enc_len * ffn_mats * t5.d_model * t5.d_ff
-    )
-    dec_layer = (
-        2 * dec_len * 4 * t5.d_model * inner  # self attention q k v o
-        + _attention_flops(dec_len, dec_len, inner)
-        + 2 * dec_len * 2 * t5.d_model * inner  # cross attention q o
-        + 2 * enc_len * 2 * t5.d_model * inner  # cross attention k v (over the encoder output)
-        + _attention_flops(dec_len, enc_len, inner)
-        + 2 * dec_len * ffn_mats * t5.d_model * t5.d_ff
-    )
-    lm_head = 2 * dec_len * t5.d_model * t5.num_logits
-    return t5.num_layers * enc_layer + t5.num_decoder_layers * dec_layer + lm_head
-
-
 def _qformer_flops(qf, num_queries, num_points):
     h, n = qf.hidden_size, num_queries
-    per_layer = 2 * n * 4 * h * h + _attention_flops(n, n, h) + 2 * n * 2 * h * qf.intermediate_size
+    per_layer = 2 * n * 4 * h * h + attention.flops(n, n, h) + 2 * n * 2 * h * qf.intermediate_size
     cross = (
         2 * n * 2 * h * h  # q, o
         + 2 * num_points * 2 * qf.encoder_hidden_size * h  # k, v over the points
-        + _attention_flops(n, num_points, h)
+        + attention.flops(n, num_points, h)
     )
     num_cross = len(range(0, qf.num_hidden_layers, qf.cross_attention_frequency))
     return qf.num_hidden_layers * per_layer + num_cross * cross
 
 
-def _decoder_flops(dec, seq_len, logits_len):
-    """A decoder-only LLM (`DecoderConfig`) over `seq_len` slots, logits at `logits_len` of them.
-    Attention is counted over the whole [seq_len, seq_len] square, as for T5 (XLA computes the
-    masked half too)."""
-    d, q_width, kv_width = (
-        dec.hidden_size,
-        dec.num_heads * dec.head_dim,
-        dec.num_kv_heads * dec.head_dim,
-    )
-    ffn_mats = 3 if dec.family == "llama" else 2  # gate, up, down | fc1, fc2
-    layer = (
-        2 * seq_len * 2 * d * q_width  # q, o
-        + 2 * seq_len * 2 * d * kv_width  # k, v (fewer heads with GQA)
-        + _attention_flops(seq_len, seq_len, q_width)
-        + 2 * seq_len * ffn_mats * d * dec.intermediate_size
-    )
-    projections = 0
-    if dec.token_dim != d:  # OPT project_in over every slot, project_out where logits are read
-        projections = 2 * seq_len * dec.token_dim * d + 2 * seq_len * d * dec.token_dim
-    lm_head = 2 * logits_len * dec.token_dim * dec.num_logits
-    return dec.num_layers * layer + projections + lm_head
-
-
-def llm_flops(llm, prefix_len: int, answer_len: int) -> float:
-    """Forward FLOPs of one example of the 3D-LLM's language model, either family: T5 encodes
-    the prefix and decodes the answer; a decoder-only LLM runs [prefix; answer] as one sequence."""
-    if isinstance(llm, T5Config):
-        return _t5_flops(llm, prefix_len, answer_len)
-    if isinstance(llm, DecoderConfig):
-        return _decoder_flops(llm, prefix_len + answer_len, answer_len)
-    raise TypeError(f"no FLOP count for LLM config {type(llm).__name__}")
-
-
 def llm3d_flops(qformer, llm, num_points: int, prompt_len: int, answer_len: int) -> float:
-    """Training FLOPs of one example of a 3D-LLM (`QFormerConfig`, and a `T5Config` or a
-    `DecoderConfig`): 3 x the forward matmul FLOPs (a backward pass costs twice the forward),
-    the usual MFU convention, counted for the whole model whether a weight is frozen or not."""
+    """Training FLOPs of one example of a 3D-LLM (`QFormerConfig`, and any LLM config of the
+    interface: `token_dim`, `forward_flops`): 3 x the forward matmul FLOPs (a backward pass costs
+    twice the forward), the usual MFU convention, counted for the whole model whether a weight is
+    frozen or not."""
     q = qformer.num_query_tokens
-    width = llm.d_model if isinstance(llm, T5Config) else llm.token_dim
     forward = (
         _qformer_flops(qformer, q, num_points)
-        + 2 * q * qformer.hidden_size * width
-        + llm_flops(llm, q + prompt_len, answer_len)
+        + 2 * q * qformer.hidden_size * llm.token_dim
+        + llm.forward_flops(q + prompt_len, answer_len)
     )
     return 3.0 * forward
 

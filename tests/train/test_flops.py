@@ -22,7 +22,7 @@ def test_t5_forward_flops_match_xla():
         lambda: module.init(jax.random.key(0), input_ids=ids, decoder_input_ids=dec)
     )
     xla = _xla_flops(lambda p: module.apply(p, input_ids=ids, decoder_input_ids=dec), params) / 2
-    assert metrics._t5_flops(cfg, 24, 12) == pytest.approx(xla, rel=0.05)
+    assert cfg.forward_flops(24, 12) == pytest.approx(xla, rel=0.05)
 
 
 def test_qformer_forward_flops_match_xla():
@@ -41,7 +41,7 @@ def test_training_flops_are_three_forwards():
     forward = (
         metrics._qformer_flops(qf, qf.num_query_tokens, 50)
         + 2 * qf.num_query_tokens * qf.hidden_size * t5.d_model
-        + metrics._t5_flops(t5, qf.num_query_tokens + 7, 5)
+        + t5.forward_flops(qf.num_query_tokens + 7, 5)
     )
     assert metrics.llm3d_flops(qf, t5, 50, 7, 5) == 3 * forward
 
@@ -51,6 +51,7 @@ def test_training_flops_are_three_forwards():
     [("llama", {}), ("opt", {}), ("opt", dict(embed_dim=16))],
 )
 def test_decoder_forward_flops_match_xla(family, overrides):
+    """24 slots, logits at each: a prefix of 0 and an answer of 24."""
     cfg = decoder_lib.DecoderConfig.tiny(
         family, hidden_size=128, head_dim=32, intermediate_size=256, vocab_size=512, **overrides
     )
@@ -58,7 +59,7 @@ def test_decoder_forward_flops_match_xla(family, overrides):
     ids = jnp.zeros((2, 24), jnp.int32)
     params = jax.eval_shape(lambda: module.init(jax.random.key(0), input_ids=ids))
     xla = _xla_flops(lambda p: module.apply(p, input_ids=ids), params) / 2
-    assert metrics._decoder_flops(cfg, 24, 24) == pytest.approx(xla, rel=0.05)
+    assert cfg.forward_flops(0, 24) == pytest.approx(xla, rel=0.05)
 
 
 @pytest.mark.parametrize("family", ["t5", "llama", "opt"])
