@@ -132,7 +132,13 @@ def make_data(rooms: int, seed: int, out: str, features_dir: str | None = None) 
         for r in offline.generate(scene, seed=seed, tasks=("grounding",)):
             box = tokens.metres_to_voxels(tokens.parse_boxes(r["answers"][0])[0], origin, voxel)
             records.append(
-                dict(room=index, prompt=r["prompt"], box=box.tolist(), ids=r["object_ids"])
+                dict(
+                    room=index,
+                    prompt=r["prompt"],
+                    box=box.tolist(),
+                    ids=r["object_ids"],
+                    qtype=r["meta"]["qtype"],
+                )
             )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out + ".npz", **{k: np.stack(v) for k, v in arrays.items()})
@@ -179,24 +185,29 @@ def batch(data, records, words, rng):
     return out
 
 
-def _rated_extent(module, variables, x):
+def _rated_extent(module, variables, x, region=False):
     """-> location ids [B,6] of the box of the points the model rates as the named object's (what
-    a model with target_tokens shows the LLM)."""
+    a model with target_tokens shows the LLM; `region`: llm3d.extent_ids' region variant)."""
 
     def extent(m, features, voxels, point_mask, prompt_ids, prompt_mask):
         features = m.feature_norm(features) if m.config.feature_norm else features
         points = m.posembed(features, voxels)
         rating = m.relevance(points, point_mask, m.llm.embed(prompt_ids), prompt_mask)
-        return m.extent_ids(jnp.where(point_mask, rating, -1e9), voxels, point_mask)
+        rating = jnp.where(point_mask, rating, -1e9)
+        return llm3d.extent_ids(rating, voxels, point_mask, m.config.llm, region)
 
     return module.apply(variables, **x, method=extent)
 
 
-def held_out_accuracy(module, params, data, records, words) -> dict[str, float]:
+def held_out_accuracy(
+    module, params, data, records, words, by_type: bool = False
+) -> dict[str, float]:
     """-> Acc@0.25 / Acc@0.5 of the greedy answers (`answer`) and, with target tokens, of the box
-    of the rated points itself (`rated`): the second bounds what copying it can reach."""
+    of the rated points itself (`rated`; `region`: its `rated_region` variant): the rated box
+    bounds what copying it can reach. `by_type`: also the answers' Acc@0.25 per kind of
+    referring expression (records' `qtype`: by name, colour, size, relation)."""
     config = DecodeConfig(max_new_tokens=7, loc_offset=LOC_OFFSET, loc_bins=256)
-    ious = {"answer": [], "rated": []}
+    ious = {"answer": [], "rated": [], "region": []}
     for start in range(0, len(records), 50):
         part = records[start : start + 50]
         x = batch(data, part, words, np.random.default_rng(0))
@@ -204,9 +215,11 @@ def held_out_accuracy(module, params, data, records, words) -> dict[str, float]:
             k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
         }
         generated, _ = generate(module, params, inputs, config)
-        rated = None
+        rated = region = None
         if module.config.target_tokens:
             rated = np.asarray(_rated_extent(module, {"params": params}, inputs)) - LOC_OFFSET
+            region = np.asarray(_rated_extent(module, {"params": params}, inputs, True))
+            region = region - LOC_OFFSET
         for row, (r, ids) in enumerate(zip(part, generated)):
             truth = np.array([r["box"]], float)
             box = [i - LOC_OFFSET for i in ids[:6] if LOC_OFFSET <= i < LOC_OFFSET + 256]
@@ -214,12 +227,18 @@ def held_out_accuracy(module, params, data, records, words) -> dict[str, float]:
             ious["answer"].append(iou)
             if rated is not None:
                 ious["rated"].append(float(box_iou(rated[row : row + 1].astype(float), truth)[0]))
+                ious["region"].append(float(box_iou(region[row : row + 1].astype(float), truth)[0]))
     out = {}
     for name, values in ious.items():
         if values:
             values = np.asarray(values)
             out[f"{name} Acc@0.25"] = 100 * float(np.mean(values >= 0.25))
             out[f"{name} Acc@0.5"] = 100 * float(np.mean(values >= 0.5))
+    if by_type:
+        qtypes = [r.get("qtype", "?") for r in records]
+        for qtype in sorted(set(qtypes)):
+            rows = [v for v, q in zip(ious["answer"], qtypes) if q == qtype]
+            out[f"{qtype} ({len(rows)}) Acc@0.25"] = 100 * float(np.mean(np.asarray(rows) >= 0.25))
     return out
 
 
@@ -268,7 +287,9 @@ def train(args) -> None:
         params, opt_state, losses = step(params, opt_state, batch(train_data, picked, words, rng))
         logged.append([float(v) for v in losses])
         if i % 600 == 0 or i == args.steps:
-            accuracy = held_out_accuracy(module, params, test_data, test_records, words)
+            accuracy = held_out_accuracy(
+                module, params, test_data, test_records, words, by_type=i == args.steps
+            )
             ce, rating = np.mean(logged[-100:], axis=0)
             held_out = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items())
             print(

@@ -44,6 +44,8 @@ from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
 from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, _dense, _layer_norm
 from llm3d_jax.model.t5 import T5, T5Config
 
+EXTENT_SLOT_INIT = 0.5  # the slot vectors' scale at init, next to token embeddings of scale ~1
+
 # The LLM module of each config class: both implement the interface in this module's docstring.
 LLMS = {T5Config: T5, DecoderConfig: Decoder}
 
@@ -304,6 +306,17 @@ class LLM3D(nn.Module):
         if c.target_tokens:
             self.relevance = PointRelevance(relevance_config(c))
             self.target_proj = to_llm()
+            # One learned vector per extent slot (x, y, z minima, then maxima), added to the six
+            # location tokens: the answer's t-th location token then finds "slot t" by content.
+            # Without them the slots differ only by their bins and their place in the prefix.
+            self.extent_slots = self.param(
+                "extent_slots",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(EXTENT_SLOT_INIT), (None, "embed")
+                ),
+                (6, c.llm_width),
+                jnp.float32,
+            )
         self.llm = LLMS[type(c.llm)](c.llm)
 
     def scene_tokens(
@@ -338,7 +351,12 @@ class LLM3D(nn.Module):
             picked = jnp.take_along_axis(points, index[..., None], axis=1)  # [B,T,D']
             gate = jax.nn.sigmoid(jnp.take_along_axis(rating, index, axis=1))[..., None]
             picked = (self.target_proj(picked) * gate.astype(tokens.dtype)).astype(tokens.dtype)
-            extent = self.llm.embed(self.extent_ids(rating, voxels, point_mask))  # [B,6,width]
+            # the box of the best-rated point's region: a stray point rated positive across the
+            # room would stretch the plain box of every positive point (tools/oracle_grounding.py
+            # measures both)
+            ids = extent_ids(rating, voxels, point_mask, c.llm, region=True)  # [B,6]
+            extent = self.llm.embed(ids)  # [B,6,width]
+            extent = extent + self.extent_slots.astype(extent.dtype)
             tokens = jnp.concatenate([tokens, picked, extent.astype(tokens.dtype)], 1)
             mask = jnp.concatenate(
                 [
@@ -349,23 +367,6 @@ class LLM3D(nn.Module):
                 1,
             )
         return tokens, mask
-
-    def extent_ids(self, rating, voxels, point_mask):
-        """ratings [B,N], voxels int [B,N,3] -> location token ids int32 [B,6]: the box (x, y, z
-        minima, then maxima) of the points rated as the named object's (rating > 0; the
-        best-rated point when none is), as the answer would spell it. They follow the target
-        tokens, so answering "where" is copying six tokens the LLM already reads; the box is
-        discrete (no gradient): the ratings learn from their own per-point loss."""
-        llm = self.config.llm
-        point_mask = jnp.asarray(point_mask, bool)
-        inside = (rating > 0) & point_mask
-        best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
-        inside = inside | (jnp.arange(rating.shape[1])[None, :] == best[:, None])
-        v = jnp.asarray(voxels, jnp.int32)
-        lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
-        hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
-        bins = jnp.concatenate([lo, hi], axis=1) * llm.loc_bins // GRID
-        return (llm.loc_offset + bins).astype(jnp.int32)
 
     def query_embeds(self, features, voxels, point_mask, deterministic=True):
         """-> projected queries [B,Q,width] (the scene tokens without point or target tokens)."""
@@ -471,6 +472,44 @@ class PointRelevance(nn.Module):
             layer = BertLayer(cfg, has_cross_attention=True, name=f"layer_{i}")
             x = layer(x, point_mask, prompt, prompt_mask, deterministic)
         return _dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
+
+
+def extent_ids(rating, voxels, point_mask, llm, region: bool = False):
+    """ratings [B,N], voxels int [B,N,3] -> location token ids int32 [B,6] of the LLM config
+    `llm`: the box (x, y, z minima, then maxima) of the points rated as the named object's
+    (rating > 0; the best-rated point when none is; with `region`, only those `rated_region`
+    links to the best-rated one), as the answer would spell it. They follow the target tokens,
+    so answering "where" is copying six tokens the LLM already reads; the box is discrete (no
+    gradient): the ratings learn from their own per-point loss."""
+    if region:
+        inside = rated_region(rating, voxels, point_mask)
+    else:
+        point_mask = jnp.asarray(point_mask, bool)
+        best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
+        inside = (rating > 0) & point_mask
+        inside = inside | (jnp.arange(rating.shape[1])[None, :] == best[:, None])
+    v = jnp.asarray(voxels, jnp.int32)
+    lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
+    hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
+    bins = jnp.concatenate([lo, hi], axis=1) * llm.loc_bins // GRID
+    return (llm.loc_offset + bins).astype(jnp.int32)
+
+
+def rated_region(rating, voxels, point_mask, radius: int = 16, steps: int = 8):
+    """ratings [B,N], voxels int [B,N,3] -> bool [B,N]: the best-rated point and the points
+    rated > 0 that a chain of such points, each within `radius` voxels of the next, links to it
+    (`steps` links at most). One stray point rated > 0 across the room then does not stretch
+    the box to it."""
+    point_mask = jnp.asarray(point_mask, bool)
+    best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
+    region = jnp.arange(rating.shape[1])[None, :] == best[:, None]  # [B,N]
+    rated = ((rating > 0) & point_mask) | region
+    v = jnp.asarray(voxels, jnp.int32)
+    near = jnp.sum((v[:, :, None, :] - v[:, None, :, :]) ** 2, axis=-1) <= radius**2  # [B,N,N]
+    linked = near & rated[:, :, None] & rated[:, None, :]
+    for _ in range(steps):
+        region = region | jnp.any(linked & region[:, None, :], axis=2)
+    return region
 
 
 def spread_seeds(point_mask, count: int):

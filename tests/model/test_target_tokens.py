@@ -36,13 +36,11 @@ def test_extent_ids_are_the_box_of_the_points_rated_positive():
     voxels = np.array([[[10, 20, 30], [200, 5, 7], [50, 60, 70], [0, 255, 1]]], np.int32)
     point_mask = np.array([[True, True, True, False]])
     rating = np.array([[2.0, -1.0, 0.5, 9.0]], np.float32)  # the masked point is ignored
-    ids = module.apply({}, jnp.asarray(rating), voxels, point_mask, method=llm3d.LLM3D.extent_ids)
+    ids = llm3d.extent_ids(jnp.asarray(rating), voxels, point_mask, llm)
     box = np.array([10, 20, 30, 50, 60, 70]) * llm.loc_bins // 256
     np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
     # none rated positive: the box of the best-rated real point
-    ids = module.apply(
-        {}, jnp.asarray(rating - 10.0), voxels, point_mask, method=llm3d.LLM3D.extent_ids
-    )
+    ids = llm3d.extent_ids(jnp.asarray(rating - 10.0), voxels, point_mask, llm)
     box = np.array([10, 20, 30, 10, 20, 30]) * llm.loc_bins // 256
     np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
 
@@ -69,6 +67,20 @@ def test_scene_tokens_add_target_and_extent_tokens_and_depend_on_the_prompt():
     q = c.qformer.num_query_tokens
     np.testing.assert_array_equal(np.asarray(embeds)[:, :q], np.asarray(embeds2)[:, :q])
     assert not np.allclose(np.asarray(embeds)[:, q:scene], np.asarray(embeds2)[:, q:scene])
+    # The six extent tokens: the location rows of the rated region's box plus one learned vector
+    # per slot (x, y, z minima, then maxima).
+    x_in = {k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")}
+    _, inter = module.apply(
+        {"params": params}, **x_in, method=llm3d.LLM3D.prefix, mutable="intermediates"
+    )
+    rating = inter["intermediates"]["point_ratings"][0]
+    ids = llm3d.extent_ids(rating, x["voxels"], x["point_mask"], c.llm, region=True)
+    rows = module.apply({"params": params}, ids, method=lambda m, i: m.llm.embed(i))
+    np.testing.assert_allclose(
+        np.asarray(embeds)[:, scene - 6 : scene],
+        np.asarray(rows) + np.asarray(params["extent_slots"]),
+        atol=1e-6,
+    )
 
 
 def test_generation_runs_with_target_tokens():
@@ -132,6 +144,29 @@ def test_a_pretrained_model_grows_target_tokens():
     params = llm3d.init_params(small, seed=0)
     grown = _module()
     new_params, new = llm3d.grow_params(grown, params, seed=1)
-    assert new and all(p.startswith(("relevance/", "target_proj/")) for p in new), new
+    assert new and all(p.startswith(("relevance/", "target_proj/", "extent_slots")) for p in new), (
+        new
+    )
     np.testing.assert_array_equal(new_params["proj"]["kernel"], params["proj"]["kernel"])
     assert llm3d.grounding_settings(small.config) != llm3d.grounding_settings(grown.config)
+
+
+def test_rated_region_keeps_the_best_points_neighbours_and_drops_a_stray_point():
+    # a chain 0-1-2 (each link within 16 voxels), a positive stray point 3 across the room, a
+    # negative point 4 next to the chain, a masked point 5
+    voxels = np.array(
+        [[[10, 10, 10], [20, 10, 10], [30, 12, 10], [200, 200, 10], [15, 15, 10], [11, 10, 10]]],
+        np.int32,
+    )
+    rating = np.array([[3.0, 0.5, 0.2, 1.0, -2.0, 9.0]], np.float32)
+    point_mask = np.array([[True] * 5 + [False]])
+    region = np.asarray(llm3d.rated_region(jnp.asarray(rating), voxels, point_mask))
+    np.testing.assert_array_equal(region[0], [True, True, True, False, False, False])
+    module = _module()
+    llm = module.config.llm
+    ids = llm3d.extent_ids(jnp.asarray(rating), voxels, point_mask, llm, region=True)
+    box = np.array([10, 10, 10, 30, 12, 10]) * llm.loc_bins // 256
+    np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
+    # nothing rated positive: the best-rated real point alone
+    low = np.asarray(llm3d.rated_region(jnp.asarray(rating - 10.0), voxels, point_mask))
+    np.testing.assert_array_equal(low[0], [True, False, False, False, False, False])
