@@ -73,3 +73,12 @@ def test_training_reports_the_answers_and_the_rated_points_box(tmp_path, capsys)
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("step 2: answer loss") and "rated Acc@0.25" in last, last
+
+
+def test_extents_with_perfect_ratings_the_widest_region_is_the_plain_box(tmp_path, capsys):
+    og.make_data(3, 2000, str(tmp_path / "test"))
+    assert og.main(["extents", "--data", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("perfect")]
+    acc = [float(line.split("Acc@0.25 ")[1].split(",")[0]) for line in lines]
+    assert len(acc) == 4 and "links <= 16" in lines[0] and "all rated points" in lines[3]
+    assert acc[0] <= acc[1] <= acc[2] <= acc[3] and acc[3] >= 50, lines
