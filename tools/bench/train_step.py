@@ -84,6 +84,7 @@ def step_config(batch_size, microbatches, shapes):
     from experiments.configs import demo
 
     c = demo.get_config()
+    c.data_source = "synthetic"  # what bench_speed feeds: no per-point targets in the batch
     c.batch_size, c.microbatches, c.total_steps = batch_size, microbatches, 1000
     c.data.num_points, c.data.prompt_len, c.data.answer_len = shapes
     c.trainable = ()
