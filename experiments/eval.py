@@ -40,7 +40,7 @@ from llm3d_jax.evaluate import (
     strip_locations,
 )
 from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
-from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig
+from llm3d_jax.infer.decode import DecodeConfig, add_decode_arguments, decode_settings
 from llm3d_jax.infer.generate import decode_answer, generate
 from llm3d_jax.infer.restore import RunModel, load_run
 
@@ -264,31 +264,9 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", help="TFDS folder (default: the run config's data_dir)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    parser.add_argument("--num_beams", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, help="default: the run's answer_len")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--length_penalty", type=float, default=0.0, help="beam: logp / len**lp")
-    parser.add_argument(
-        "--early_stopping",
-        choices=("never", "heuristic", "true"),
-        default="never",
-        help="beam: transformers' early_stopping 'never' (exact), False (heuristic), True",
-    )
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
-    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0: off")
-    parser.add_argument(
-        "--min_new_tokens", type=int, default=0, help="no EOS before this many answer tokens"
-    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--free_locations",
-        action="store_true",
-        help="decode location tokens without the grammar (by default a started location run "
-        "always becomes a point or whole boxes with min <= max)",
-    )
+    add_decode_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -316,26 +294,20 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(run.tokenizer_path)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     try:
+        llm = run.module.config.llm
         decode = DecodeConfig(
-            strategy=args.strategy,
-            max_new_tokens=args.max_new_tokens or int(run.config.data.answer_len),
-            eos_id=run.module.config.llm.eos_token_id,
-            pad_id=pad,
-            num_beams=args.num_beams,
-            length_penalty=args.length_penalty,
-            early_stopping={"never": "never", "heuristic": False, "true": True}[
-                args.early_stopping
-            ],
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-            min_new_tokens=args.min_new_tokens,
-            # T5 starts decoding from this token, and the penalties count it as transformers does
-            start_id=getattr(run.module.config.llm, "decoder_start_token_id", None),
-            loc_offset=0 if args.free_locations else run.module.config.llm.loc_offset,
-            loc_bins=0 if args.free_locations else run.module.config.llm.loc_bins,
+            **{
+                **dict(
+                    max_new_tokens=args.max_new_tokens or int(run.config.data.answer_len),
+                    eos_id=llm.eos_token_id,
+                    pad_id=pad,
+                    # T5 starts decoding from this token; the penalties count it as transformers
+                    start_id=getattr(llm, "decoder_start_token_id", None),
+                    loc_offset=llm.loc_offset,
+                    loc_bins=llm.loc_bins,
+                ),
+                **decode_settings(args),
+            }
         )
     except ValueError as err:
         raise InputError(None, str(err)) from None

@@ -44,7 +44,7 @@ from llm3d_jax.fileio import (  # noqa: E402
     write_jsonl_atomic,
     writing,
 )
-from llm3d_jax.infer.decode import STRATEGIES, DecodeConfig  # noqa: E402
+from llm3d_jax.infer.decode import DecodeConfig, add_decode_arguments, decode_settings  # noqa: E402
 from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate_fn  # noqa: E402
 from llm3d_jax.loading import load_exported_bundle  # noqa: E402
 
@@ -302,48 +302,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--task", default="qa", help="selects the prompt template (qa, caption, grounding, ...)"
     )
-    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
-    parser.add_argument("--num_beams", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--length_penalty", type=float, default=0.0, help="beam: logp / len**lp")
-    parser.add_argument(
-        "--early_stopping",
-        choices=("never", "heuristic", "true"),
-        default="never",
-        help="beam: transformers' early_stopping 'never' (exact), False (heuristic), True",
-    )
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
-    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0: off")
-    parser.add_argument(
-        "--min_new_tokens", type=int, default=0, help="no EOS before this many answer tokens"
-    )
+    add_decode_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", help="also render the scene with the answer's boxes")
-    parser.add_argument(
-        "--free_locations",
-        action="store_true",
-        help="decode location tokens without the grammar (by default a started location run "
-        "always becomes a point or whole boxes with min <= max)",
-    )
     args = parser.parse_args(argv)
-    decode = dict(
-        strategy=args.strategy,
-        num_beams=args.num_beams,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        length_penalty=args.length_penalty,
-        early_stopping={"never": "never", "heuristic": False, "true": True}[args.early_stopping],
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        min_new_tokens=args.min_new_tokens,
-    )
-    if args.free_locations:
-        decode["loc_bins"] = 0
     try:
-        DecodeConfig(**decode)
+        decode = decode_settings(args)
     except ValueError as err:
         raise InputError(None, str(err)) from None
     if args.questions:

@@ -107,6 +107,58 @@ class DecodeConfig:
             )
 
 
+EARLY_STOPPING = {"never": "never", "heuristic": False, "true": True}  # option -> field value
+
+
+def add_decode_arguments(parser) -> None:
+    """The decoding options of every command that generates (experiments/eval.py, tools/ask.py);
+    `decode_settings` turns them into DecodeConfig fields."""
+    parser.add_argument("--strategy", choices=STRATEGIES, default="greedy")
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--length_penalty", type=float, default=0.0, help="beam: logp / len**lp")
+    parser.add_argument(
+        "--early_stopping",
+        choices=tuple(EARLY_STOPPING),
+        default="never",
+        help="beam: transformers' early_stopping 'never' (exact), False (heuristic), True",
+    )
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0: off")
+    parser.add_argument(
+        "--min_new_tokens", type=int, default=0, help="no EOS before this many answer tokens"
+    )
+    parser.add_argument(
+        "--free_locations",
+        action="store_true",
+        help="decode location tokens without the grammar (by default a started location run "
+        "always becomes a point or whole boxes with min <= max)",
+    )
+
+
+def decode_settings(args) -> dict:
+    """The DecodeConfig fields `add_decode_arguments`' options set (the grammar's loc_offset /
+    loc_bins only with --free_locations: 0, off); ValueError when they do not make a config."""
+    settings = dict(
+        strategy=args.strategy,
+        num_beams=args.num_beams,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        length_penalty=args.length_penalty,
+        early_stopping=EARLY_STOPPING[args.early_stopping],
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens,
+    )
+    if args.free_locations:
+        settings.update(loc_offset=0, loc_bins=0)
+    DecodeConfig(**settings)
+    return settings
+
+
 def location_mask(history: jax.Array, t, max_len: int, vocab: int, loc_offset: int, loc_bins: int):
     """Which tokens may come at position `t` so that every location run stays well formed.
 

@@ -41,7 +41,7 @@ from flax import traverse_util
 from llm3d_jax.model.decoder import Decoder, DecoderConfig
 from llm3d_jax.model.location_rows import GRID
 from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
-from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, _dense, _layer_norm
+from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, bert_dense, bert_layer_norm
 from llm3d_jax.model.t5 import T5, T5Config
 
 # Links of `rated_region`, in voxels (about 1.1 m in a 6 m room). With the target points rated
@@ -462,8 +462,8 @@ class PointRelevance(nn.Module):
     @nn.compact
     def __call__(self, points, point_mask, prompt, prompt_mask, deterministic=True):
         cfg = self.config
-        x = _dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "points_in")(points)  # [B,N,H]
-        x = _layer_norm(cfg, "norm_in")(x)
+        x = bert_dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "points_in")(points)  # [B,N,H]
+        x = bert_layer_norm(cfg, "norm_in")(x)
         prompt = prompt.astype(x.dtype)
         # A direct match of each point with the prompt's words, summed over the words, so a point
         # matching two of them ("red" and "chair") outscores one that matches one.
@@ -476,7 +476,7 @@ class PointRelevance(nn.Module):
         for i in range(cfg.num_hidden_layers):
             layer = BertLayer(cfg, has_cross_attention=True, name=f"layer_{i}")
             x = layer(x, point_mask, prompt, prompt_mask, deterministic)
-        return _dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
+        return bert_dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
 
 
 def extent_ids(rating, voxels, point_mask, llm, region: bool = False):

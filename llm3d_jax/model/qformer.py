@@ -139,7 +139,9 @@ class BertConfig:
 # Layers shared by the Q-Former and BERT (config: either config class; same field names).
 
 
-def _dense(features: int, names: tuple, config: Any, name: str) -> nn.Dense:
+def bert_dense(features: int, names: tuple, config: Any, name: str) -> nn.Dense:
+    """A BERT-style dense layer of `config` (its dtype and init range), kernel axes `names`
+    (the Q-Former's, and model/llm3d.py's point relevance layers)."""
     return nn.Dense(
         features,
         dtype=jnp.dtype(config.dtype),
@@ -152,7 +154,8 @@ def _dense(features: int, names: tuple, config: Any, name: str) -> nn.Dense:
     )
 
 
-def _layer_norm(config: Any, name: str) -> nn.LayerNorm:
+def bert_layer_norm(config: Any, name: str) -> nn.LayerNorm:
+    """A BERT-style LayerNorm of `config` (its epsilon and dtype)."""
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
         dtype=jnp.dtype(config.dtype),
@@ -179,9 +182,9 @@ class BertAttention(nn.Module):
         heads, width = cfg.num_attention_heads, cfg.hidden_size
         head_dim = width // heads
         # [B,L|S,N*hd], split over the heads
-        q = _dense(width, ("embed", "heads"), cfg, "query")(x)
-        k = _dense(width, (self.kv_axis, "heads"), cfg, "key")(kv)
-        v = _dense(width, (self.kv_axis, "heads"), cfg, "value")(kv)
+        q = bert_dense(width, ("embed", "heads"), cfg, "query")(x)
+        k = bert_dense(width, (self.kv_axis, "heads"), cfg, "key")(kv)
+        v = bert_dense(width, (self.kv_axis, "heads"), cfg, "value")(kv)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads"))
         k = nn.with_logical_constraint(k, ("batch", "length", "heads"))
         v = nn.with_logical_constraint(v, ("batch", "length", "heads"))
@@ -201,9 +204,9 @@ class BertAttention(nn.Module):
         )  # [B,L,N,hd]
         context = context.reshape(*context.shape[:2], width)
         context = nn.with_logical_constraint(context, ("batch", "length", "heads"))  # [B,L,N*hd]
-        out = _dense(width, ("heads", "embed"), cfg, "out")(context)
+        out = bert_dense(width, ("heads", "embed"), cfg, "out")(context)
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
-        return _layer_norm(cfg, "norm")(out + x)
+        return bert_layer_norm(cfg, "norm")(out + x)
 
 
 class BertFeedForward(nn.Module):
@@ -214,12 +217,12 @@ class BertFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         cfg = self.config
-        h = _dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "intermediate")(x)
+        h = bert_dense(cfg.intermediate_size, ("embed", "mlp"), cfg, "intermediate")(x)
         h = jax.nn.gelu(h, approximate=False)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))  # [B,L,F]
-        h = _dense(cfg.hidden_size, ("mlp", "embed"), cfg, "output")(h)
+        h = bert_dense(cfg.hidden_size, ("mlp", "embed"), cfg, "output")(h)
         h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
-        return _layer_norm(cfg, "norm")(h + x)
+        return bert_layer_norm(cfg, "norm")(h + x)
 
 
 class BertLayer(nn.Module):
@@ -280,10 +283,10 @@ class QFormer(nn.Module):
         x = jnp.broadcast_to(query_tokens, (batch, *query_tokens.shape[1:])).astype(dtype)
         if cfg.seeded_queries:
             # [B,Q,D] -> [B,Q,H]
-            x = x + _dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "seed_proj")(
+            x = x + bert_dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "seed_proj")(
                 query_seeds.astype(dtype)
             )
-        x = _layer_norm(cfg, "layernorm")(x)
+        x = bert_layer_norm(cfg, "layernorm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         encoder_hidden_states = nn.with_logical_constraint(
             encoder_hidden_states.astype(dtype), ("batch", "length", "enc_embed")
@@ -325,7 +328,7 @@ class BertEncoder(nn.Module):
             + embed(cfg.max_position_embeddings, ("pos", "embed"), "position_embeddings")(positions)
             + embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
         )
-        x = _layer_norm(cfg, "embeddings_norm")(x)
+        x = bert_layer_norm(cfg, "embeddings_norm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         for i in range(cfg.num_hidden_layers):
             x = BertLayer(cfg, name=f"layer_{i}")(x, attention_mask, deterministic=deterministic)

@@ -230,3 +230,24 @@ def test_decode_dispatch_and_config_validation():
     ]:
         with pytest.raises(ValueError):
             DecodeConfig(**bad)
+
+
+def test_decode_options_of_the_commands_make_one_config():
+    """experiments/eval.py and tools/ask.py share these options (infer/decode.py)."""
+    import argparse
+
+    from llm3d_jax.infer.decode import add_decode_arguments, decode_settings
+
+    parser = argparse.ArgumentParser()
+    add_decode_arguments(parser)
+    settings = decode_settings(parser.parse_args([]))
+    assert settings["strategy"] == "greedy" and settings["early_stopping"] == "never"
+    assert "loc_bins" not in settings  # the grammar stays the model's
+    args = parser.parse_args(
+        ["--strategy", "beam", "--early_stopping", "heuristic", "--free_locations"]
+    )
+    settings = decode_settings(args)
+    assert settings["early_stopping"] is False and settings["loc_bins"] == 0
+    assert DecodeConfig(**settings).strategy == "beam"
+    with pytest.raises(ValueError, match="top_p"):
+        decode_settings(parser.parse_args(["--top_p", "0"]))
