@@ -509,8 +509,13 @@ def rated_region(rating, voxels, point_mask, radius: int = REGION_RADIUS, steps:
     best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
     region = jnp.arange(rating.shape[1])[None, :] == best[:, None]  # [B,N]
     rated = ((rating > 0) & point_mask) | region
-    v = jnp.asarray(voxels, jnp.int32)
-    near = jnp.sum((v[:, :, None, :] - v[:, None, :, :]) ** 2, axis=-1) <= radius**2  # [B,N,N]
+    # squared distances as |a|^2 + |b|^2 - 2 a.b: one [B,N,N] array, not an [B,N,N,3] one;
+    # voxel coordinates <= 255 keep every term exact in float32 (HIGHEST: no bf16/TF32 matmul)
+    v = jnp.asarray(voxels, jnp.float32)
+    sq = jnp.sum(v * v, axis=-1)  # [B,N]
+    dots = jnp.einsum("bnc,bmc->bnm", v, v, precision=jax.lax.Precision.HIGHEST)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2 * dots
+    near = d2 <= radius**2  # [B,N,N]
     linked = near & rated[:, :, None] & rated[:, None, :]
     for _ in range(steps):
         region = region | jnp.any(linked & region[:, None, :], axis=2)
