@@ -13,20 +13,23 @@ tokens of the box. One process, no files but the two data sets:
 
 `--set` overrides LLM3DConfig.demo fields (integers). Every 600 steps and at the end it prints
 held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions
-(`answer`) and, with target tokens, of the box of the points the model rates as the named
-object's (`rated`: what the LLM is shown, so the answers' ceiling if it copies it).
+(`answer`) and, with target tokens, of the box of every point the model rates as the named
+object's (`rated`) and of the best-rated point's region (`region`: the box the LLM is shown, so
+the answers' ceiling if it copies it).
 
 The same rooms with the lifted features of the real pipeline instead of the one-hots (same
 points, questions and boxes), to tell whether the features or the model stop grounding:
 
     python -m tools.oracle_grounding data --rooms 400 --seed 1000 --out LIFTED/train \
         --features FEATURES   # python -m data_pipeline.features on rooms of seed 1000
+
 Measured (2-core CPU, shared; 160 training rooms as above but `--rooms 160`; held-out answers'
 Acc@0.25): table rows alone 3.5 at 1200 steps (400 rooms); target tokens without the extent
 slot vectors 11.5 (rated box 46.5), with them 44.5 (rated box 47.0); on the lifted features of
 the same rooms, with the region box shown, 43.0 (rated box 32.8, region box 49.5).
-docs/architecture.md, "Location tokens in the model", says what each finding changed. What the extent rule itself costs, with the
-named object's points rated perfectly (`llm3d.REGION_RADIUS` comes from it):
+docs/architecture.md, "Location tokens in the model", says what each finding changed. What the
+extent rule itself costs, with the named object's points rated perfectly (`llm3d.REGION_RADIUS`
+comes from it):
 
     python -m tools.oracle_grounding extents --data ORACLE
 """
@@ -191,18 +194,16 @@ def batch(data, records, words, rng):
     return out
 
 
-def _rated_extent(module, variables, x, region=False):
-    """-> location ids [B,6] of the box of the points the model rates as the named object's (what
-    a model with target_tokens shows the LLM; `region`: llm3d.extent_ids' region variant)."""
-
-    def extent(m, features, voxels, point_mask, prompt_ids, prompt_mask):
-        features = m.feature_norm(features) if m.config.feature_norm else features
-        points = m.posembed(features, voxels)
-        rating = m.relevance(points, point_mask, m.llm.embed(prompt_ids), prompt_mask)
-        rating = jnp.where(point_mask, rating, -1e9)
-        return llm3d.extent_ids(rating, voxels, point_mask, m.config.llm, region)
-
-    return module.apply(variables, **x, method=extent)
+def _rated_extents(module, variables, x):
+    """-> (location ids [B,6] of the box of every point the model rates positive, of the box of
+    the best-rated point's region: what a model with target_tokens shows the LLM), from the
+    ratings the model's own forward pass sows, computed once."""
+    _, inter = module.apply(variables, **x, method=llm3d.LLM3D.prefix, mutable="intermediates")
+    rating = inter["intermediates"]["point_ratings"][0]
+    llm = module.config.llm
+    plain = llm3d.extent_ids(rating, x["voxels"], x["point_mask"], llm)
+    region = llm3d.extent_ids(rating, x["voxels"], x["point_mask"], llm, region=True)
+    return np.asarray(plain) - LOC_OFFSET, np.asarray(region) - LOC_OFFSET
 
 
 def held_out_accuracy(
@@ -223,9 +224,7 @@ def held_out_accuracy(
         generated, _ = generate(module, params, inputs, config)
         rated = region = None
         if module.config.target_tokens:
-            rated = np.asarray(_rated_extent(module, {"params": params}, inputs)) - LOC_OFFSET
-            region = np.asarray(_rated_extent(module, {"params": params}, inputs, True))
-            region = region - LOC_OFFSET
+            rated, region = _rated_extents(module, {"params": params}, inputs)
         for row, (r, ids) in enumerate(zip(part, generated)):
             truth = np.array([r["box"]], float)
             box = [i - LOC_OFFSET for i in ids[:6] if LOC_OFFSET <= i < LOC_OFFSET + 256]

@@ -479,6 +479,12 @@ class PointRelevance(nn.Module):
         return bert_dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
 
 
+def _best_point(rating, point_mask):
+    """-> bool [B,N], True at each row's best-rated real point."""
+    best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
+    return jnp.arange(rating.shape[1])[None, :] == best[:, None]
+
+
 def extent_ids(rating, voxels, point_mask, llm, region: bool = False):
     """ratings [B,N], voxels int [B,N,3] -> location token ids int32 [B,6] of the LLM config
     `llm`: the box (x, y, z minima, then maxima) of the points rated as the named object's
@@ -490,9 +496,7 @@ def extent_ids(rating, voxels, point_mask, llm, region: bool = False):
         inside = rated_region(rating, voxels, point_mask)
     else:
         point_mask = jnp.asarray(point_mask, bool)
-        best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
-        inside = (rating > 0) & point_mask
-        inside = inside | (jnp.arange(rating.shape[1])[None, :] == best[:, None])
+        inside = ((rating > 0) & point_mask) | _best_point(rating, point_mask)
     v = jnp.asarray(voxels, jnp.int32)
     lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
     hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
@@ -506,8 +510,7 @@ def rated_region(rating, voxels, point_mask, radius: int = REGION_RADIUS, steps:
     (`steps` links at most). One stray point rated > 0 across the room then does not stretch
     the box to it."""
     point_mask = jnp.asarray(point_mask, bool)
-    best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
-    region = jnp.arange(rating.shape[1])[None, :] == best[:, None]  # [B,N]
+    region = _best_point(rating, point_mask)  # [B,N]
     rated = ((rating > 0) & point_mask) | region
     # squared distances as |a|^2 + |b|^2 - 2 a.b: one [B,N,N] array, not an [B,N,N,3] one;
     # voxel coordinates <= 255 keep every term exact in float32 (HIGHEST: no bf16/TF32 matmul)
