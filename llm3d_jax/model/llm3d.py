@@ -40,7 +40,7 @@ from flax import traverse_util
 
 from llm3d_jax.model.decoder import Decoder, DecoderConfig
 from llm3d_jax.model.location_rows import GRID
-from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim
+from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim, sincos_table
 from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, bert_dense, bert_layer_norm
 from llm3d_jax.model.t5 import T5, T5Config
 
@@ -93,6 +93,10 @@ class LLM3DConfig:
     # (`relevance_loss`). 0: none, as the released 3D-LLM.
     target_tokens: int = 0
     target_layers: int = 2
+    # True: `PointRelevance` reads the prompt's words in context (one self-attention layer over
+    # them, with their positions) before matching them to the points, so a word can count
+    # against a point: in "the chair closest to the red table" the table is not what is named.
+    target_context: bool = False
 
     def __post_init__(self):
         if self.posembed_mode not in MODES:
@@ -218,11 +222,13 @@ class LLM3DConfig:
         return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=llm, **d)
 
 
-def grounding_settings(config: LLM3DConfig) -> tuple[int, int, int, int]:
+def grounding_settings(config: LLM3DConfig) -> tuple[int, int, int, int, bool]:
     """What a model grows for grounding: (point_tokens, loc_table_dim, target_tokens,
-    target_layers); a loaded model whose settings differ is grown (`grow_params`)."""
+    target_layers, target_context); a loaded model whose settings differ is grown
+    (`grow_params`)."""
     layers = config.target_layers if config.target_tokens else 0
-    return config.point_tokens, config.llm.loc_table_dim, config.target_tokens, layers
+    context = config.target_context if config.target_tokens else False
+    return config.point_tokens, config.llm.loc_table_dim, config.target_tokens, layers, context
 
 
 def with_overrides(
@@ -309,7 +315,7 @@ class LLM3D(nn.Module):
         if c.point_tokens:
             self.point_proj = to_llm()
         if c.target_tokens:
-            self.relevance = PointRelevance(relevance_config(c))
+            self.relevance = PointRelevance(relevance_config(c), context=c.target_context)
             self.target_proj = to_llm()
             # One learned vector per extent slot (x, y, z minima, then maxima), added to the six
             # location tokens: the answer's t-th location token then finds "slot t" by content.
@@ -455,9 +461,11 @@ class PointRelevance(nn.Module):
     """points [B,N,D'] (position-embedded features), point_mask bool [B,N], prompt [B,Lp,width]
     (the LLM's prompt embeddings), prompt_mask bool [B,Lp] -> ratings float32 [B,N]: a logit of
     each point belonging to what the prompt names. Each layer: self-attention over the points
-    (relations between objects), cross-attention to the prompt, feed-forward."""
+    (relations between objects), cross-attention to the prompt, feed-forward. With `context`,
+    the words of the direct match are read in context first."""
 
     config: QFormerConfig
+    context: bool = False
 
     @nn.compact
     def __call__(self, points, point_mask, prompt, prompt_mask, deterministic=True):
@@ -469,7 +477,16 @@ class PointRelevance(nn.Module):
         # matching two of them ("red" and "chair") outscores one that matches one.
         # Both factors start at unit scale (LeCun init, not the layers' 0.02): a product of two
         # 0.02-scaled projections starts near zero with near-zero gradients and barely moves.
-        words = _unit_dense(cfg.hidden_size, cfg, "words")(prompt)  # [B,Lp,H]
+        if self.context:
+            # one self-attention layer over the words and their positions: which word names
+            # the object and which only relates it to another
+            p = bert_dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "prompt_in")(prompt)
+            p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
+            p = bert_layer_norm(cfg, "prompt_norm")(p)
+            p = BertLayer(cfg, name="prompt_layer")(p, prompt_mask, deterministic=deterministic)
+            words = _unit_dense(cfg.hidden_size, cfg, "words")(p)  # [B,Lp,H]
+        else:
+            words = _unit_dense(cfg.hidden_size, cfg, "words")(prompt)  # [B,Lp,H]
         words = jnp.sum(words * prompt_mask[..., None].astype(words.dtype), axis=1)  # [B,H]
         keys = _unit_dense(cfg.hidden_size, cfg, "match")(points)  # [B,N,H]
         match = jnp.einsum("bnh,bh->bn", keys, words).astype(jnp.float32) / np.sqrt(keys.shape[-1])
