@@ -13,7 +13,7 @@ the iterator state is one small JSON-able dict and restoring it resumes the exac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grain
 import jax
@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm3d_jax.data import preprocess
+from llm3d_jax.data import holdout, preprocess
 from llm3d_jax.data.sources import SceneJoin, dataset_metadata
 
 BATCH_AXES = ("data", "fsdp")  # the `batch` logical axis (docs/architecture.md)
@@ -164,17 +164,39 @@ def make_train_iterator(
     read_threads: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
+    hold_out_eval_scenes: bool = False,
+    annotations_dir: str = "",
+    held_out_annotations: str | Sequence[str] = holdout.EVAL_ANNOTATIONS,
 ) -> BatchIterator:
-    """Endless shuffled training batches of the `train` split (see module doc)."""
+    """Endless shuffled training batches of the `train` split (see module doc).
+
+    `hold_out_eval_scenes`: leave out every record whose scene appears in one of the
+    `held_out_annotations` files (relative names inside `annotations_dir`; by default ScanQA's
+    and SQA3D's validation and test files), counted on stdout per dataset
+    (`llm3d_jax.data.holdout`)."""
     index, count = _host(process_index, process_count)
     host_batch = _host_batch(batch_size, count)
     mixture = parse_mixture(datasets)
+    held = set()
+    if hold_out_eval_scenes:
+        paths = holdout.annotation_paths(annotations_dir, held_out_annotations)
+        held = holdout.held_out_scenes(paths)
     parts = []
     for k, (name, _) in enumerate(mixture):
         join = SceneJoin.open(data_dir, name, "train")
-        if len(join) < count:
-            raise ValueError(f"{data_dir}: {name} train has {len(join)} records for {count} hosts")
-        part = grain.MapDataset.source(join)[index::count]
+        source = join
+        if held:
+            source = holdout.Rows(join, holdout.kept_rows(join.language, held))
+            if index == 0:
+                print(
+                    f"{name}: {len(join) - len(source)} of {len(join)} train records left out, "
+                    f"their scenes are among the {len(held)} of the held-out annotations"
+                )
+        if len(source) < count:
+            raise ValueError(
+                f"{data_dir}: {name} train has {len(source)} records for {count} hosts"
+            )
+        part = grain.MapDataset.source(source)[index::count]
         part = part.shuffle(seed=seed * 1000 + k).repeat()
         parts.append(part.map(lambda x, name=name: (name, x, True)))
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in mixture])
@@ -214,10 +236,16 @@ def make_eval_iterator(
     read_threads: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
+    hold_out_eval_scenes: bool = False,
+    annotations_dir: str = "",
+    held_out_annotations: str | Sequence[str] = (),
 ) -> BatchIterator:
     """Every record of `split` of the first dataset in `datasets`, in stored order, padded to
     whole batches (padding: metadata `valid` False, answer_mask all False). Point subsets are
-    seeded by `seed` and the record's position, so evaluations are repeatable."""
+    seeded by `seed` and the record's position, so evaluations are repeatable. The hold-out
+    options are the train iterator's (one `data` config serves both); evaluation reads every
+    record of the split."""
+    del hold_out_eval_scenes, annotations_dir, held_out_annotations
     index, count = _host(process_index, process_count)
     host_batch = _host_batch(batch_size, count)
     name = parse_mixture(datasets)[0][0]
