@@ -8,7 +8,10 @@ answers), DIR/eval/metrics.json and DIR/eval/metrics.md (our numbers beside the 
 where DIR is --workdir or --checkpoint. Metrics per (dataset, task): grounding -> Acc@0.25,
 Acc@0.5, mIoU of the first predicted box against the first box of the first answer; every other
 task -> BLEU-1..4, METEOR, ROUGE-L, CIDEr, EM, EM-refined with `<box>`/`<pt>` spans removed from
-both sides; sqa3d also EM per question type. Sections: model, data, generation, metrics.
+both sides; sqa3d and 3dmv_vqa also EM per question type (sqa3d: the first word of the question's
+last sentence; 3dmv_vqa: the record's meta.question_type, concept / counting / relation /
+comparison, which its prediction rows carry as `question_type`). Sections: model, data,
+generation, metrics.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from llm3d_jax import tokens
 from llm3d_jax.data.pipeline import load_tokenizer, make_eval_iterator, parse_mixture
-from llm3d_jax.data.sources import SceneJoin
+from llm3d_jax.data.sources import LANGUAGE_DATASET, SceneJoin, language_record, open_source
 from llm3d_jax.evaluate import (
     caption_metrics_by_group,
     em_by_question_type,
@@ -64,6 +67,20 @@ SCANREFER_ACC25 = {"3D-LLM": 30.3, "ScanRefer": 41.2, "Chat-Scene": 55.5, "Video
 
 
 # ---------------------------------------------------------------------- generation
+
+# Datasets whose records name their question type in meta.question_type (scored per type).
+TYPED_DATASETS = ("3dmv_vqa",)
+
+
+def question_types(data_dir: str, name: str, split: str) -> dict[str, str]:
+    """record id -> meta.question_type of every record of `name`/`split` that has one."""
+    source = open_source(data_dir, LANGUAGE_DATASET, name, split)
+    types = {}
+    for index in range(len(source)):
+        record = language_record(source[index])
+        if "question_type" in record["meta"]:
+            types[record["id"]] = str(record["meta"]["question_type"])
+    return types
 
 
 def predict(
@@ -143,6 +160,10 @@ def predict(
         if len(rows) >= wanted:
             break
     bar.close()
+    if name in TYPED_DATASETS:
+        types = question_types(data_dir, name, split)
+        for row in rows:
+            row["question_type"] = types.get(row["id"], "unknown")
     return rows
 
 
@@ -190,6 +211,10 @@ def compute_metrics(rows: list[dict]) -> dict:
             preds, refs = text_groups[key]
             prompts = {r["id"]: r["prompt"] for r in groups[key]}
             types = {i: sqa3d_question_type(last_question(prompts[i])) for i in preds}
+            scores.update(em_by_question_type(preds, refs, types))
+        elif key.split("/")[0] in TYPED_DATASETS:
+            preds, refs = text_groups[key]
+            types = {r["id"]: r.get("question_type", "unknown") for r in groups[key]}
             scores.update(em_by_question_type(preds, refs, types))
         out[key] = {**scores, "count": len(text_groups[key][0])}
     return dict(sorted(out.items()))
@@ -239,6 +264,16 @@ def markdown(metrics: dict, title: str) -> str:
             + ", ".join(f"{k} {v}" for k, v in SCANREFER_ACC25.items()),
             "",
         ]
+    typed = {k: v for k, v in metrics.items() if any(m.startswith("EM/") for m in v)}
+    if typed:
+        lines += ["| ours: dataset/task | question type | EM |", "|---" * 3 + "|"]
+        lines += [
+            f"| {k} | {m[len('EM/') :]} | {_fmt(value)} |"
+            for k, v in typed.items()
+            for m, value in v.items()
+            if m.startswith("EM/")
+        ]
+        lines.append("")
     navigation = {k: v for k, v in metrics.items() if "goal_error_m" in v}
     if navigation:
         lines += ["| ours: dataset/task | n | Success@0.5m | goal error (m) |", "|---" * 4 + "|"]
