@@ -10,7 +10,8 @@ Acc@0.5, mIoU of the first predicted box against the first box of the first answ
 task -> BLEU-1..4, METEOR, ROUGE-L, CIDEr, EM, EM-refined with `<box>`/`<pt>` spans removed from
 both sides; sqa3d and 3dmv_vqa also EM per question type (sqa3d: the first word of the question's
 last sentence; 3dmv_vqa: the record's meta.question_type, concept / counting / relation /
-comparison, which its prediction rows carry as `question_type`). Sections: model, data,
+comparison). 3dmv_vqa prediction rows carry their record's `question_type` and `question_id`
+(what `python -m llm3d_jax.evaluate --task 3dmv_vqa` matches them by). Sections: model, data,
 generation, metrics.
 """
 
@@ -68,19 +69,23 @@ SCANREFER_ACC25 = {"3D-LLM": 30.3, "ScanRefer": 41.2, "Chat-Scene": 55.5, "Video
 
 # ---------------------------------------------------------------------- generation
 
-# Datasets whose records name their question type in meta.question_type (scored per type).
+# Datasets whose records name their question type and id in meta (scored per type; the scorer
+# matches the rows by question_id).
 TYPED_DATASETS = ("3dmv_vqa",)
 
 
-def question_types(data_dir: str, name: str, split: str) -> dict[str, str]:
-    """record id -> meta.question_type of every record of `name`/`split` that has one."""
+def question_fields(data_dir: str, name: str, split: str) -> dict[str, dict]:
+    """record id -> {question_type, question_id} from the meta of every record of `name`/`split`."""
     source = open_source(data_dir, LANGUAGE_DATASET, name, split)
-    types = {}
+    fields = {}
     for index in range(len(source)):
         record = language_record(source[index])
-        if "question_type" in record["meta"]:
-            types[record["id"]] = str(record["meta"]["question_type"])
-    return types
+        meta = record["meta"]
+        fields[record["id"]] = {
+            "question_type": str(meta.get("question_type", "unknown")),
+            "question_id": meta.get("question_id"),
+        }
+    return fields
 
 
 def predict(
@@ -161,9 +166,9 @@ def predict(
             break
     bar.close()
     if name in TYPED_DATASETS:
-        types = question_types(data_dir, name, split)
+        fields = question_fields(data_dir, name, split)
         for row in rows:
-            row["question_type"] = types.get(row["id"], "unknown")
+            row.update(fields.get(row["id"], {"question_type": "unknown", "question_id": None}))
     return rows
 
 

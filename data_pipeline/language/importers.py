@@ -17,9 +17,10 @@ Formats (docs/reference.md "Public data formats"):
   holding "Human:"/"Robot:" turns becomes a dialogue record.
 - 3DMV-VQA (Hong et al., CVPR 2023; the released 3D-LLM's `questions_only/*_questions.json`): a
   JSON list of {scene_id (an HM3D room, e.g. "00009-vLpv2VX547B_0"), question, answers[], type}
-  -> qa records, id `3dmv_vqa-<question_id>` where question_id is the entry's own or else its
-  position in the list (what the release's scorer numbers it by), meta {question_id, type,
-  question_type}: type 0..3 is concept, counting, relation, comparison
+  -> qa records, meta {question_id, type, question_type}: question_id is the entry's own, else
+  its position in the list (what the release's scorer numbers it by); id `3dmv_vqa-<question_id>`,
+  or `3dmv_vqa-<file stem>-<position>` (unique across the train and test files). Type 0..3 is
+  concept, counting, relation, comparison
   (`llm3d_jax.datasets.MV_VQA_QUESTION_TYPES`). The 3D-CLR generator's form is read too: a
   single `answer` (true/false -> "yes"/"no", a number -> its digits) and `family_id` ([k] or k)
   for `type`.
@@ -238,20 +239,15 @@ def _mv_vqa_answers(e: dict) -> list:
 
 def import_3dmv_vqa(path, known_scenes: set[str] | None = None):
     entries = _list_of_entries(load_json(path), path)
+    stem = os.path.splitext(os.path.basename(path))[0]
 
     def convert(e: dict, n: int) -> dict:
         kind = _mv_vqa_type(e)
         qid = e.get("question_id", n)
         meta = {"question_id": qid, "type": kind, "question_type": MV_VQA_QUESTION_TYPES[kind]}
+        rid = f"3dmv_vqa-{qid}" if "question_id" in e else f"3dmv_vqa-{stem}-{n}"
         return make_record(
-            e["scene_id"],
-            "qa",
-            e["question"],
-            _mv_vqa_answers(e),
-            [],
-            "3dmv_vqa",
-            meta,
-            f"3dmv_vqa-{qid}",
+            e["scene_id"], "qa", e["question"], _mv_vqa_answers(e), [], "3dmv_vqa", meta, rid
         )
 
     return _collect(entries, convert, known_scenes)

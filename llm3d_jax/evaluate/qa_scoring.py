@@ -13,9 +13,10 @@ PRED, either format (detected from the content):
   position in the annotation list. Several files (one per rank) are read in order; a repeated
   question_id keeps its last answer, as the release's script does;
 - our `predictions.jsonl` (experiments/eval.py): rows {"id", "dataset", "prediction", ...}
-  matched to annotation entries by `question_id` (row id `<dataset>-<question_id>`); an entry
-  without one (3DMV-VQA) by its position in the list, the id `python -m data_pipeline.language
-  --import 3dmv_vqa` gives it.
+  matched to annotation entries by `question_id`: the row's own `question_id` when it has one
+  (3DMV-VQA rows carry their record's meta.question_id), else its id `<dataset>-<question_id>`.
+  An annotation entry without a question_id (3DMV-VQA's files) is matched by its position in the
+  list, the number `python -m data_pipeline.language --import 3dmv_vqa` gives it.
 Every annotation entry needs exactly one prediction.
 
 Scoring `release` (calculate_score_{scanqa,sqa3d,3dmvvqa}.py): predictions cleaned by
@@ -157,6 +158,8 @@ def _from_jsonl(path: str, rows: list, annotations: list[dict], answers: dict[in
             raise InputError(path, f"line {number}: needs string `id` and `prediction`")
         prefix = f"{row.get('dataset')}-"
         key = rid[len(prefix) :] if rid.startswith(prefix) else rid
+        if row.get("question_id") is not None:
+            key = str(row["question_id"])
         if key not in position:
             raise InputError(path, f"line {number}: id {rid!r} matches no annotation question_id")
         if position[key] in answers:

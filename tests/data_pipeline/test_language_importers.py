@@ -215,7 +215,9 @@ def test_3dmv_vqa_types_and_positions(tmp_path):
     records = run_import(
         tmp_path, "--import", "3dmv_vqa", "--input", fixture("3dmv_vqa_questions.json")
     )
-    assert [r["id"] for r in records] == [f"3dmv_vqa-{n}" for n in range(6)]  # list positions
+    # numbered by list position (the release's scorer's numbering), the file named in the id
+    assert [r["meta"]["question_id"] for r in records] == list(range(6))
+    assert [r["id"] for r in records] == [f"3dmv_vqa-3dmv_vqa_questions-{n}" for n in range(6)]
     assert [r["meta"]["question_type"] for r in records] == [
         "concept",
         "counting",
@@ -231,6 +233,11 @@ def test_3dmv_vqa_types_and_positions(tmp_path):
     assert records[2]["answers"] == ["nightstand", "lamp"]
     # the 3D-CLR generator's form: one answer (a bool, a count) and family_id
     assert records[4]["answers"] == ["no"] and records[5]["answers"] == ["2"]
+    # the train and test files share positions, not ids (they go into one TFDS build)
+    train = tmp_path / "train_questions.json"
+    train.write_text(open(fixture("3dmv_vqa_questions.json")).read())
+    again, _ = importers.import_3dmv_vqa(train)
+    assert not {r["id"] for r in again} & {r["id"] for r in records}
     _, problems = importers.import_3dmv_vqa(fixture("3dmv_vqa_questions.json"))
     assert problems == [
         "entry 6: missing field 'scene_id'",

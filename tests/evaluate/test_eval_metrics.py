@@ -10,7 +10,7 @@ from experiments.eval import (
     compute_metrics,
     last_question,
     markdown,
-    question_types,
+    question_fields,
     strip_locations,
 )
 
@@ -95,7 +95,7 @@ def test_published_numbers_match_docs_reference():
 
 
 def test_question_types_come_from_the_records_meta(tmp_path):
-    """Prediction rows of 3DMV-VQA get the question type the importer put in meta."""
+    """Prediction rows of 3DMV-VQA get the question type and id the importer put in meta."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "data_pipeline"))
@@ -107,11 +107,17 @@ def test_question_types_come_from_the_records_meta(tmp_path):
     features, _, _, rows = write_fixture(str(tmp_path), num_scenes=2, records_per_scene=2)
     kinds = ["concept", "counting", "relation", "comparison"]
     rows = [
-        {**r, "source": "3dmv_vqa", "meta": {"question_type": kinds[k], "split": "val"}}
+        {
+            **r,
+            "source": "3dmv_vqa",
+            "meta": {"question_type": kinds[k], "question_id": k, "split": "val"},
+        }
         for k, r in enumerate(rows)
     ]
     records = str(tmp_path / "mv.jsonl")
     write_jsonl_atomic(records, rows)
     build(features, records, str(tmp_path / "tfds"), "3dmv_vqa")
-    types = question_types(str(tmp_path / "tfds"), "3dmv_vqa", "validation")
-    assert types == {r["id"]: r["meta"]["question_type"] for r in rows}
+    fields = question_fields(str(tmp_path / "tfds"), "3dmv_vqa", "validation")
+    assert fields == {
+        r["id"]: {"question_type": kinds[k], "question_id": k} for k, r in enumerate(rows)
+    }

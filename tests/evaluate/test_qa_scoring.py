@@ -248,13 +248,11 @@ def test_3dmv_vqa_release_types_from_the_type_field(no_text_scorers):
 
 
 def test_3dmv_vqa_predictions_jsonl_match_by_position(no_text_scorers, tmp_path):
-    """The annotation entries carry no question_id: our rows (ids `3dmv_vqa-<position>`, as the
-    importer writes them) are matched by position, whatever their order."""
+    """The annotation entries carry no question_id: our rows (question_id = the position the
+    importer numbered the entry by) are matched by position, whatever their order."""
     rows = [
-        {"id": "3dmv_vqa-3", "dataset": "3dmv_vqa", "prediction": "no"},
-        {"id": "3dmv_vqa-0", "dataset": "3dmv_vqa", "prediction": "yes"},
-        {"id": "3dmv_vqa-2", "dataset": "3dmv_vqa", "prediction": "1"},
-        {"id": "3dmv_vqa-1", "dataset": "3dmv_vqa", "prediction": "2"},
+        {"id": f"3dmv_vqa-test-{n}", "dataset": "3dmv_vqa", "question_id": n, "prediction": p}
+        for n, p in ((3, "no"), (0, "yes"), (2, "1"), (1, "2"))
     ]
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
