@@ -36,6 +36,8 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a BLIP-2 / exported model directory; "" = random init of `preset`
+    c.model.base = ""  # with a LAVIS .pth as `pretrained`: its BLIP-2 directory
+    c.model.dropout = ml_collections.config_dict.placeholder(float)  # None: the model's rates
     c.model.preset = "demo"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False

@@ -2,6 +2,10 @@
 
     python experiments/train.py --config experiments/configs/scanqa_flant5xl.py --workdir RUN \
         --config.model.pretrained=/path/to/blip2-flan-t5-xl --config.data_dir=TFDS_DIR
+    # from a released 3D-LLM checkpoint (LAVIS .pth, with its optimizer state when saved):
+    python experiments/train.py --config experiments/configs/scanqa_flant5xl.py --workdir RUN \
+        --config.model.pretrained=/path/to/3dllm.pth \
+        --config.model.base=/path/to/blip2-flan-t5-xl --config.data_dir=TFDS_DIR
 
 Paper: AdamW (0.9, 0.999), weight decay 0.05 (not on biases and norms), 1k linear warmup steps
 then cosine, peak lr 1e-5 (the released LAVIS configs use 1e-4 decaying to 1e-5). LLM frozen;
@@ -34,7 +38,12 @@ def get_config():
     )
 
     c.model = ml_collections.ConfigDict()
-    c.model.pretrained = ""  # a HF BLIP-2 FlanT5-XL directory (required)
+    # A HF BLIP-2 FlanT5-XL directory (required), or a released 3D-LLM LAVIS checkpoint (.pth):
+    # its weights and, when it has them, its AdamW moments and step (fine-tuning goes on from
+    # them), over the BLIP-2 directory `model.base` (the frozen T5 and the tokenizer).
+    c.model.pretrained = ""
+    c.model.base = ""
+    c.model.dropout = ml_collections.config_dict.placeholder(float)  # None: the checkpoint's rates
     c.model.preset = "flan_t5_xl"  # shapes only: what tools/bench compiles without weights
     c.model.dtype = "bfloat16"
     c.model.remat = True

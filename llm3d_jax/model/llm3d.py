@@ -238,6 +238,7 @@ def with_overrides(
     prefix_causal: bool | None = None,
     scan_layers: bool | None = None,
     attention_impl: str | None = None,
+    dropout: float | None = None,
     **fields,
 ) -> LLM3DConfig:
     """A copy with common knobs changed in every sub-config they touch.
@@ -246,8 +247,10 @@ def with_overrides(
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
     scan_layers: LLM blocks stacked and run with nn.scan (params of the other layout convert with
     `llm3d_jax.loading.relayout_llm_layers`); prefix_causal: decoder-only LLMs only;
-    attention_impl: the Q-Former's and the LLM's ("xla" or "cudnn"; None keeps them); other
-    keywords are top-level fields (posembed_mode, posembed_scale, num_points).
+    attention_impl: the Q-Former's and the LLM's ("xla" or "cudnn"; None keeps them); dropout:
+    every dropout rate of the Q-Former and the LLM (0.0: none, as in a reference forward; None
+    keeps the checkpoint's); other keywords are top-level fields (posembed_mode, posembed_scale,
+    num_points).
     """
     qformer, llm = config.qformer, config.llm
     if prefix_causal is not None:
@@ -266,6 +269,14 @@ def with_overrides(
     if attention_impl is not None:
         qformer = dataclasses.replace(qformer, attention_impl=attention_impl)
         llm = dataclasses.replace(llm, attention_impl=attention_impl)
+    if dropout is not None:
+        qformer = dataclasses.replace(
+            qformer, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
+        )
+        rates = {"dropout_rate": dropout}
+        if hasattr(llm, "attention_dropout"):
+            rates["attention_dropout"] = dropout
+        llm = dataclasses.replace(llm, **rates)
     if vocab_size is not None:
         llm = dataclasses.replace(
             llm, vocab_size=vocab_size, loc_offset=vocab_size if loc_offset is None else loc_offset

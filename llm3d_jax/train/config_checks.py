@@ -35,6 +35,7 @@ FLOAT_RANGES = {
     "optim.b2": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, math.inf, True),
     "optim.grad_clip": (0.0, math.inf, False),
+    "model.dropout": (0.0, 1.0, True),
 }
 
 
@@ -69,7 +70,7 @@ def check_config(config) -> None:
             or (value == low and not low_ok)
             or value >= high
         ):
-            if name in ("optim.b1", "optim.b2"):
+            if name in ("optim.b1", "optim.b2", "model.dropout"):
                 bounds = "in [0, 1)"
             else:
                 bounds = ">= 0" if low_ok else "> 0"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -95,3 +97,42 @@ def make_optimizer(
             schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask(trainable)
         ),
     )
+
+
+def _is_adam(node) -> bool:
+    return isinstance(node, optax.ScaleByAdamState)
+
+
+def adam_state(opt_state) -> optax.ScaleByAdamState:
+    """The one `ScaleByAdamState` (count, mu, nu) inside an optimizer state of `make_optimizer`."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adam) if _is_adam(s)]
+    if len(found) != 1:
+        raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+    return found[0]
+
+
+def with_adam_moments(opt_state, mu, nu, count: int):
+    """`opt_state` with its Adam moments and count replaced (a resumed torch AdamW: `exp_avg` ->
+    mu, `exp_avg_sq` -> nu, `step` -> count). mu and nu must have the trainable params' tree.
+
+    optax.adamw and torch.optim.AdamW (LAVIS's) compute the same update from these: both keep
+    m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, bias-correct with the count after the
+    increment (torch's `step` is incremented before use as optax's `count` is), and divide by
+    sqrt(v / (1 - b2^t)) + eps, eps outside the square root and after the correction (torch
+    writes it as sqrt(v) / sqrt(1 - b2^t) + eps: the same number; optax's eps_root is 0). The
+    decoupled weight decay is lr * wd * param on the pre-update param in both (torch multiplies
+    the param by 1 - lr * wd first). tests/train/test_lavis_finetune.py checks one step against
+    torch's."""
+    adam = adam_state(opt_state)
+    for name, new, old in (("mu", mu, adam.mu), ("nu", nu, adam.nu)):
+        if jax.tree.structure(new) != jax.tree.structure(old):
+            raise ValueError(f"Adam {name}: tree differs from the trainable params'")
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+            if a.shape != b.shape:
+                raise ValueError(f"Adam {name}: shape {a.shape} where the param has {b.shape}")
+    new = adam._replace(
+        count=jnp.asarray(count, dtype=adam.count.dtype),
+        mu=jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), mu, adam.mu),
+        nu=jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), nu, adam.nu),
+    )
+    return jax.tree.map(lambda s: new if _is_adam(s) else s, opt_state, is_leaf=_is_adam)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError
@@ -23,33 +26,80 @@ from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
 
 
-def build_model(config):
-    """-> (module, host params or None for a random init).
+def is_lavis_checkpoint(path: str) -> bool:
+    """A released LAVIS checkpoint (a `.pth` file) rather than a model directory."""
+    return bool(path) and path.endswith(".pth") and not os.path.isdir(path)
 
-    Pretrained: a BLIP-2 / exported directory (`llm3d_jax.loading.load_llm3d`). Random init: the
-    `model.preset` shapes (an LLM3DConfig constructor; `tiny_decoder:FAMILY` picks the decoder
-    family: llama, qwen2, mistral or opt), with the vocabulary sized to `config.tokenizer` when
-    training on tokenised (tfds) data.
+
+def tokenizer_dir(config) -> str:
+    """The tokenizer directory of a run config ("" when it names none): the LLM's directory,
+    else the pretrained directory (a LAVIS .pth's: its BLIP-2 base), else `config.tokenizer`."""
+    m = config.model
+    pretrained = m.pretrained
+    if is_lavis_checkpoint(pretrained):
+        pretrained = m.get("base") or ""
+    return m.get("llm_pretrained") or pretrained or config.get("tokenizer", "")
+
+
+def build_model(config, with_optimizer: bool = False):
+    """-> (module, host params or None for a random init); with `with_optimizer`, a third item:
+    None, or (mu, nu, count) of the optimizer state the pretrained checkpoint carries.
+
+    Pretrained: a BLIP-2 / exported directory (`llm3d_jax.loading.load_llm3d`), or a released
+    LAVIS `.pth` over the BLIP-2 directory `model.base` (`loading.load_lavis`; its AdamW moments
+    in the params' layout, zeros where it has none). Random init: the `model.preset` shapes (an
+    LLM3DConfig constructor; `tiny_decoder:FAMILY` picks the decoder family: llama, qwen2,
+    mistral or opt), with the vocabulary sized to `config.tokenizer` when training on tokenised
+    (tfds) data.
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
-    # attention_impl ("cudnn": cuDNN's fused attention on a GPU).
+    # attention_impl ("cudnn": cuDNN's fused attention on a GPU), dropout (every dropout rate).
     # Grounding knobs (demo.py): a pretrained model without them grows them.
     grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
-    for key in ("prefix_causal", "scan_layers", "attention_impl", *grounding):
+    for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
         if key in m:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
     if m.pretrained:
-        for path in (m.pretrained, llm_path):
-            if path and not os.path.isdir(path):
-                raise InputError(path, "pretrained model directory not found")
-        module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
+        moments = None
+        if is_lavis_checkpoint(m.pretrained):
+            base = m.get("base") or ""
+            if not base:
+                raise InputError(
+                    m.pretrained,
+                    "a LAVIS checkpoint needs config.model.base, its HF BLIP-2 FlanT5 directory",
+                )
+            if not os.path.isdir(base):
+                raise InputError(base, "BLIP-2 base directory (config.model.base) not found")
+            if llm_path:
+                raise InputError(None, "config.model.llm_pretrained: not with a LAVIS .pth")
+            module, params, *saved = loading.load_lavis(
+                m.pretrained, base, with_optimizer=with_optimizer
+            )
+            if saved and saved[0] is not None:
+                moments = (saved[0].mu, saved[0].nu, saved[0].count)
+        else:
+            for path in (m.pretrained, llm_path):
+                if path and not os.path.isdir(path):
+                    raise InputError(path, "pretrained model directory not found")
+            module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
         model_config = llm3d.with_overrides(module.config, **overrides)
         # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
-        # exported scanned model may be trained unscanned).
-        params = loading.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
+        # exported scanned model may be trained unscanned). Moments follow their params.
+        relayout = lambda tree: loading.relayout_llm_layers(
+            tree, module.config, model_config.llm.scan_layers
+        )
+        in_blocks = moments is not None and set(moments[0].get("llm", {})) - set(LLM_VOCAB_PARAMS)
+        if in_blocks and module.config.llm.scan_layers != model_config.llm.scan_layers:
+            # State inside the LLM blocks (not the release's): relayout it with zeros beside it.
+            moments = (
+                relayout(_keep_matching(moments[0], params, fill=True)),
+                relayout(_keep_matching(moments[1], params, fill=True)),
+                moments[2],
+            )
+        params = relayout(params)
         loaded = module.config
         module = llm3d.LLM3D(model_config)
         if llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
@@ -62,7 +112,15 @@ def build_model(config):
                 }
             )
             print(f"{m.pretrained}: new params initialised at random: {', '.join(grown)}")
-        return module, params
+        if moments is not None:  # regrown params start from zero moments
+            moments = (
+                _keep_matching(moments[0], params),
+                _keep_matching(moments[1], params),
+                moments[2],
+            )
+        if with_optimizer and is_lavis_checkpoint(m.pretrained):
+            _report_moments(config, m.pretrained, saved[0], params)
+        return (module, params, moments) if with_optimizer else (module, params)
     model_config = preset_config(m.preset)
     if config.data_source == "tfds":
         if not config.tokenizer:
@@ -92,7 +150,53 @@ def build_model(config):
         overrides["vocab_size"] = offset
         first = parse_mixture(config.data.datasets)[0][0]
         overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
-    return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
+    module = llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides))
+    return (module, None, None) if with_optimizer else (module, None)
+
+
+# LLM params outside its blocks: the same in the scanned and the unscanned layout.
+LLM_VOCAB_PARAMS = ("shared", "lm_head", "loc_embed", "loc_head")
+
+
+def _keep_matching(tree, params, fill: bool = False):
+    """The leaves of `tree` (moments) whose path `params` has with the same shape; with `fill`,
+    zeros for every other param of `params` (the full tree)."""
+    old = traverse_util.flatten_dict(tree)
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        kept = old.get(path)
+        if kept is not None and tuple(kept.shape) == tuple(value.shape):
+            out[path] = kept
+        elif fill:
+            out[path] = np.zeros(value.shape, np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def _report_moments(config, path: str, moments, params) -> None:
+    """What the checkpoint's optimizer state becomes in this run (two lines at most)."""
+    from llm3d_jax.convert.lavis import describe_moments
+
+    print(f"{path}: {describe_moments(moments)}")
+    if moments is None:
+        return
+    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    regexes = [re.compile(p) for p in patterns]
+    trains = lambda p: any(r.fullmatch(p) for r in regexes)
+    covered = set(moments.covered)
+    dropped = sorted(p for p in covered if not trains(p))
+    paths = ("/".join(k) for k in traverse_util.flatten_dict(params))
+    fresh = sorted(p for p in paths if trains(p) and p not in covered)
+    notes = []
+    if dropped:
+        notes.append(
+            f"the state of {len(dropped)} tensors frozen here is dropped ({', '.join(dropped[:4])})"
+        )
+    if fresh:
+        notes.append(
+            f"{len(fresh)} trainable tensors without state start from zero moments ({', '.join(fresh[:4])})"
+        )
+    if notes:
+        print(f"{path}: " + "; ".join(notes))
 
 
 def preset_config(preset: str) -> llm3d.LLM3DConfig:
@@ -134,7 +238,7 @@ def build_data(config, mesh, model_config, *, train: bool):
         raise InputError(
             config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
         )
-    tokenizer = config.model.get("llm_pretrained") or config.model.pretrained or config.tokenizer
+    tokenizer = tokenizer_dir(config)
     common = dict(
         batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
     )
