@@ -1,6 +1,6 @@
 """Writes tests/fixtures/release/cases.json: what the released 3D-LLM (LAVIS, PyTorch) feeds and
 trains on, computed with its own formulas, for tests/data/test_release_profile.py and
-tests/train/test_release_schedule.py to hold the `release` profile to.
+tests/train/test_release_training.py to hold the `release` profile to.
 
 Run with the separate torch venv (torch is never a dependency of llm3d_jax; only the point rows
 need it, for `torch.randperm` exactly as the release calls it):

@@ -173,15 +173,22 @@ def target_points(scene: dict, keep: np.ndarray | None, object_ids, num_points: 
     return out
 
 
-def sample_points(scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32):
+def sample_points(
+    scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32, profile="ours"
+):
     """-> features `dtype` [P,D], voxels int32 [P,3], mask bool [P] for one scene (P = num_points).
 
     More points than `num_points`: a random subset; fewer: all of them, zero-padded, mask False
-    on the padding. (The pipeline does the same per batch row, in `Preprocess.collate`.)
+    on the padding. Release profile: the first `num_points` rows, mask all True. (The pipeline
+    does the same per batch row, in `Preprocess.collate`.)
     """
     features = np.empty((num_points, scene["features"].shape[1]), dtype)
     voxels = np.empty((num_points, 3), np.int32)
-    keep = choose_points(len(scene["features"]), num_points, rng)
+    n = len(scene["features"])
+    if profile == "release":
+        fill_points(scene, release_points(n, num_points), features, voxels)
+        return features, voxels, np.ones(num_points, bool)
+    keep = choose_points(n, num_points, rng)
     return features, voxels, fill_points(scene, keep, features, voxels)
 
 
