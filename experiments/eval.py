@@ -118,6 +118,7 @@ def predict(
         split=split,
         read_threads=2,
         loc_bins=run.module.config.llm.loc_bins,
+        profile=run.config.get("profile", "ours"),  # the release profile's question and points
         **data_config,
     )
     tokenizer = load_tokenizer(run.tokenizer_path)

@@ -41,7 +41,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llm3d_jax.data.preprocess import TextEncoder, apply_template, sample_points  # noqa: E402
+from llm3d_jax.data.preprocess import (  # noqa: E402
+    TextEncoder,
+    apply_template,
+    release_question,
+    sample_points,
+)
 from llm3d_jax.datasets import OBJECT_CAPTION_PROMPT  # noqa: E402
 from llm3d_jax.evaluate import box_iou  # noqa: E402
 from llm3d_jax.fileio import (  # noqa: E402
@@ -151,11 +156,15 @@ def prepare(model: AskModel, scene: dict, question: str, task: str, seed: int = 
     """One question about one scene -> the model's input row (prompt padded to prompt_len);
     InputError("question", ...) when the question does not fit."""
     template = model.info.get("prompt_templates", {}).get(task, "{prompt}")
+    profile = model.info.get("profile", "ours")  # a model trained with the release profile
+    prompt = (
+        release_question(question) if profile == "release" else apply_template(template, question)
+    )
     prompt_len = int(model.info["prompt_len"])
     try:
         prompt_ids = encode_prompt(
             model.encoder,
-            apply_template(template, question),
+            prompt,
             scene["grid_origin"],
             scene["grid_voxel"],
             prompt_len,
@@ -163,7 +172,7 @@ def prepare(model: AskModel, scene: dict, question: str, task: str, seed: int = 
     except ValueError as err:
         raise InputError("question", str(err)) from None
     features, voxels, mask = sample_points(
-        scene, int(model.info["num_points"]), np.random.default_rng(seed)
+        scene, int(model.info["num_points"]), np.random.default_rng(seed), profile=profile
     )
     pad = prompt_len - len(prompt_ids)
     return dict(

@@ -103,3 +103,7 @@ class Rows:
 
     def __getitem__(self, index: int):
         return self.source[self.rows[index]]
+
+    def answers(self, index: int):
+        """The answers of record `index` (the release profile's rows: `pipeline.answer_rows`)."""
+        return self.source.answers(self.rows[index])

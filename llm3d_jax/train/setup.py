@@ -3,7 +3,10 @@ experiments/train.py, experiments/eval.py (through `llm3d_jax.infer.restore.load
 tools/export.py and the train-step benchmark (tools/bench/train_step.py) share, so they all
 build exactly the model and step a run trains.
 
-The config is the ml_collections dict of experiments/configs/*.py.
+The config is the ml_collections dict of experiments/configs/*.py. Its `profile` (optional key,
+default "ours") switches everything that differs in the released 3D-LLM at once: "release" feeds
+the data the release's way (`llm3d_jax.data.preprocess`), runs the T5 with exact GELU, trains
+`llm3d.RELEASE_TRAINABLE` and steps the lr per epoch (`optimizer.make_release_schedule`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def build_model(config, with_optimizer: bool = False):
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
+    if profile(config) == "release":
+        # LAVIS's Blip2T5 sets the T5's dense_act_fn to "gelu" (exact), whatever the weights.
+        overrides["t5_activation"] = "gelu"
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
     # attention_impl ("cudnn": cuDNN's fused attention on a GPU), dropout (every dropout rate).
     # Grounding knobs (demo.py): a pretrained model without them grows them.
@@ -199,6 +205,11 @@ def _report_moments(config, path: str, moments, params) -> None:
         print(f"{path}: " + "; ".join(notes))
 
 
+def profile(config) -> str:
+    """The run's profile: "ours" (also when the config has no `profile` key) or "release"."""
+    return config.get("profile", "ours")
+
+
 def preset_config(preset: str) -> llm3d.LLM3DConfig:
     """`config.model.preset` -> LLM3DConfig: a constructor name (tiny, demo, tiny_decoder, ...),
     optionally `NAME:ARG` for one argument (tiny_decoder:qwen2)."""
@@ -240,7 +251,11 @@ def build_data(config, mesh, model_config, *, train: bool):
         )
     tokenizer = tokenizer_dir(config)
     common = dict(
-        batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
+        batch_size=batch_size,
+        seed=config.seed,
+        loc_bins=model_config.llm.loc_bins,
+        profile=profile(config),
+        **config.data,
     )
     if train:
         return pipeline.make_train_iterator(config.data_dir, tokenizer, mesh, **common)
@@ -263,10 +278,30 @@ class Training:
     frozen_sh: dict
 
 
+def build_schedule(config):
+    """`config.optim` -> the lr schedule: ours (warm-up then cosine per step to total_steps), or
+    with the release profile the release's (per epoch, `optimizer.make_release_schedule`)."""
+    o = config.optim
+    if profile(config) == "release":
+        return optimizer.make_release_schedule(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_lr=o.warmup_lr,
+            warmup_steps=o.warmup_steps,
+            steps_per_epoch=o.steps_per_epoch,
+            max_epoch=o.max_epoch,
+            first_epoch=o.get("first_epoch", 0),
+        )
+    return optimizer.make_schedule(
+        lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps
+    )
+
+
 def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
-    """Trainable / frozen split (`config.trainable`, else the model's table), optimizer and
+    """Trainable / frozen split (`config.trainable`, else the profile's table), optimizer and
     schedule (`config.optim`, `config.total_steps`), state and param shardings on `mesh`."""
-    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    release = profile(config) == "release"  # (a T5: build_model's exact GELU checks it)
+    patterns = tuple(config.trainable) or (llm3d.RELEASE_TRAINABLE if release else llm3d.TRAINABLE)
     example = llm3d.example_inputs(module.config)  # shapes for init only
     init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
     boxed = state_lib.abstract_params(init_fn)
@@ -274,12 +309,7 @@ def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
     trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
         boxed, mesh, patterns
     )
-    schedule = optimizer.make_schedule(
-        lr=config.optim.lr,
-        min_lr=config.optim.min_lr,
-        warmup_steps=config.optim.warmup_steps,
-        total_steps=config.total_steps,
-    )
+    schedule = build_schedule(config)
     tx = optimizer.make_optimizer(
         trainable_abs,
         schedule,
