@@ -62,10 +62,11 @@ def build_model(config, with_optimizer: bool = False):
         overrides["t5_activation"] = "gelu"
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
     # attention_impl ("cudnn": cuDNN's fused attention on a GPU), dropout (every dropout rate).
-    # Grounding knobs (demo.py): a pretrained model without them grows them.
+    # Grounding knobs (demo.py): a pretrained model without them grows them; unset (None): as
+    # the pretrained model or the preset has them.
     grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
     for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
-        if key in m:
+        if m.get(key) is not None:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
     if m.pretrained:
