@@ -4,7 +4,8 @@
     python experiments/train.py --config experiments/configs/demo.py --workdir RUN \
         --config.data_dir=demo_out/tfds --config.model.pretrained=assets/demo/pretrained_3d
 tools/pretrain_demo.py trains it from random init with the same config (model.pretrained "",
-config.tokenizer set, --config.total_steps 12000, then 8000 on the attribute questions).
+config.tokenizer set, --config.total_steps 12000, then 8000 on the attribute questions, then
+3000 with the grounding settings below set: assets/demo has them).
 """
 
 import ml_collections
