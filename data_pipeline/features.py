@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 "num_views": int(len(views.depth)),
                 "format_version": FORMAT_VERSION,
             }
+            if "level" in scene.meta:  # "object": a scene file holding one object
+                meta["level"] = scene.meta["level"]
             with writing(args.out):
                 save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
                 if args.preview:

@@ -12,6 +12,14 @@ axisAlignment) the grid is the scene's (origin = AABB min, voxel = largest exten
 objects are copied and each point takes the instance id of its nearest mesh vertex; without it
 the grid is the unit cube (origin 0, voxel 1/256) and meta says `"metric": false`. Points are voxel
 centres. Rows with zero features are dropped; features are L2-normalised to float16.
+
+    python -m data_pipeline.released --objects --features features/ --voxels points/ --out FEATURES
+
+--objects: the release's Objaverse features (inference.py's object mode), `<uid>_outside.pt` and
+`<uid>_outside.npy` (views from outside the object). Each becomes `FEATURES/<uid>.npz` holding one
+object: id 0, label "object", its box the points' bounds, every point's instance 0, meta
+"level": "object" (the object_caption records of `python -m data_pipeline.language --import
+objaverse` name the same `<uid>`).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from data_pipeline.lift.voxelize import GRID, grid_for_bounds
-from data_pipeline.scenes import Scene
+from data_pipeline.scenes import Scene, SceneObject
 from llm3d_jax.convert.pth import read_pth
 from llm3d_jax.fileio import (
     InputError,
@@ -39,6 +47,7 @@ from llm3d_jax.fileio import (
 )
 
 FORMAT_VERSION = 1
+OBJECT_SUFFIX = "_outside"  # the release's Objaverse feature files: <uid>_outside.pt / .npy
 
 
 def read_released_features(path: str) -> np.ndarray:
@@ -83,11 +92,19 @@ def read_released_voxels(path: str, n: int) -> np.ndarray:
     return voxels
 
 
+def object_id_of(stem: str) -> str:
+    """The Objaverse uid of a released object feature file's stem (`<uid>_outside`)."""
+    return stem[: -len(OBJECT_SUFFIX)] if stem.endswith(OBJECT_SUFFIX) else stem
+
+
 def import_scene(
-    features_path: str, voxels_path: str, scene: Scene | None = None
+    features_path: str, voxels_path: str, scene: Scene | None = None, one_object: bool = False
 ) -> dict[str, np.ndarray]:
-    """The arrays of one scene feature file, meta included."""
+    """The arrays of one scene feature file, meta included; `one_object`: an object-level file
+    (module doc, --objects)."""
     scene_id = os.path.splitext(os.path.basename(features_path))[0]
+    if one_object:
+        scene_id = object_id_of(scene_id)
     features = read_released_features(features_path)
     voxels = read_released_voxels(voxels_path, len(features))
     norm = np.linalg.norm(features, axis=1, keepdims=True)
@@ -105,6 +122,10 @@ def import_scene(
         _, nearest = cKDTree(scene.vertices).query(points)
         instance = scene.instance[nearest].astype(np.int32)
         objects = scene.objects
+    elif one_object:
+        instance = np.zeros(len(points), np.int32)
+        box = np.concatenate([points.min(axis=0), points.max(axis=0)])
+        objects = [SceneObject(0, "object", box.astype(np.float32))]
     else:
         instance = np.full(len(points), -1, np.int32)
         objects = []
@@ -117,6 +138,8 @@ def import_scene(
         "metric": scene is not None,
         "format_version": FORMAT_VERSION,
     }
+    if one_object:
+        meta["level"] = "object"
     return {
         "points": points,
         "features": features.astype(np.float16),
@@ -142,19 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenes", help="folder of our <scene_id>.npz scenes (metric grid, objects)"
     )
+    parser.add_argument(
+        "--objects",
+        action="store_true",
+        help="Objaverse objects: <uid>_outside.pt -> <uid>.npz holding one object",
+    )
     args = parser.parse_args(argv)
+    if args.objects and args.scenes:
+        raise InputError(None, "--objects imports lone objects; it takes no --scenes")
     paths = sorted(glob.glob(os.path.join(args.features, "*.pt")))
     if not paths:
         raise InputError(args.features, "no .pt feature files")
     output_folder(args.out)
     failed = []
     for path in tqdm(paths, desc="import released", unit="scene"):
-        scene_id = os.path.splitext(os.path.basename(path))[0]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        scene_id = object_id_of(stem) if args.objects else stem
         try:
             scene = None
             if args.scenes:
                 scene = Scene.load(child_path(args.scenes, scene_id, ".npz", path))
-            arrays = import_scene(path, child_path(args.voxels, scene_id, ".npy", path), scene)
+            voxels = child_path(args.voxels, stem, ".npy", path)
+            arrays = import_scene(path, voxels, scene, args.objects)
             out_path = child_path(args.out, scene_id, ".npz", path)
             with writing(out_path):
                 save_npz_atomic(out_path, **arrays)

@@ -2,13 +2,22 @@ r"""Evaluates a trained 3D-LLM: generation on a split, then the papers' metrics.
 
     python experiments/eval.py --workdir RUN [--split validation] [--strategy greedy|beam|sample]
     python experiments/eval.py --checkpoint RUN/checkpoints/300 --split val
+    python experiments/eval.py --pretrained 3dllm.pth --base BLIP2_DIR --data_dir TFDS --out DIR \
+        [--config experiments/configs/scanqa_flant5xl.py]
 
 Writes DIR/eval/predictions.jsonl (one row per record: prompt, prediction with boxes in metres,
 answers), DIR/eval/metrics.json and DIR/eval/metrics.md (our numbers beside the published ones),
-where DIR is --workdir or --checkpoint. Metrics per (dataset, task): grounding -> Acc@0.25,
+where DIR is --workdir, --checkpoint or --out. `--pretrained` evaluates a model as it is, no
+training run needed: a released 3D-LLM LAVIS .pth over its HF BLIP-2 FlanT5 directory (--base),
+with the data and model settings of a run config (--config: experiments/configs/*.py or a run's
+config.json; default scanqa_flant5xl.py). Metrics per (dataset, task): grounding -> Acc@0.25,
 Acc@0.5, mIoU of the first predicted box against the first box of the first answer; every other
 task -> BLEU-1..4, METEOR, ROUGE-L, CIDEr, EM, EM-refined with `<box>`/`<pt>` spans removed from
-both sides; sqa3d also EM per question type. Sections: model, data, generation, metrics.
+both sides; sqa3d and 3dmv_vqa also EM per question type (sqa3d: the first word of the question's
+last sentence; 3dmv_vqa: the record's meta.question_type, concept / counting / relation /
+comparison). 3dmv_vqa prediction rows carry their record's `question_type` and `question_id`
+(what `python -m llm3d_jax.evaluate --task 3dmv_vqa` matches them by). Sections: model, data,
+generation, metrics.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from tqdm import tqdm
 
 from llm3d_jax import tokens
 from llm3d_jax.data.pipeline import load_tokenizer, make_eval_iterator, parse_mixture
-from llm3d_jax.data.sources import SceneJoin
+from llm3d_jax.data.sources import LANGUAGE_DATASET, SceneJoin, language_record, open_source
 from llm3d_jax.evaluate import (
     caption_metrics_by_group,
     em_by_question_type,
@@ -42,8 +51,9 @@ from llm3d_jax.evaluate import (
 from llm3d_jax.fileio import InputError, cli_main, write_jsonl_atomic, write_text_atomic
 from llm3d_jax.infer.decode import DecodeConfig, add_decode_arguments, decode_settings
 from llm3d_jax.infer.generate import decode_answer, generate
-from llm3d_jax.infer.restore import RunModel, load_run
+from llm3d_jax.infer.restore import RunModel, load_pretrained, load_run, read_config
 
+DEFAULT_PRETRAINED_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "scanqa_flant5xl.py")
 SPLITS = {"val": "validation", "validation": "validation", "train": "train"}
 TEXT_COLUMNS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "EM", "EM-refined")
 GROUNDING_COLUMNS = ("Acc@0.25", "Acc@0.5", "mIoU")
@@ -64,6 +74,24 @@ SCANREFER_ACC25 = {"3D-LLM": 30.3, "ScanRefer": 41.2, "Chat-Scene": 55.5, "Video
 
 
 # ---------------------------------------------------------------------- generation
+
+# Datasets whose records name their question type and id in meta (scored per type; the scorer
+# matches the rows by question_id).
+TYPED_DATASETS = ("3dmv_vqa",)
+
+
+def question_fields(data_dir: str, name: str, split: str) -> dict[str, dict]:
+    """record id -> {question_type, question_id} from the meta of every record of `name`/`split`."""
+    source = open_source(data_dir, LANGUAGE_DATASET, name, split)
+    fields = {}
+    for index in range(len(source)):
+        record = language_record(source[index])
+        meta = record["meta"]
+        fields[record["id"]] = {
+            "question_type": str(meta.get("question_type", "unknown")),
+            "question_id": meta.get("question_id"),
+        }
+    return fields
 
 
 def predict(
@@ -90,6 +118,7 @@ def predict(
         split=split,
         read_threads=2,
         loc_bins=run.module.config.llm.loc_bins,
+        profile=run.config.get("profile", "ours"),  # the release profile's question and points
         **data_config,
     )
     tokenizer = load_tokenizer(run.tokenizer_path)
@@ -143,6 +172,10 @@ def predict(
         if len(rows) >= wanted:
             break
     bar.close()
+    if name in TYPED_DATASETS:
+        fields = question_fields(data_dir, name, split)
+        for row in rows:
+            row.update(fields.get(row["id"], {"question_type": "unknown", "question_id": None}))
     return rows
 
 
@@ -190,6 +223,10 @@ def compute_metrics(rows: list[dict]) -> dict:
             preds, refs = text_groups[key]
             prompts = {r["id"]: r["prompt"] for r in groups[key]}
             types = {i: sqa3d_question_type(last_question(prompts[i])) for i in preds}
+            scores.update(em_by_question_type(preds, refs, types))
+        elif key.split("/")[0] in TYPED_DATASETS:
+            preds, refs = text_groups[key]
+            types = {r["id"]: r.get("question_type", "unknown") for r in groups[key]}
             scores.update(em_by_question_type(preds, refs, types))
         out[key] = {**scores, "count": len(text_groups[key][0])}
     return dict(sorted(out.items()))
@@ -239,6 +276,16 @@ def markdown(metrics: dict, title: str) -> str:
             + ", ".join(f"{k} {v}" for k, v in SCANREFER_ACC25.items()),
             "",
         ]
+    typed = {k: v for k, v in metrics.items() if any(m.startswith("EM/") for m in v)}
+    if typed:
+        lines += ["| ours: dataset/task | question type | EM |", "|---" * 3 + "|"]
+        lines += [
+            f"| {k} | {m[len('EM/') :]} | {_fmt(value)} |"
+            for k, v in typed.items()
+            for m, value in v.items()
+            if m.startswith("EM/")
+        ]
+        lines.append("")
     navigation = {k: v for k, v in metrics.items() if "goal_error_m" in v}
     if navigation:
         lines += ["| ours: dataset/task | n | Success@0.5m | goal error (m) |", "|---" * 4 + "|"]
@@ -260,6 +307,16 @@ def parse_args(argv=None):
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--workdir", help="run folder of experiments/train.py (latest checkpoint)")
     where.add_argument("--checkpoint", help="a checkpoints folder or one step folder")
+    where.add_argument(
+        "--pretrained", help="a model to evaluate as it is: a released 3D-LLM LAVIS .pth (--base)"
+    )
+    parser.add_argument("--base", help="with --pretrained: its HF BLIP-2 FlanT5 directory")
+    parser.add_argument(
+        "--config",
+        help="with --pretrained: run config (experiments/configs/*.py or a run's config.json) "
+        "giving the data and model settings (default: configs/scanqa_flant5xl.py)",
+    )
+    parser.add_argument("--out", help="with --pretrained: folder to write eval/ into")
     parser.add_argument("--split", default="validation", help="validation (val) or train")
     parser.add_argument("--data_dir", help="TFDS folder (default: the run config's data_dir)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -280,12 +337,30 @@ def main(argv=None) -> int:
         raise InputError(None, f"--split must be one of {sorted(SPLITS)}, got {args.split!r}")
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise InputError(None, "--batch_size and --limit must be >= 1")
-    target = args.workdir or args.checkpoint
-    out_dir = os.path.join(target, "eval")
-
     start = time.perf_counter()
-    run = load_run(target)
-    print(f"model: step {run.step} of {target}")
+    if args.pretrained:
+        if not args.out:
+            raise InputError(None, "--pretrained needs --out DIR (DIR/eval/ gets the results)")
+        config_path = args.config or DEFAULT_PRETRAINED_CONFIG
+        config = read_config(config_path)
+        config.model.pretrained = args.pretrained
+        if args.base:
+            config.model.base = args.base
+        try:
+            run = load_pretrained(config)
+        except InputError as err:
+            if err.path is None:  # a bad config value: name the config file
+                raise InputError(config_path, err.problem) from None
+            raise
+        target = args.out
+        print(f"model: {args.pretrained} as it is")
+    else:
+        if args.base or args.config or args.out:
+            raise InputError(None, "--base, --config and --out go with --pretrained")
+        target = args.workdir or args.checkpoint
+        run = load_run(target)
+        print(f"model: step {run.step} of {target}")
+    out_dir = os.path.join(target, "eval")
     data_dir = args.data_dir or run.config.get("data_dir", "")
     if run.config.get("data_source", "tfds") != "tfds" and not args.data_dir:
         raise InputError(target, "the run trained on synthetic batches; pass --data_dir TFDS_DIR")
@@ -328,7 +403,10 @@ def main(argv=None) -> int:
     }
     write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
     table = markdown(
-        metrics, f"Evaluation of {target} (step {run.step}, {SPLITS[args.split]}, {args.strategy})"
+        metrics,
+        f"Evaluation of {args.pretrained} as it is ({SPLITS[args.split]}, {args.strategy})"
+        if args.pretrained
+        else f"Evaluation of {target} (step {run.step}, {SPLITS[args.split]}, {args.strategy})",
     )
     write_text_atomic(os.path.join(out_dir, "metrics.md"), table)
     print(table)

@@ -57,7 +57,7 @@ def train(
     log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices")
 
     # ------------------------------------------------------------------ model and shardings
-    module, pretrained_params = setup.build_model(config)
+    module, pretrained_params, pretrained_moments = setup.build_model(config, with_optimizer=True)
     training = setup.build_training(config, mesh, module)
     init_fn, tx, patterns = training.init_fn, training.tx, training.patterns
     state_sh, frozen_sh = training.state_sh, training.frozen_sh
@@ -88,16 +88,20 @@ def train(
                 "model": config.model.to_dict(),
             }
         else:
+            # A released checkpoint's AdamW state (LAVIS .pth) becomes the Adam state here.
             state, frozen = state_lib.init_from_params(
-                pretrained_params, tx, patterns, state_sh, frozen_sh
+                pretrained_params, tx, patterns, state_sh, frozen_sh, pretrained_moments
             )
-            del pretrained_params
+            del pretrained_params, pretrained_moments
             path = os.path.abspath(config.model.pretrained)
             frozen_ref = {
                 "kind": "pretrained",
                 "path": path,
                 "sha256": checkpoint.file_hashes(path),
             }
+            if setup.is_lavis_checkpoint(config.model.pretrained):
+                base = os.path.abspath(config.model.base)
+                frozen_ref["base"] = {"path": base, "sha256": checkpoint.file_hashes(base)}
     frozen_ref["fingerprint"] = checkpoint.fingerprint(frozen)
     if is_main:  # written only once the config has passed every check
         write_text_atomic(
@@ -237,8 +241,7 @@ def build_generation(config, module, eval_data, state_sh, frozen_sh, data_sh):
         from llm3d_jax import tokens
         from llm3d_jax.data.pipeline import load_tokenizer
 
-        m = config.model
-        tokenizer = load_tokenizer(m.get("llm_pretrained") or m.pretrained or config.tokenizer)
+        tokenizer = load_tokenizer(setup.tokenizer_dir(config))
         offset = tokens.add_location_tokens(tokenizer, llm.loc_bins)
         if offset != llm.loc_offset:
             raise InputError(

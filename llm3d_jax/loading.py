@@ -9,6 +9,7 @@
 | `load_t5` | HF T5 / FlanT5 |
 | `load_decoder` | HF OPT / Llama / Qwen2 / Mistral causal LM (sharded safetensors fine) |
 | `load_llm3d` | HF BLIP-2 (+ an LLM from another HF directory), an exported directory (tools/export.py), or a released LAVIS `.pth` over its BLIP-2 base |
+| `load_lavis` | a released LAVIS `.pth` over its BLIP-2 base, optionally with its AdamW state |
 | `load_exported_bundle` | an exported directory, with its tokenizer and config file |
 
 A training run directory (latest checkpoint) is restored by `llm3d_jax.infer.restore.load_run`:
@@ -265,7 +266,7 @@ def load_llm3d(
             raise InputError(
                 path, "a LAVIS checkpoint needs its BLIP-2 base directory (lavis_base)"
             )
-        return lavis_convert.from_lavis(path, lavis_base, dtype=dtype)
+        return load_lavis(path, lavis_base, dtype=dtype)
     for folder in (path, lavis_base, llm_path):
         if folder is not None and os.path.isdir(folder):
             tokens.refuse_remote_code(folder)  # model folders come from strangers: never their code
@@ -276,6 +277,20 @@ def load_llm3d(
             path, "a training run: restore it with llm3d_jax.infer.restore.load_run (or export it)"
         )
     return blip2_convert.load_blip2(path, loc_bins=loc_bins, dtype=dtype, llm_path=llm_path)
+
+
+def load_lavis(
+    path: str | os.PathLike,
+    base: str | os.PathLike,
+    dtype: str = "float32",
+    with_optimizer: bool = False,
+):
+    """A released 3D-LLM LAVIS checkpoint (`.pth`, read without torch or pickle code) over the HF
+    BLIP-2 FlanT5 directory `base` -> (module, host params); `with_optimizer`: (module, params,
+    `convert.lavis.LavisMoments` or None), its AdamW state in the params' layout."""
+    if os.path.isdir(base):
+        tokens.refuse_remote_code(base)
+    return lavis_convert.from_lavis(path, base, dtype=dtype, with_optimizer=with_optimizer)
 
 
 def relayout_llm_layers(params: dict, config: llm3d.LLM3DConfig, scan_layers: bool) -> dict:

@@ -291,3 +291,45 @@ def test_eval_writes_predictions_metrics_and_table(run):
     assert "3D-LLM (BLIP2-flant5)" in table and f"(step {STEP}" in table
     with pytest.raises(InputError, match="--split must be one of"):
         eval_cli.main(["--workdir", run["workdir"], "--split", "test"])
+
+
+def test_ask_prepares_a_release_profile_question_the_release_way(tmp_path):
+    """An export records the run's profile; ask then feeds the bare processed question and the
+    first num_points rows with no point mask (llm3d_jax.data.preprocess), ours its template and
+    a masked padding."""
+    texts = ["what color is the chair? where is it", "Question: Answer:"] * 10
+    tokenizer = tokens.train_tokenizer(texts, vocab_size=300, out_dir=tmp_path)
+    encoder = ask.TextEncoder.create(tokenizer, 256)
+    rng = np.random.default_rng(0)
+    scene = {
+        "features": rng.standard_normal((12, 4)).astype(np.float16),
+        "voxels": rng.integers(0, 256, (12, 3)).astype(np.uint8),
+        "grid_origin": np.zeros(3, np.float32),
+        "grid_voxel": np.float32(0.02),
+    }
+    templates = {"qa": "Question: {prompt} Answer:"}
+    for profile, text in (
+        ("release", "what color is the chair?"),
+        ("ours", "Question: What COLOR is the chair? Answer:"),
+    ):
+        for num_points in (8, 16):
+            info = dict(num_points=num_points, prompt_len=24, answer_len=4, profile=profile)
+            model = ask.AskModel(
+                None,
+                None,
+                tokenizer,
+                encoder,
+                {**info, "prompt_templates": templates},
+                None,
+                1,
+                None,
+            )
+            row = ask.prepare(model, scene, "What COLOR is the chair?", "qa")
+            want = encoder.prompt(text, 24)
+            np.testing.assert_array_equal(row["prompt_ids"][row["prompt_mask"]], want)
+            real = min(num_points, 12)
+            assert row["point_mask"].sum() == (num_points if profile == "release" else real)
+            if profile == "release":
+                np.testing.assert_array_equal(
+                    row["features"][:real], scene["features"][:real].astype(np.float32)
+                )

@@ -2,11 +2,18 @@ r"""Asks an exported 3D-LLM questions about scenes; prints (or writes) the answe
 
     python tools/ask.py --model MODEL --scene FEATURES/scene0000_00.npz "Where is the chair?"
         [--task qa] [--strategy greedy|beam|sample] [--png answer.png]
+    python tools/ask.py --model MODEL --scene FEATURES/<uid>.npz --task object_caption
     python tools/ask.py --model MODEL --questions Q.jsonl --out A.jsonl [--batch_size 8]
 
 The question may hold locations in metres (`<box>x0 y0 z0 x1 y1 z1</box>`, `<pt>x y z</pt>`);
 the prompt template the model was trained with for --task is applied. Boxes in the answer are
 printed in metres with the scene object they overlap most; --png renders them over the scene.
+
+--task object_caption describes the one object of an object-level scene file (Objaverse, or
+`python -m data_pipeline.scenes.synthetic --objects`) the way the released 3D-LLM's inference.py
+does: the question defaults to its prompt, "Describe the 3D scene.", and decoding to its
+settings (`llm3d_jax.infer.decode.TASK_DECODING`: repetition penalty 1.5, at most 50 new
+tokens) unless options say otherwise. --max_new_tokens: default the model's answer length.
 
 --questions: one JSON object a line, {"id", "scene", "question", "task"} (scene: a feature file,
 relative to the current folder; task optional, default --task). The model is loaded and its
@@ -34,7 +41,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from llm3d_jax.data.preprocess import TextEncoder, apply_template, sample_points  # noqa: E402
+from llm3d_jax.data.preprocess import (  # noqa: E402
+    TextEncoder,
+    apply_template,
+    release_question,
+    sample_points,
+)
+from llm3d_jax.datasets import OBJECT_CAPTION_PROMPT  # noqa: E402
 from llm3d_jax.evaluate import box_iou  # noqa: E402
 from llm3d_jax.fileio import (  # noqa: E402
     InputError,
@@ -44,7 +57,12 @@ from llm3d_jax.fileio import (  # noqa: E402
     write_jsonl_atomic,
     writing,
 )
-from llm3d_jax.infer.decode import DecodeConfig, add_decode_arguments, decode_settings  # noqa: E402
+from llm3d_jax.infer.decode import (  # noqa: E402
+    TASK_DECODING,
+    DecodeConfig,
+    add_decode_arguments,
+    decode_settings,
+)
 from llm3d_jax.infer.generate import Answer, decode_answer, encode_prompt, generate_fn  # noqa: E402
 from llm3d_jax.loading import load_exported_bundle  # noqa: E402
 
@@ -115,16 +133,21 @@ def load_model(model_dir: str, decode: dict | None = None, batch_size: int = 1) 
     for key in ("num_points", "prompt_len", "answer_len"):
         if key not in info:
             raise InputError(model_dir, f"llm3d_config.json: inference.{key} missing")
-    # The location grammar is on unless `decode` turns it off (loc_bins=0, --free_locations).
-    grammar = dict(loc_offset=llm.loc_offset, loc_bins=llm.loc_bins)
-    config = DecodeConfig(
+    # The location grammar is on unless `decode` turns it off (loc_bins=0, --free_locations);
+    # `decode` may also set max_new_tokens.
+    settings = dict(
         max_new_tokens=int(info["answer_len"]),
         eos_id=encoder.eos_id,
         pad_id=encoder.pad_id,
         # T5 starts decoding from this token, and the penalties count it as transformers does
         start_id=getattr(llm, "decoder_start_token_id", None),
-        **{**grammar, **(decode or {})},
+        loc_offset=llm.loc_offset,
+        loc_bins=llm.loc_bins,
     )
+    try:
+        config = DecodeConfig(**{**settings, **(decode or {})})
+    except ValueError as err:
+        raise InputError(None, str(err)) from None
     run = jax.jit(generate_fn(module, config))
     return AskModel(module, params, tokenizer, encoder, info, config, batch_size, run)
 
@@ -133,11 +156,15 @@ def prepare(model: AskModel, scene: dict, question: str, task: str, seed: int = 
     """One question about one scene -> the model's input row (prompt padded to prompt_len);
     InputError("question", ...) when the question does not fit."""
     template = model.info.get("prompt_templates", {}).get(task, "{prompt}")
+    profile = model.info.get("profile", "ours")  # a model trained with the release profile
+    prompt = (
+        release_question(question) if profile == "release" else apply_template(template, question)
+    )
     prompt_len = int(model.info["prompt_len"])
     try:
         prompt_ids = encode_prompt(
             model.encoder,
-            apply_template(template, question),
+            prompt,
             scene["grid_origin"],
             scene["grid_voxel"],
             prompt_len,
@@ -145,7 +172,7 @@ def prepare(model: AskModel, scene: dict, question: str, task: str, seed: int = 
     except ValueError as err:
         raise InputError("question", str(err)) from None
     features, voxels, mask = sample_points(
-        scene, int(model.info["num_points"]), np.random.default_rng(seed)
+        scene, int(model.info["num_points"]), np.random.default_rng(seed), profile=profile
     )
     pad = prompt_len - len(prompt_ids)
     return dict(
@@ -286,10 +313,9 @@ def describe_boxes(answer: Answer, scene: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)
+def parse_args(argv=None):
+    """The options, with --task's release defaults (TASK_DECODING, the object prompt) filled in
+    where the command line leaves them."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -300,16 +326,38 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="JSONL of answers (with --questions)")
     parser.add_argument("--batch_size", type=int, default=8, help="questions per batch")
     parser.add_argument(
-        "--task", default="qa", help="selects the prompt template (qa, caption, grounding, ...)"
+        "--task",
+        default="qa",
+        help="selects the prompt template (qa, caption, grounding, object_caption, ...)",
     )
     add_decode_arguments(parser)
+    parser.add_argument(
+        "--max_new_tokens", type=int, help="answer length limit (default: the model's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", help="also render the scene with the answer's boxes")
     args = parser.parse_args(argv)
+    if args.task in TASK_DECODING:
+        parser.set_defaults(**TASK_DECODING[args.task])
+        args = parser.parse_args(argv)
+    if args.task == "object_caption" and args.question is None and not args.questions:
+        args.question = OBJECT_CAPTION_PROMPT
+    return args
+
+
+def main(argv=None) -> int:
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    args = parse_args(argv)
     try:
         decode = decode_settings(args)
     except ValueError as err:
         raise InputError(None, str(err)) from None
+    if args.max_new_tokens is not None:
+        if args.max_new_tokens < 1:
+            raise InputError(None, f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+        decode["max_new_tokens"] = args.max_new_tokens
     if args.questions:
         if args.question or args.scene or args.png or not args.out:
             raise InputError(None, "--questions takes --out, and no --scene, --png or question")

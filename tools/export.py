@@ -65,6 +65,8 @@ def export_run(run_path: str, out: str, bf16: bool = False, safetensors: bool = 
         "eos_id": int(llm.eos_token_id),
         "pad_id": int(llm.pad_token_id),
         "prompt_templates": prompt_templates(run.config),
+        # "release": questions and points the released 3D-LLM's way (tools/ask.py)
+        "profile": run.config.get("profile", "ours"),
     }
     source = {"run": os.path.abspath(run_path), "step": int(run.step)}
     with writing(out):

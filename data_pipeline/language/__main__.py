@@ -3,8 +3,8 @@ import a public dataset.
 
   python -m data_pipeline.language --scenes SCENES --out RECORDS.jsonl
         [--procedure offline|boxes_demo|chatcaptioner|revision] [--backend offline|openai]
-  python -m data_pipeline.language --import scanqa|sqa3d|scanrefer|3dllm --input FILE
-        [--annotations FILE] [--scene-map FILE] [--scenes SCENES] --out RECORDS.jsonl
+  python -m data_pipeline.language --import scanqa|sqa3d|scanrefer|3dllm|3dmv_vqa|objaverse
+        --input FILE [--annotations FILE] [--scene-map FILE] [--scenes SCENES] --out RECORDS.jsonl
 
 Procedures: `offline` (the default with --backend offline) writes template records for every
 task, true of the scene by construction; `boxes_demo` (the default with --backend openai),
@@ -50,7 +50,7 @@ from llm3d_jax.fileio import (
 )
 
 PROCEDURES = ("offline", "boxes_demo", "chatcaptioner", "revision")
-IMPORTS = ("scanqa", "sqa3d", "scanrefer", "3dllm")
+IMPORTS = ("scanqa", "sqa3d", "scanrefer", "3dllm", "3dmv_vqa", "objaverse")
 
 
 def parse_args(argv):
@@ -96,7 +96,8 @@ def parse_args(argv):
     )
     g.add_argument(
         "--input",
-        help="revision: records to rewrite (default: each scene's template captions); import: the dataset file",
+        help="revision: records to rewrite (default: each scene's template captions); import: the "
+        "dataset file (objaverse: also a folder of ChatCaptioner <uid>.json files)",
     )
     g = p.add_argument_group("OpenAI-compatible server (--backend openai)")
     g.add_argument("--base-url", default=ChatConfig.base_url)
@@ -478,6 +479,10 @@ def import_dataset(args) -> int:
             return load_scene(scenes[sid])
 
         records, problems = importers.import_scanrefer(args.input, scene_of, known)
+    elif args.dataset == "3dmv_vqa":
+        records, problems = importers.import_3dmv_vqa(args.input, known)
+    elif args.dataset == "objaverse":
+        records, problems = importers.import_objaverse_captions(args.input, known)
     else:
         if not args.scene_map:
             raise InputError(None, "--import 3dllm needs --scene-map")

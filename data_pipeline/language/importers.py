@@ -15,6 +15,20 @@ Formats (docs/reference.md "Public data formats"):
 - 3D-LLM release: a JSON list of {scene_id: int, question, answers[]} plus a map file between the
   integer ids and ScanNet ids (either direction) -> records of `task` (default qa); a question
   holding "Human:"/"Robot:" turns becomes a dialogue record.
+- 3DMV-VQA (Hong et al., CVPR 2023; the released 3D-LLM's `questions_only/*_questions.json`): a
+  JSON list of {scene_id (an HM3D room, e.g. "00009-vLpv2VX547B_0"), question, answers[], type}
+  -> qa records, meta {question_id, type, question_type}: question_id is the entry's own, else
+  its position in the list (what the release's scorer numbers it by); id `3dmv_vqa-<question_id>`,
+  or `3dmv_vqa-<file stem>-<position>` (unique across the train and test files). Type 0..3 is
+  concept, counting, relation, comparison
+  (`llm3d_jax.datasets.MV_VQA_QUESTION_TYPES`). The 3D-CLR generator's form is read too: a
+  single `answer` (true/false -> "yes"/"no", a number -> its digits) and `family_id` ([k] or k)
+  for `type`.
+- Objaverse object captions, the release's ChatCaptioner output (3DLanguage_data/ChatCaptioner_based):
+  one JSON object per object, {"scene_id": <uid>, "caption_result": {"scene_caption_outside":
+  caption, ...}}, in a folder of `<uid>.json` files, one file, or a JSON list of such objects ->
+  object_caption records "Describe the 3D scene." -> caption on the object's own scene file
+  `<uid>.npz` (one object; `python -m data_pipeline.released --objects`), id `objaverse-<uid>`.
 
 Every importer returns (records, problems); a bad entry is a problem ("entry N: reason") and the
 rest are imported.
@@ -22,11 +36,13 @@ rest are imported.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Callable
 
 from data_pipeline.language.records import format_box, make_record, validate_record
+from llm3d_jax.datasets import MV_VQA_QUESTION_TYPES, OBJECT_CAPTION_PROMPT
 from llm3d_jax.fileio import InputError
 
 
@@ -53,14 +69,15 @@ def _list_of_entries(data, path, key: str | None = None) -> list:
 
 
 def _collect(
-    entries: list, convert: Callable[[dict], dict | None], known_scenes
+    entries: list, convert: Callable[[dict, int], dict | None], known_scenes
 ) -> tuple[list[dict], list[str]]:
+    """`convert(entry, position)` -> record (None: skip quietly); bad entries become problems."""
     records, problems = [], []
     for n, entry in enumerate(entries):
         try:
             if not isinstance(entry, dict):
                 raise ValueError("entry is not a JSON object")
-            record = convert(entry)
+            record = convert(entry, n)
             if record is None:
                 continue
             validate_record(record, known_scenes)
@@ -75,7 +92,7 @@ def _collect(
 def import_scanqa(path, known_scenes: set[str] | None = None):
     entries = _list_of_entries(load_json(path), path)
 
-    def convert(e: dict) -> dict | None:
+    def convert(e: dict, n: int) -> dict | None:
         if "answers" not in e:
             raise ValueError(f"question {e.get('question_id')} has no answers (test split?)")
         return make_record(
@@ -97,7 +114,7 @@ def import_sqa3d(questions_path, annotations_path, known_scenes: set[str] | None
     annotations = _list_of_entries(load_json(annotations_path), annotations_path, "annotations")
     by_id = {a["question_id"]: a for a in annotations if isinstance(a, dict) and "question_id" in a}
 
-    def convert(q: dict) -> dict:
+    def convert(q: dict, n: int) -> dict:
         a = by_id.get(q["question_id"])
         if a is None:
             raise ValueError(f"question {q['question_id']} has no annotation")
@@ -131,7 +148,7 @@ def import_scanrefer(
     entries = _list_of_entries(load_json(path), path)
     cache: dict[str, object] = {}
 
-    def convert(e: dict) -> dict:
+    def convert(e: dict, n: int) -> dict:
         scene_id = e["scene_id"]
         if known_scenes is not None and scene_id not in known_scenes:
             raise ValueError(f"unknown scene {scene_id!r}")
@@ -185,7 +202,7 @@ def import_3dllm(path, map_path, task: str = "qa", known_scenes: set[str] | None
     entries = _list_of_entries(load_json(path), path)
     scene_map = load_scene_map(map_path)
 
-    def convert(e: dict) -> dict:
+    def convert(e: dict, n: int) -> dict:
         raw = e["scene_id"]
         try:
             scene_id = scene_map[int(raw)]
@@ -198,3 +215,87 @@ def import_3dllm(path, map_path, task: str = "qa", known_scenes: set[str] | None
         )
 
     return _collect(entries, convert, known_scenes)
+
+
+def _mv_vqa_type(e: dict) -> int:
+    raw = e["type"] if "type" in e or "family_id" not in e else e["family_id"]
+    if isinstance(raw, list) and len(raw) == 1:  # the 3D-CLR generator's family_id: [k]
+        raw = raw[0]
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 4:
+        raise ValueError(f"type {raw!r} is not one of 0..3 ({', '.join(MV_VQA_QUESTION_TYPES)})")
+    return raw
+
+
+def _mv_vqa_answers(e: dict) -> list:
+    if "answers" in e or "answer" not in e:
+        return e["answers"]
+    answer = e["answer"]
+    if isinstance(answer, bool):
+        return ["yes" if answer else "no"]
+    if isinstance(answer, int):
+        return [str(answer)]
+    return [answer]
+
+
+def import_3dmv_vqa(path, known_scenes: set[str] | None = None):
+    entries = _list_of_entries(load_json(path), path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+
+    def convert(e: dict, n: int) -> dict:
+        kind = _mv_vqa_type(e)
+        qid = e.get("question_id", n)
+        meta = {"question_id": qid, "type": kind, "question_type": MV_VQA_QUESTION_TYPES[kind]}
+        rid = f"3dmv_vqa-{qid}" if "question_id" in e else f"3dmv_vqa-{stem}-{n}"
+        return make_record(
+            e["scene_id"], "qa", e["question"], _mv_vqa_answers(e), [], "3dmv_vqa", meta, rid
+        )
+
+    return _collect(entries, convert, known_scenes)
+
+
+def import_objaverse_captions(path, known_scenes: set[str] | None = None):
+    """`path`: a folder of ChatCaptioner `<uid>.json` files (problems then name the file), one
+    such file, or a JSON list of such objects."""
+
+    def convert(e: dict, n: int) -> dict:
+        result = e["caption_result"]
+        if not isinstance(result, dict):
+            raise ValueError("caption_result is not a JSON object")
+        caption = result["scene_caption_outside"]
+        if not isinstance(caption, str):
+            raise ValueError(f"scene_caption_outside is not a string: {caption!r:.60}")
+        uid = e["scene_id"]
+        return make_record(
+            uid,
+            "object_caption",
+            OBJECT_CAPTION_PROMPT,
+            [" ".join(caption.split())],
+            [],
+            "objaverse",
+            {"objaverse_uid": uid},
+            f"objaverse-{uid}",
+        )
+
+    def entries_of(data, where):
+        if isinstance(data, dict):
+            return [data]
+        if isinstance(data, list):
+            return data
+        raise InputError(where, "expected a ChatCaptioner JSON object or a list of them")
+
+    if not os.path.isdir(path):
+        return _collect(entries_of(load_json(path), path), convert, known_scenes)
+    files = sorted(glob.glob(os.path.join(path, "*.json")))
+    if not files:
+        raise InputError(path, "no .json files (ChatCaptioner writes one <uid>.json per object)")
+    records, problems = [], []
+    for file in files:
+        name = os.path.basename(file)
+        try:
+            got, bad = _collect(entries_of(load_json(file), file), convert, known_scenes)
+        except InputError as err:
+            problems.append(f"{name}: {err.problem}")
+            continue
+        records += got
+        problems += [f"{name}: {p}" for p in bad]
+    return records, problems

@@ -29,6 +29,7 @@ import numpy as np
 
 from data_pipeline.language.records import format_box, format_point, make_record
 from data_pipeline.scenes import synthetic
+from llm3d_jax.datasets import OBJECT_CAPTION_PROMPT
 
 # Labels that existence questions ask about when absent (plus every label of the scene), and the
 # colour names that colour-existence questions draw their "no" answers from.
@@ -305,6 +306,14 @@ def captions(facts: Facts, rng) -> list:
     return [
         ("Describe the room.", answer, ids, "caption"),
         ("What is in this room?", answer, ids, "caption"),
+    ]
+
+
+def object_captions(facts: Facts, rng) -> list:
+    """The one object of an object-level scene, asked the way the release asks about Objaverse."""
+    return [
+        (OBJECT_CAPTION_PROMPT, article(f"{o.color} {o.label}".strip()) + ".", [o.id], "object")
+        for o in facts.objects[:1]
     ]
 
 
@@ -740,7 +749,10 @@ TASK_BUILDERS = {
     "dialogue": dialogues,
     "navigation": navigation,
     "affordance": affordances,
+    "object_caption": object_captions,
 }
+# Tasks of a scene file that holds one object (meta "level": "object"); the others are a room's.
+OBJECT_TASKS = ("object_caption",)
 
 
 # ---------------------------------------------------------------------------------- navigation
@@ -859,10 +871,14 @@ def generate(
     vocabulary=DEFAULT_VOCABULARY,
     colors=DEFAULT_COLORS,
 ) -> list[dict]:
-    """Records (source "template") for every task in `tasks`, true of `scene` by construction."""
+    """Records (source "template") for every task in `tasks`, true of `scene` by construction.
+    An object-level scene (meta "level": "object") gets only the `OBJECT_TASKS`, a room none."""
     facts = facts_for(scene.scene_id, objects_of(scene), room_of(scene), vocabulary, colors)
+    object_level = getattr(scene, "meta", {}).get("level") == "object"
     records = []
     for task in tasks:
+        if (task in OBJECT_TASKS) != object_level:
+            continue
         rng = scene_rng(seed, facts.scene_id, task)
         for prompt, answer, ids, qtype in TASK_BUILDERS[task](facts, rng):
             meta = {"qtype": qtype}

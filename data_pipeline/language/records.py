@@ -29,6 +29,7 @@ TASKS = (
     "dialogue",
     "navigation",
     "affordance",
+    "object_caption",  # a scene file holding one object (Objaverse-like): what it is
 )
 SOURCES = (
     "boxes_demo",
@@ -39,6 +40,8 @@ SOURCES = (
     "sqa3d",
     "scanrefer",
     "3dllm",
+    "3dmv_vqa",
+    "objaverse",
 )
 FIELDS = ("id", "scene_id", "task", "prompt", "answers", "object_ids", "source", "meta")
 

@@ -6,6 +6,10 @@ floor or on top of a table / cabinet. Footprints never overlap. A scene is a pur
 `(seed, index)`, and its file is byte-identical for the same pair.
 
     python -m data_pipeline.scenes.synthetic --num-scenes N --seed S --out DIR   # DIR/synth_0000.npz ...
+
+With --objects each scene is one object alone (no floor, no walls), centred on the origin and
+resting on z = 0: the object-level scenes of 3D-LLM's Objaverse data (`make_object_scene`,
+DIR/synth_obj_0000.npz ..., meta "level": "object"; rendered from an orbit).
 """
 
 from __future__ import annotations
@@ -425,6 +429,33 @@ def make_scene(seed: int, index: int) -> Scene:
     )
 
 
+def make_object_scene(seed: int, index: int) -> Scene:
+    """Object number `index` of the object set with seed `seed`: one object of a random
+    category and colour, alone, as its own scene (a pure function of the pair)."""
+    rng = np.random.default_rng([seed, index, 1])  # another stream than the rooms'
+    label = str(rng.choice(tuple(CATEGORIES)))
+    color = str(rng.choice(CATEGORY_COLORS.get(label, tuple(COLORS))))
+    parts = _yawed(CATEGORIES[label](rng, small=False), rng.uniform(0.0, 2 * np.pi))
+    verts = np.concatenate([v for v, _, _ in parts])
+    lo, hi = verts.min(axis=0), verts.max(axis=0)
+    shift = np.array([-(lo[0] + hi[0]) / 2, -(lo[1] + hi[1]) / 2, -lo[2]])
+    vertices, faces, colors = _flat_shaded(
+        [(v + shift, f, shade) for v, f, shade in parts], COLORS[color]
+    )
+    vertices = vertices.astype(np.float32)
+    instance = np.zeros(len(vertices), np.int32)
+    box = boxes_from_instances(vertices, instance, [0])[0]
+    return Scene(
+        scene_id=f"synth_obj_{index:04d}",
+        vertices=vertices,
+        faces=faces.astype(np.int32),
+        colors=np.rint(colors).astype(np.uint8),
+        instance=instance,
+        objects=[SceneObject(0, label, box, color)],
+        meta={"source": "synthetic", "level": "object", "seed": int(seed), "index": int(index)},
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -432,13 +463,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-scenes", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for <scene_id>.npz files")
+    parser.add_argument(
+        "--objects",
+        action="store_true",
+        help="one object per scene (object level) instead of rooms",
+    )
     args = parser.parse_args(argv)
     if args.num_scenes < 1:
         raise InputError(None, f"--num-scenes must be at least 1, got {args.num_scenes}")
     output_folder(args.out)
+    make = make_object_scene if args.objects else make_scene
     for index in tqdm(range(args.num_scenes), desc="synthetic scenes", unit="scene", disable=None):
         with writing(args.out):
-            make_scene(args.seed, index).save(args.out)
+            make(args.seed, index).save(args.out)
     print(f"wrote {args.num_scenes} scenes to {args.out}")
     return 0
 

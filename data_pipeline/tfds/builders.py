@@ -47,6 +47,7 @@ TASKS = (
     "dialogue",
     "navigation",
     "affordance",
+    "object_caption",
 )
 
 # `{prompt}` is the record's prompt (location placeholders already in it). Tasks missing from a
@@ -94,6 +95,11 @@ CONFIGS = {
         _config("scanrefer", "ScanRefer referring expressions on ScanNet scenes.", ["scanrefer"]),
         # The release's prompts are complete instructions ("Human: ... Robot: ..."): no wrapping.
         _config("3dllm", "The 3D-LLM release's language data.", ["3dllm"], qa="{prompt}"),
+        _config(
+            "3dmv_vqa", "3DMV-VQA questions on HM3D rooms (Hong et al., CVPR 2023).", ["3dmv_vqa"]
+        ),
+        # One object per scene file; the prompt is the release's whole instruction.
+        _config("objaverse", "Objaverse object captions (ChatCaptioner).", ["objaverse"]),
     ]
 }
 

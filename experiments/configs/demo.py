@@ -4,10 +4,12 @@
     python experiments/train.py --config experiments/configs/demo.py --workdir RUN \
         --config.data_dir=demo_out/tfds --config.model.pretrained=assets/demo/pretrained_3d
 tools/pretrain_demo.py trains it from random init with the same config (model.pretrained "",
-config.tokenizer set, --config.total_steps 12000, then 8000 on the attribute questions).
+config.tokenizer set, --config.total_steps 12000, then 8000 on the attribute questions, then
+3000 with the grounding settings below set: assets/demo has them).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config():
@@ -36,16 +38,20 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a BLIP-2 / exported model directory; "" = random init of `preset`
+    c.model.base = ""  # with a LAVIS .pth as `pretrained`: its BLIP-2 directory
+    c.model.dropout = ml_collections.config_dict.placeholder(float)  # None: the model's rates
     c.model.preset = "demo"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers;
-    # 0: none, as assets/demo). tools/pretrain_demo.py's phase (c) sets them; a pretrained model
-    # without them grows them (docs/architecture.md, "Location tokens in the model").
-    c.model.point_tokens = 0
-    c.model.loc_table_dim = 0
-    c.model.target_tokens = 0
-    c.model.target_layers = 1
+    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers).
+    # Unset: as the pretrained model has them (assets/demo: 32 target tokens, the points rated as
+    # the named object's, and their box; location rows from a 21-wide sin/cos table), or as the
+    # preset (none) at random init. Set, a model without them grows them (docs/architecture.md,
+    # "Location tokens in the model"); 0 turns one off.
+    c.model.point_tokens = config_dict.placeholder(int)
+    c.model.loc_table_dim = config_dict.placeholder(int)
+    c.model.target_tokens = config_dict.placeholder(int)
+    c.model.target_layers = config_dict.placeholder(int)
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,
     # projection, location rows). A random-init LLM has nothing to keep frozen: all trains.
     c.trainable = (".*",)

@@ -110,11 +110,13 @@ def apply_rules(
     target: dict,
     source: str = "checkpoint",
     allow_missing: Sequence[str] = (),
+    fill_missing: bool = True,
 ) -> dict:
     """Maps HF tensors onto the structure of `target` (a nested dict of arrays or ShapeDtypeStructs).
 
     `allow_missing`: regexes over `/`-joined Flax paths that may stay unfilled (they keep the
-    value from `target`, which then must be a real array: freshly initialised layers).
+    value from `target`, which then must be a real array: freshly initialised layers; with
+    `fill_missing=False` they are left out, so the result holds only what the tensors gave).
     """
     compiled = [(re.compile(rx), tmpl, hook) for rx, tmpl, hook in rules]
     expected = _flatten(target)
@@ -153,7 +155,8 @@ def apply_rules(
         if path in filled:
             continue
         if any(rx.fullmatch("/".join(path)) for rx in allowed):
-            _set(out, path, np.asarray(leaf))
+            if fill_missing:
+                _set(out, path, np.asarray(leaf))
         else:
             missing.append("/".join(path))
     if missing:

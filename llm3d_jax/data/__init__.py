@@ -4,8 +4,10 @@ Entry points (all keyword options also accepted from a config's `data` ConfigDic
 
     make_train_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
                         datasets="synthetic", num_points=5000, prompt_len=64, answer_len=40,
-                        loc_bins=256, features_dtype="float32", prompt_templates=None,
-                        read_threads=4, process_index=None, process_count=None) -> BatchIterator
+                        loc_bins=256, features_dtype="float32", profile="ours",
+                        prompt_templates=None, read_threads=4, process_index=None,
+                        process_count=None, hold_out_eval_scenes=False, annotations_dir="",
+                        held_out_annotations=holdout.EVAL_ANNOTATIONS) -> BatchIterator
     make_eval_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
                        datasets="synthetic", split="validation", epochs=1, <same shape options>)
 
@@ -19,7 +21,14 @@ Entry points (all keyword options also accepted from a config's `data` ConfigDic
 - `batch_size`: GLOBAL batch size, divided evenly over the processes.
 - `datasets`: builder configs with mixture weights, "scanqa:2,sqa3d:1" (a str, dict or list);
   eval uses the first.
-- `prompt_templates`: {task: template with `{prompt}`} overriding the datasets' defaults.
+- `profile`: "ours" (task templates, random point subsets with a padding mask, a random answer
+  per record) or "release" (the released 3D-LLM's inputs: the bare processed question, the first
+  `num_points` rows unmasked, one training row per distinct answer); `data/preprocess.py`.
+- `prompt_templates`: {task: template with `{prompt}`} overriding the datasets' defaults
+  (unused by the release profile).
+- `hold_out_eval_scenes`: train only; leave out the records of every scene named in the
+  `held_out_annotations` files (ScanQA / SQA3D validation and test; `llm3d_jax.data.holdout`).
+  The eval iterator accepts and ignores the three hold-out options.
 - `process_index` / `process_count`: default `jax.process_index()` / `jax.process_count()`.
 
 `next(it)` -> {"features" [B,N,D] float32|bfloat16|float16 (`features_dtype`; float16 is the

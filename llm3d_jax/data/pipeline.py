@@ -1,7 +1,9 @@
 """grain pipelines over the TFDS sources, ending in global jax.Arrays on the mesh.
 
 train: per dataset [host slice -> shuffle -> repeat] -> weighted mix -> preprocess (seeded per
-       example) -> batch -> threads prefetch -> global arrays.
+       example) -> batch -> threads prefetch -> global arrays. With `profile="release"` the host
+       slice is expanded before shuffling into one row per distinct answer of each record (the
+       released 3D-LLM's training rows, `preprocess.distinct_answers`).
 eval:  one dataset, host slice padded to whole batches (padding rows: `valid` False, no answer
        tokens) -> preprocess -> batch; one pass, or `epochs=None` to cycle.
 
@@ -13,7 +15,7 @@ the iterator state is one small JSON-able dict and restoring it resumes the exac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grain
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llm3d_jax.data import preprocess
+from llm3d_jax.data import holdout, preprocess
 from llm3d_jax.data.sources import SceneJoin, dataset_metadata
 
 BATCH_AXES = ("data", "fsdp")  # the `batch` logical axis (docs/architecture.md)
@@ -137,6 +139,20 @@ def make_preprocess(data_dir, names, tokenizer, loc_bins, prompt_templates, trai
     ), encoder
 
 
+def answer_rows(join, records) -> list[tuple[int, int]]:
+    """(record index, distinct-answer index) for every distinct answer of each of `records` of
+    `join` (a SceneJoin or a holdout.Rows of one; reads the language records only, not the
+    scenes)."""
+    return [
+        (i, k) for i in records for k in range(len(preprocess.distinct_answers(join.answers(i))))
+    ]
+
+
+def _with_answer(joined, answer_index: int):
+    record, scene = joined
+    return {**record, "answer_index": answer_index}, scene
+
+
 def _batch_iterator(ds, fn, encoder, seed, host_batch, read_threads, mesh, batch_size):
     """(record source, Preprocess) -> host batches read by threads -> global-array iterator."""
     ds = ds.random_map(fn, seed=seed).batch(host_batch, drop_remainder=True, batch_fn=fn.collate)
@@ -160,22 +176,51 @@ def make_train_iterator(
     loc_bins: int = 256,
     features_dtype: str = "float32",
     blind: bool = False,
+    profile: str = "ours",
     prompt_templates: Mapping[str, str] | None = None,
     read_threads: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
+    hold_out_eval_scenes: bool = False,
+    annotations_dir: str = "",
+    held_out_annotations: str | Sequence[str] = holdout.EVAL_ANNOTATIONS,
 ) -> BatchIterator:
-    """Endless shuffled training batches of the `train` split (see module doc)."""
+    """Endless shuffled training batches of the `train` split (see module doc); `profile`:
+    "ours" or "release" (`llm3d_jax.data.preprocess` module doc).
+
+    `hold_out_eval_scenes`: leave out every record whose scene appears in one of the
+    `held_out_annotations` files (relative names inside `annotations_dir`; by default ScanQA's
+    and SQA3D's validation and test files), counted on stdout per dataset
+    (`llm3d_jax.data.holdout`)."""
     index, count = _host(process_index, process_count)
     host_batch = _host_batch(batch_size, count)
     mixture = parse_mixture(datasets)
+    held = set()
+    if hold_out_eval_scenes:
+        paths = holdout.annotation_paths(annotations_dir, held_out_annotations)
+        held = holdout.held_out_scenes(paths)
     parts = []
     for k, (name, _) in enumerate(mixture):
         join = SceneJoin.open(data_dir, name, "train")
-        if len(join) < count:
-            raise ValueError(f"{data_dir}: {name} train has {len(join)} records for {count} hosts")
-        part = grain.MapDataset.source(join)[index::count]
-        part = part.shuffle(seed=seed * 1000 + k).repeat()
+        source = join
+        if held:
+            source = holdout.Rows(join, holdout.kept_rows(join.language, held))
+            if index == 0:
+                print(
+                    f"{name}: {len(join) - len(source)} of {len(join)} train records left out, "
+                    f"their scenes are among the {len(held)} of the held-out annotations"
+                )
+        if len(source) < count:
+            raise ValueError(
+                f"{data_dir}: {name} train has {len(source)} records for {count} hosts"
+            )
+        if profile == "release":
+            rows = answer_rows(source, range(index, len(source), count))
+            part = grain.MapDataset.source(rows).shuffle(seed=seed * 1000 + k).repeat()
+            part = part.map(lambda r, source=source: _with_answer(source[r[0]], r[1]))
+        else:
+            part = grain.MapDataset.source(source)[index::count]
+            part = part.shuffle(seed=seed * 1000 + k).repeat()
         parts.append(part.map(lambda x, name=name: (name, x, True)))
     mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in mixture])
     fn, encoder = make_preprocess(
@@ -190,6 +235,7 @@ def make_train_iterator(
         answer_len=answer_len,
         features_dtype=features_dtype,
         blind=blind,
+        profile=profile,
     )
     return _batch_iterator(mixed, fn, encoder, seed, host_batch, read_threads, mesh, batch_size)
 
@@ -210,14 +256,21 @@ def make_eval_iterator(
     loc_bins: int = 256,
     features_dtype: str = "float32",
     blind: bool = False,
+    profile: str = "ours",
     prompt_templates: Mapping[str, str] | None = None,
     read_threads: int = 4,
     process_index: int | None = None,
     process_count: int | None = None,
+    hold_out_eval_scenes: bool = False,
+    annotations_dir: str = "",
+    held_out_annotations: str | Sequence[str] = (),
 ) -> BatchIterator:
     """Every record of `split` of the first dataset in `datasets`, in stored order, padded to
     whole batches (padding: metadata `valid` False, answer_mask all False). Point subsets are
-    seeded by `seed` and the record's position, so evaluations are repeatable."""
+    seeded by `seed` and the record's position, so evaluations are repeatable. The hold-out
+    options are the train iterator's (one `data` config serves both); evaluation reads every
+    record of the split."""
+    del hold_out_eval_scenes, annotations_dir, held_out_annotations
     index, count = _host(process_index, process_count)
     host_batch = _host_batch(batch_size, count)
     name = parse_mixture(datasets)[0][0]
@@ -241,5 +294,6 @@ def make_eval_iterator(
         answer_len=answer_len,
         features_dtype=features_dtype,
         blind=blind,
+        profile=profile,
     )
     return _batch_iterator(ds, fn, encoder, seed, host_batch, read_threads, mesh, batch_size)

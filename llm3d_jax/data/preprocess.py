@@ -1,6 +1,14 @@
 """Per-example preprocessing: points sampled or padded with a mask, prompt templates, tokenisation
 with location tokens on the scene grid, truncation, and the host-batch collation.
 
+Two profiles (`PROFILES`, the run config's `profile`):
+  ours     the prompt through its task template ("Question: ... Answer:"), a random subset of the
+           scene's points (or all, zero-padded, the padding masked), one random answer per step.
+  release  the released 3D-LLM's inputs (LAVIS `ThreeDVQADataset` with `BlipQuestionProcessor`):
+           the bare prompt through `release_question`, the scene's first `num_points` rows
+           (`release_points`) with no point mask (the padding is attended to), and one training
+           row per distinct answer (`distinct_answers`; the pipeline expands the records).
+
 Truncation rules (fixed lengths, so the train step compiles once):
   prompt  the tokenizer's own special tokens are kept (T5: trailing `</s>`; BERT/Llama: leading
           ones); the text between them is cut at the end to fit `prompt_len`.
@@ -10,6 +18,7 @@ Truncation rules (fixed lengths, so the train step compiles once):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +35,35 @@ MODEL_KEYS = (
     "answer_mask",
     "point_target",  # bool [P]: the point belongs to an object the record names (object_ids)
 )
+
+
+PROFILES = ("ours", "release")
+
+# LAVIS BlipQuestionProcessor (3DLLM_BLIP2-base/lavis/processors/blip_processors.py, the
+# `text_processor` of every released fine-tuning and pre-training config): these characters are
+# deleted (not replaced by a space; "?" and "," stay), and at most 50 words are kept.
+_RELEASE_DROPPED = re.compile(r'[.!"()*#:;~]')
+RELEASE_MAX_WORDS = 50
+# Our location placeholders ("<box>1.25 ...</box>") hold dots; the release never had them, and
+# deleting their dots would change the numbers, so they pass through unchanged.
+_PLACEHOLDER = re.compile(r"(<(?:box|pt)>.*?</(?:box|pt)>)", re.DOTALL)
+
+
+def release_question(text: str, max_words: int = RELEASE_MAX_WORDS) -> str:
+    """The released 3D-LLM's prompt text: lower-cased, `.!"()*#:;~` deleted, trailing spaces
+    stripped (only spaces, only at the end: no collapse of inner whitespace, unlike LAVIS's
+    caption processor), then cut to the first `max_words` of its " "-separated words."""
+    parts = _PLACEHOLDER.split(text)  # odd entries are placeholders
+    text = "".join(p if i % 2 else _RELEASE_DROPPED.sub("", p.lower()) for i, p in enumerate(parts))
+    text = text.rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:max_words]) if len(words) > max_words else text
+
+
+def distinct_answers(answers) -> list[str]:
+    """The answers without repeats, in first-seen order: the released 3D-LLM's training rows of
+    one question (its `answer_weight` dict; the weights are computed and never used)."""
+    return list(dict.fromkeys(answers))
 
 
 def apply_template(template: str, prompt: str) -> str:
@@ -99,6 +137,15 @@ def choose_points(n: int, num_points: int, rng: np.random.Generator) -> np.ndarr
     return None
 
 
+def release_points(n: int, num_points: int) -> np.ndarray | None:
+    """The released 3D-LLM's rows of a scene with `n` points: `torch.sort(torch.randperm(n)
+    [:num_points])[1]` takes the sort *indices* of the drawn rows, a permutation of
+    0..num_points-1 whatever the draw, so the first `num_points` rows of the file (taken here in
+    file order: the Q-Former does not depend on the points' order); None (all rows,
+    zero-padded) when `n <= num_points`."""
+    return np.arange(num_points) if n > num_points else None
+
+
 def fill_points(scene: dict, keep: np.ndarray | None, features, voxels) -> np.ndarray:
     """Writes the chosen points into `features` [P,D] / `voxels` [P,3] (any dtypes, converted in
     the same pass: at 5000 x 1408 the copies are the cost) and returns the mask bool [P]."""
@@ -126,15 +173,22 @@ def target_points(scene: dict, keep: np.ndarray | None, object_ids, num_points: 
     return out
 
 
-def sample_points(scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32):
+def sample_points(
+    scene: dict, num_points: int, rng: np.random.Generator, dtype=np.float32, profile="ours"
+):
     """-> features `dtype` [P,D], voxels int32 [P,3], mask bool [P] for one scene (P = num_points).
 
     More points than `num_points`: a random subset; fewer: all of them, zero-padded, mask False
-    on the padding. (The pipeline does the same per batch row, in `Preprocess.collate`.)
+    on the padding. Release profile: the first `num_points` rows, mask all True. (The pipeline
+    does the same per batch row, in `Preprocess.collate`.)
     """
     features = np.empty((num_points, scene["features"].shape[1]), dtype)
     voxels = np.empty((num_points, 3), np.int32)
-    keep = choose_points(len(scene["features"]), num_points, rng)
+    n = len(scene["features"])
+    if profile == "release":
+        fill_points(scene, release_points(n, num_points), features, voxels)
+        return features, voxels, np.ones(num_points, bool)
+    keep = choose_points(n, num_points, rng)
     return features, voxels, fill_points(scene, keep, features, voxels)
 
 
@@ -148,18 +202,40 @@ class Preprocess:
     prompt_len: int
     answer_len: int
     features_dtype: object
-    train: bool  # train: a random answer of the record; eval: the first
+    # train: the record's `answer_index`-th distinct answer when the pipeline set one (release
+    # profile), else a random answer; eval: the first
+    train: bool
     # The blind baseline: zero features and voxels (point mask kept), so the model sees the
     # prompt only; it shows what the 3D input adds, with everything else the same.
     blind: bool = False
+    profile: str = "ours"  # a name of PROFILES (module doc)
+
+    def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile {self.profile!r} is not one of {PROFILES}")
 
     def __call__(self, item, rng: np.random.Generator) -> dict:
         name, (record, scene), valid = item
         origin, voxel = scene["grid_origin"], scene["grid_voxel"]
-        template = self.templates[name].get(record["task"], "{prompt}")
-        prompt = apply_template(template, record["prompt"])
+        release = self.profile == "release"
+        if release:
+            prompt = release_question(record["prompt"])
+        else:
+            template = self.templates[name].get(record["task"], "{prompt}")
+            prompt = apply_template(template, record["prompt"])
         answers = record["answers"]
-        answer = answers[int(rng.integers(len(answers)))] if self.train else answers[0]
+        if "answer_index" in record:
+            answer = distinct_answers(answers)[record["answer_index"]]
+        elif self.train:
+            answer = answers[int(rng.integers(len(answers)))]
+        else:
+            answer = answers[0]
+        n = len(scene["features"])
+        keep = (
+            release_points(n, self.num_points)
+            if release
+            else choose_points(n, self.num_points, rng)
+        )
         prompt_ids = self.encoder.prompt(
             tokens.placeholders_to_tokens(prompt, origin, voxel, self.encoder.loc_bins),
             self.prompt_len,
@@ -170,7 +246,7 @@ class Preprocess:
         )
         return {
             # Points are gathered straight into the batch array by `collate`: no per-example copy.
-            "points": (scene, choose_points(len(scene["features"]), self.num_points, rng)),
+            "points": (scene, keep),
             "prompt_ids": _pad(prompt_ids, self.prompt_len, self.encoder.pad_id),
             "prompt_mask": np.arange(self.prompt_len) < len(prompt_ids),
             "answer_ids": _pad(answer_ids, self.answer_len, self.encoder.pad_id),
@@ -198,6 +274,8 @@ class Preprocess:
         point_mask = np.stack(
             [fill_points(*e["points"], features[i], voxels[i]) for i, e in enumerate(examples)]
         )
+        if self.profile == "release":
+            point_mask[:] = True  # the release attends to the zero padding too
         if self.blind:
             features[:] = 0
             voxels[:] = 0

@@ -91,6 +91,10 @@ class SceneJoin:
     def __len__(self) -> int:
         return len(self.language)
 
+    def answers(self, index: int) -> list[str]:
+        """The answers of language record `index` (its scene is not read)."""
+        return _texts(self.language[index]["answers"])
+
     def __getitem__(self, index: int) -> tuple[dict, dict]:
         record = language_record(self.language[index])
         scene = scene_record(self.scenes[record["scene_index"]])

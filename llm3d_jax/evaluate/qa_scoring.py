@@ -13,7 +13,10 @@ PRED, either format (detected from the content):
   position in the annotation list. Several files (one per rank) are read in order; a repeated
   question_id keeps its last answer, as the release's script does;
 - our `predictions.jsonl` (experiments/eval.py): rows {"id", "dataset", "prediction", ...}
-  matched to annotation entries by `question_id` (row id `<dataset>-<question_id>`).
+  matched to annotation entries by `question_id`: the row's own `question_id` when it has one
+  (3DMV-VQA rows carry their record's meta.question_id), else its id `<dataset>-<question_id>`.
+  An annotation entry without a question_id (3DMV-VQA's files) is matched by its position in the
+  list, the number `python -m data_pipeline.language --import 3dmv_vqa` gives it.
 Every annotation entry needs exactly one prediction.
 
 Scoring `release` (calculate_score_{scanqa,sqa3d,3dmvvqa}.py): predictions cleaned by
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 
+from llm3d_jax.datasets import MV_VQA_QUESTION_TYPES
 from llm3d_jax.evaluate.answers import (
     SQA3D_QUESTION_TYPES,
     SQA3D_RELEASE_QUESTION_TYPES,
@@ -46,8 +50,10 @@ from llm3d_jax.fileio import InputError
 
 TASKS = ("scanqa", "sqa3d", "3dmv_vqa")
 SCORINGS = ("release", "ours")
-# 3DMV-VQA's question types as the release's script lists them (`str(entry["type"])`).
+# 3DMV-VQA's question types as the release's script lists them (`str(entry["type"])`), and what
+# each is (reported beside the scores as `type_names`).
 MV_VQA_TYPES = ("0", "1", "2", "3")
+MV_VQA_TYPE_NAMES = dict(zip(MV_VQA_TYPES, MV_VQA_QUESTION_TYPES))
 
 
 def _read_text(path: str) -> str:
@@ -140,13 +146,9 @@ def _from_release(path: str, items: list, count: int, answers: dict[int, str]) -
 def _from_jsonl(path: str, rows: list, annotations: list[dict], answers: dict[int, str]) -> None:
     position = {}
     for n, entry in enumerate(annotations):
-        if "question_id" not in entry:
-            raise InputError(
-                path,
-                f"annotation entry {n} has no question_id to match predictions.jsonl rows "
-                "(a release result file matches by position instead)",
-            )
-        key = str(entry["question_id"])
+        # An entry without its own question_id (3DMV-VQA's files) is numbered by its position,
+        # as the release's scorer and our importer number it.
+        key = str(entry.get("question_id", n))
         if key in position:
             raise InputError(path, f"question_id {key} appears twice in the annotations")
         position[key] = n
@@ -156,6 +158,8 @@ def _from_jsonl(path: str, rows: list, annotations: list[dict], answers: dict[in
             raise InputError(path, f"line {number}: needs string `id` and `prediction`")
         prefix = f"{row.get('dataset')}-"
         key = rid[len(prefix) :] if rid.startswith(prefix) else rid
+        if row.get("question_id") is not None:
+            key = str(row["question_id"])
         if key not in position:
             raise InputError(path, f"line {number}: id {rid!r} matches no annotation question_id")
         if position[key] in answers:
@@ -204,7 +208,8 @@ def _type_order(task: str, scoring: str) -> tuple[str, ...]:
 
 def score(task: str, scoring: str, annotations: list[dict], predictions: list[str]) -> dict:
     """{"task", "scoring", "count", "metrics": {BLEU-1..4, METEOR, ROUGE-L, CIDEr, EM,
-    EM-refined}, "by_type": {type: {..., "count"}}} (by_type only for tasks with types)."""
+    EM-refined}, "by_type": {type: {..., "count"}}} (by_type only for tasks with types;
+    3dmv_vqa also "type_names": {"0": "concept", ...})."""
     if task not in TASKS or scoring not in SCORINGS:
         raise ValueError(f"task must be one of {TASKS} and scoring one of {SCORINGS}")
     if len(predictions) != len(annotations):
@@ -246,4 +251,6 @@ def score(task: str, scoring: str, annotations: list[dict], predictions: list[st
             }
             for name in order
         }
+    if task == "3dmv_vqa":
+        out["type_names"] = {t: MV_VQA_TYPE_NAMES.get(t, "unknown") for t in order}
     return out

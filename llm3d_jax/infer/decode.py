@@ -108,6 +108,11 @@ class DecodeConfig:
 
 
 EARLY_STOPPING = {"never": "never", "heuristic": False, "true": True}  # option -> field value
+# How the released 3D-LLM decodes a task, where it differs from the options' defaults: its
+# inference.py describes an Objaverse object greedily with repetition_penalty 1.5 and at most 50
+# new tokens (its length_penalty 1.2 changes nothing in greedy decoding). tools/ask.py --task
+# starts from these; an option given on the command line wins.
+TASK_DECODING = {"object_caption": dict(repetition_penalty=1.5, max_new_tokens=50)}
 
 
 def add_decode_arguments(parser) -> None:

@@ -4,7 +4,8 @@ Layout of MODEL/:
     llm3d_config.json   {"format": "llm3d_jax.exported", "version": 1,
                          "model": LLM3DConfig.to_dict(), "params_dtype": "float32"|"bfloat16",
                          "params_format": "orbax"|"safetensors",
-                         "inference": {num_points, prompt_len, answer_len, eos_id, pad_id},
+                         "inference": {num_points, prompt_len, answer_len, eos_id, pad_id,
+                                       prompt_templates, profile},
                          "source": {...where the weights came from...}}
     params/             orbax StandardCheckpointer tree (params_format "orbax"), or
     model.safetensors   one tensor per "/"-joined param path (params_format "safetensors")

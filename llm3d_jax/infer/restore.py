@@ -2,7 +2,9 @@
 regenerated (random init) or reloaded (pretrained directory), checked against the fingerprint the
 checkpoint recorded (`llm3d_jax.train.checkpoint`).
 
-`load_run(path)` gives the whole trained model (experiments/eval.py, tools/export.py).
+`load_run(path)` gives the whole trained model (experiments/eval.py, tools/export.py);
+`load_pretrained(config)` the model a run config starts from (experiments/eval.py --pretrained:
+a released LAVIS .pth evaluated directly).
 Accepted locations: a run folder (RUN, holding checkpoints/), its checkpoints folder, or one step
 folder (RUN/checkpoints/300). The trainable params are restored onto one device from the array
 metadata stored in the checkpoint, so neither the optimizer nor the training mesh is needed.
@@ -11,6 +13,7 @@ metadata stored in the checkpoint, so neither the optimizer nor the training mes
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 
@@ -128,8 +131,7 @@ class RunModel:
 
     @property
     def tokenizer_path(self) -> str:
-        m = self.config.model
-        path = m.get("llm_pretrained") or m.pretrained or self.config.get("tokenizer", "")
+        path = setup.tokenizer_dir(self.config)
         if not path:
             raise InputError(self.source, "the run config names no tokenizer directory")
         if not os.path.isdir(path):
@@ -150,6 +152,40 @@ def load_run(path: str) -> RunModel:
         all_params = pretrained
     params = merge_with_frozen(trainable, all_params, patterns, frozen_ref["fingerprint"], path)
     return RunModel(module, params, config, step, path)
+
+
+def load_pretrained(config) -> RunModel:
+    """The model a run config starts from, evaluated as it is (no training checkpoint): its
+    `model.pretrained`, e.g. a released LAVIS .pth over its BLIP-2 directory `model.base`."""
+    if not config.model.get("pretrained"):
+        raise InputError(None, "config.model.pretrained: no pretrained model to evaluate")
+    module, params = setup.build_model(config)
+    return RunModel(module, params, config, 0, config.model.pretrained)
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+    """A run config from a file: a run's config.json (what experiments/train.py writes) or an
+    experiments/configs/*.py file (its `get_config()`, as train.py's --config runs it)."""
+    if not os.path.isfile(path):
+        raise InputError(path, "config file not found")
+    if path.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"unreadable run config ({err})") from None
+    if not path.endswith(".py"):
+        raise InputError(path, "expected a run config.json or an experiments/configs/*.py file")
+    spec = importlib.util.spec_from_file_location("llm3d_run_config", path)
+    config_module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(config_module)
+        config = config_module.get_config()
+    except Exception as err:  # a config file is code: any failure is one line
+        raise InputError(path, f"config file failed ({type(err).__name__}: {err})") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise InputError(path, "get_config() did not return an ml_collections ConfigDict")
+    return config
 
 
 @functools.lru_cache(maxsize=2)

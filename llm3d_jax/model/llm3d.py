@@ -13,8 +13,9 @@
 
 Parameters: `qformer/...` (with `qformer/query_tokens`), `proj/{kernel,bias}`, `llm/...` (the
 LLM, with the location-token rows `llm/loc_embed` and, for an untied head, `llm/loc_head`).
-`TRAINABLE` is the default table of what trains (as the released 3D-LLM: Q-Former, queries,
-projection, location-token rows; the LLM stays frozen).
+`TRAINABLE` is the default table of what trains (the paper's recipe: Q-Former, queries,
+projection, location-token rows; the LLM stays frozen). The released code trains more:
+`RELEASE_TRAINABLE` adds the LLM's whole input embedding table and LM head.
 
 Generation (family-agnostic; the cache is a pytree whose every array has the batch on axis 0):
     cache, logits0 = prefill(module, params, features=..., voxels=..., point_mask=...,
@@ -54,12 +55,17 @@ EXTENT_SLOT_INIT = 0.5  # the slot vectors' scale at init, next to token embeddi
 # The LLM module of each config class: both implement the interface in this module's docstring.
 LLMS = {T5Config: T5, DecoderConfig: Decoder}
 
-# Regexes (fullmatch over "/"-joined param paths) of what trains by default.
+# Regexes (fullmatch over "/"-joined param paths) of what trains by default: the paper's
+# "LLM frozen, location-token rows trainable".
 TRAINABLE = (
     r"qformer/.*",  # the whole Q-Former, query tokens included
     r"proj/.*",
     r"llm/loc_(?:embed|head)",  # location-token rows; the base vocabulary stays frozen
 )
+# What the released 3D-LLM trains (the `release` profile): its Blip2T5 sets requires_grad on the
+# T5's whole input embedding table and LM head after freezing the T5, so every vocabulary row
+# trains (weight decay 0.05 like every matrix), not only the location rows. T5 / FlanT5 only.
+RELEASE_TRAINABLE = (*TRAINABLE, r"llm/shared", r"llm/lm_head")
 
 # A directory written by tools/export.py (llm3d_jax.infer.exported) carries this file.
 EXPORTED_CONFIG = "llm3d_config.json"
@@ -244,6 +250,8 @@ def with_overrides(
     prefix_causal: bool | None = None,
     scan_layers: bool | None = None,
     attention_impl: str | None = None,
+    dropout: float | None = None,
+    t5_activation: str | None = None,
     **fields,
 ) -> LLM3DConfig:
     """A copy with common knobs changed in every sub-config they touch.
@@ -252,10 +260,17 @@ def with_overrides(
     the Q-Former's encoder width; vocab_size: base vocabulary (loc_offset follows unless given);
     scan_layers: LLM blocks stacked and run with nn.scan (params of the other layout convert with
     `llm3d_jax.loading.relayout_llm_layers`); prefix_causal: decoder-only LLMs only;
-    attention_impl: the Q-Former's and the LLM's ("xla" or "cudnn"; None keeps them); other
+    attention_impl: the Q-Former's and the LLM's ("xla" or "cudnn"; None keeps them); dropout:
+    every dropout rate of the Q-Former and the LLM (0.0: none, as in a reference forward; None
+    keeps the checkpoint's); t5_activation: a T5 LLM's FFN activation (`t5.ACTIVATIONS`: "gelu"
+    is exact GELU, what the released 3D-LLM sets; "gelu_new" FlanT5's tanh approximation); other
     keywords are top-level fields (posembed_mode, posembed_scale, num_points).
     """
     qformer, llm = config.qformer, config.llm
+    if t5_activation is not None:
+        if not isinstance(llm, T5Config):
+            raise ValueError(f"t5_activation applies to T5 LLMs, not {type(llm).__name__}")
+        llm = dataclasses.replace(llm, activation=t5_activation)
     if prefix_causal is not None:
         if not isinstance(llm, DecoderConfig):
             raise ValueError(
@@ -272,6 +287,14 @@ def with_overrides(
     if attention_impl is not None:
         qformer = dataclasses.replace(qformer, attention_impl=attention_impl)
         llm = dataclasses.replace(llm, attention_impl=attention_impl)
+    if dropout is not None:
+        qformer = dataclasses.replace(
+            qformer, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout
+        )
+        rates = {"dropout_rate": dropout}
+        if hasattr(llm, "attention_dropout"):
+            rates["attention_dropout"] = dropout
+        llm = dataclasses.replace(llm, **rates)
     if vocab_size is not None:
         llm = dataclasses.replace(
             llm, vocab_size=vocab_size, loc_offset=vocab_size if loc_offset is None else loc_offset

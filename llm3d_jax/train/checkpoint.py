@@ -183,14 +183,19 @@ def fingerprint(tree) -> str:
     return "".join(f"{int(w):08x}" for w in words) + f"-{len(jax.tree.leaves(tree))}"
 
 
-def file_hashes(directory: str) -> dict[str, str]:
-    """sha256 of every weight / config file of a pretrained directory."""
+def file_hashes(path: str) -> dict[str, str]:
+    """sha256 of every weight / config file of a pretrained directory, or of one checkpoint
+    file (a LAVIS .pth)."""
+    if os.path.isfile(path):
+        directory, names = os.path.dirname(path), [os.path.basename(path)]
+    else:
+        directory = path
+        names = [n for n in sorted(os.listdir(path)) if n.endswith((".safetensors", ".json"))]
     out = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith((".safetensors", ".json")):
-            digest = hashlib.sha256()
-            with open(os.path.join(directory, name), "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(chunk)
-            out[name] = digest.hexdigest()
+    for name in names:
+        digest = hashlib.sha256()
+        with open(os.path.join(directory, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        out[name] = digest.hexdigest()
     return out

@@ -26,6 +26,9 @@ MIN_INTS = {
     "data.prompt_len": 1,
     "data.answer_len": 1,
     "optim.warmup_steps": 0,
+    "optim.steps_per_epoch": 1,  # the release profile's epoch-stepped schedule
+    "optim.max_epoch": 1,
+    "optim.first_epoch": 0,
 }
 # setting -> (low, high, low is allowed) for floats.
 FLOAT_RANGES = {
@@ -34,8 +37,13 @@ FLOAT_RANGES = {
     "optim.b1": (0.0, 1.0, True),
     "optim.b2": (0.0, 1.0, True),
     "optim.weight_decay": (0.0, math.inf, True),
-    "optim.grad_clip": (0.0, math.inf, False),
+    "optim.warmup_lr": (0.0, math.inf, True),
+    "optim.grad_clip": (0.0, math.inf, True),  # 0: no clipping
+    "model.dropout": (0.0, 1.0, True),
 }
+PROFILES = ("ours", "release")  # llm3d_jax.data.preprocess.PROFILES (data may not be imported)
+# What the release profile's schedule (optimizer.make_release_schedule) reads.
+RELEASE_OPTIM = ("warmup_lr", "steps_per_epoch", "max_epoch")
 
 
 def _get(config, dotted: str):
@@ -69,7 +77,7 @@ def check_config(config) -> None:
             or (value == low and not low_ok)
             or value >= high
         ):
-            if name in ("optim.b1", "optim.b2"):
+            if name in ("optim.b1", "optim.b2", "model.dropout"):
                 bounds = "in [0, 1)"
             else:
                 bounds = ">= 0" if low_ok else "> 0"
@@ -77,3 +85,24 @@ def check_config(config) -> None:
     lr, min_lr = _get(config, "optim.lr"), _get(config, "optim.min_lr")
     if lr is not None and min_lr is not None and min_lr > lr:
         raise InputError(None, f"config.optim.min_lr {min_lr} must be <= config.optim.lr {lr}")
+    profile = _get(config, "profile")
+    if profile is None:
+        return
+    if profile not in PROFILES:
+        raise InputError(None, f"config.profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "release":
+        lacking = [k for k in RELEASE_OPTIM if _get(config, f"optim.{k}") is None]
+        if lacking:
+            raise InputError(
+                None,
+                f"config.profile release steps lr per epoch and needs config.optim."
+                f"{', config.optim.'.join(lacking)} (experiments/configs/scanqa_3dllm_release.py)",
+            )
+        o = config.optim
+        epochs = o.max_epoch - o.get("first_epoch", 0)
+        if epochs * o.steps_per_epoch < (_get(config, "total_steps") or 0):
+            raise InputError(
+                None,
+                f"config.total_steps {config.total_steps} runs past the release schedule's last "
+                f"epoch ({epochs} epochs of {o.steps_per_epoch} steps)",
+            )

@@ -3,17 +3,23 @@ experiments/train.py, experiments/eval.py (through `llm3d_jax.infer.restore.load
 tools/export.py and the train-step benchmark (tools/bench/train_step.py) share, so they all
 build exactly the model and step a run trains.
 
-The config is the ml_collections dict of experiments/configs/*.py.
+The config is the ml_collections dict of experiments/configs/*.py. Its `profile` (optional key,
+default "ours") switches everything that differs in the released 3D-LLM at once: "release" feeds
+the data the release's way (`llm3d_jax.data.preprocess`), runs the T5 with exact GELU, trains
+`llm3d.RELEASE_TRAINABLE` and steps the lr per epoch (`optimizer.make_release_schedule`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError
@@ -23,33 +29,84 @@ from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
 
 
-def build_model(config):
-    """-> (module, host params or None for a random init).
+def is_lavis_checkpoint(path: str) -> bool:
+    """A released LAVIS checkpoint (a `.pth` file) rather than a model directory."""
+    return bool(path) and path.endswith(".pth") and not os.path.isdir(path)
 
-    Pretrained: a BLIP-2 / exported directory (`llm3d_jax.loading.load_llm3d`). Random init: the
-    `model.preset` shapes (an LLM3DConfig constructor; `tiny_decoder:FAMILY` picks the decoder
-    family: llama, qwen2, mistral or opt), with the vocabulary sized to `config.tokenizer` when
-    training on tokenised (tfds) data.
+
+def tokenizer_dir(config) -> str:
+    """The tokenizer directory of a run config ("" when it names none): the LLM's directory,
+    else the pretrained directory (a LAVIS .pth's: its BLIP-2 base), else `config.tokenizer`."""
+    m = config.model
+    pretrained = m.pretrained
+    if is_lavis_checkpoint(pretrained):
+        pretrained = m.get("base") or ""
+    return m.get("llm_pretrained") or pretrained or config.get("tokenizer", "")
+
+
+def build_model(config, with_optimizer: bool = False):
+    """-> (module, host params or None for a random init); with `with_optimizer`, a third item:
+    None, or (mu, nu, count) of the optimizer state the pretrained checkpoint carries.
+
+    Pretrained: a BLIP-2 / exported directory (`llm3d_jax.loading.load_llm3d`), or a released
+    LAVIS `.pth` over the BLIP-2 directory `model.base` (`loading.load_lavis`; its AdamW moments
+    in the params' layout, zeros where it has none). Random init: the `model.preset` shapes (an
+    LLM3DConfig constructor; `tiny_decoder:FAMILY` picks the decoder family: llama, qwen2,
+    mistral or opt), with the vocabulary sized to `config.tokenizer` when training on tokenised
+    (tfds) data.
     """
     m = config.model
     overrides = dict(dtype=m.dtype, remat=m.remat, num_points=config.data.num_points)
+    if profile(config) == "release":
+        # LAVIS's Blip2T5 sets the T5's dense_act_fn to "gelu" (exact), whatever the weights.
+        overrides["t5_activation"] = "gelu"
     # Optional knobs: scan_layers (any LLM), prefix_causal (decoder-only: scanqa_llama.py),
-    # attention_impl ("cudnn": cuDNN's fused attention on a GPU).
-    # Grounding knobs (demo.py): a pretrained model without them grows them.
+    # attention_impl ("cudnn": cuDNN's fused attention on a GPU), dropout (every dropout rate).
+    # Grounding knobs (demo.py): a pretrained model without them grows them; unset (None): as
+    # the pretrained model or the preset has them.
     grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
-    for key in ("prefix_causal", "scan_layers", "attention_impl", *grounding):
-        if key in m:
+    for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
+        if m.get(key) is not None:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
     if m.pretrained:
-        for path in (m.pretrained, llm_path):
-            if path and not os.path.isdir(path):
-                raise InputError(path, "pretrained model directory not found")
-        module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
+        moments = None
+        if is_lavis_checkpoint(m.pretrained):
+            base = m.get("base") or ""
+            if not base:
+                raise InputError(
+                    m.pretrained,
+                    "a LAVIS checkpoint needs config.model.base, its HF BLIP-2 FlanT5 directory",
+                )
+            if not os.path.isdir(base):
+                raise InputError(base, "BLIP-2 base directory (config.model.base) not found")
+            if llm_path:
+                raise InputError(None, "config.model.llm_pretrained: not with a LAVIS .pth")
+            module, params, *saved = loading.load_lavis(
+                m.pretrained, base, with_optimizer=with_optimizer
+            )
+            if saved and saved[0] is not None:
+                moments = (saved[0].mu, saved[0].nu, saved[0].count)
+        else:
+            for path in (m.pretrained, llm_path):
+                if path and not os.path.isdir(path):
+                    raise InputError(path, "pretrained model directory not found")
+            module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
         model_config = llm3d.with_overrides(module.config, **overrides)
         # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
-        # exported scanned model may be trained unscanned).
-        params = loading.relayout_llm_layers(params, module.config, model_config.llm.scan_layers)
+        # exported scanned model may be trained unscanned). Moments follow their params.
+        relayout = lambda tree: loading.relayout_llm_layers(
+            tree, module.config, model_config.llm.scan_layers
+        )
+        in_blocks = moments is not None and set(moments[0].get("llm", {})) - set(LLM_VOCAB_PARAMS)
+        if in_blocks and module.config.llm.scan_layers != model_config.llm.scan_layers:
+            # State inside the LLM blocks (not the release's): relayout it with zeros beside it.
+            moments = (
+                relayout(_keep_matching(moments[0], params, fill=True)),
+                relayout(_keep_matching(moments[1], params, fill=True)),
+                moments[2],
+            )
+        params = relayout(params)
         loaded = module.config
         module = llm3d.LLM3D(model_config)
         if llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
@@ -62,7 +119,15 @@ def build_model(config):
                 }
             )
             print(f"{m.pretrained}: new params initialised at random: {', '.join(grown)}")
-        return module, params
+        if moments is not None:  # regrown params start from zero moments
+            moments = (
+                _keep_matching(moments[0], params),
+                _keep_matching(moments[1], params),
+                moments[2],
+            )
+        if with_optimizer and is_lavis_checkpoint(m.pretrained):
+            _report_moments(config, m.pretrained, saved[0], params)
+        return (module, params, moments) if with_optimizer else (module, params)
     model_config = preset_config(m.preset)
     if config.data_source == "tfds":
         if not config.tokenizer:
@@ -92,7 +157,58 @@ def build_model(config):
         overrides["vocab_size"] = offset
         first = parse_mixture(config.data.datasets)[0][0]
         overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
-    return llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides)), None
+    module = llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides))
+    return (module, None, None) if with_optimizer else (module, None)
+
+
+# LLM params outside its blocks: the same in the scanned and the unscanned layout.
+LLM_VOCAB_PARAMS = ("shared", "lm_head", "loc_embed", "loc_head")
+
+
+def _keep_matching(tree, params, fill: bool = False):
+    """The leaves of `tree` (moments) whose path `params` has with the same shape; with `fill`,
+    zeros for every other param of `params` (the full tree)."""
+    old = traverse_util.flatten_dict(tree)
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        kept = old.get(path)
+        if kept is not None and tuple(kept.shape) == tuple(value.shape):
+            out[path] = kept
+        elif fill:
+            out[path] = np.zeros(value.shape, np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def _report_moments(config, path: str, moments, params) -> None:
+    """What the checkpoint's optimizer state becomes in this run (two lines at most)."""
+    from llm3d_jax.convert.lavis import describe_moments
+
+    print(f"{path}: {describe_moments(moments)}")
+    if moments is None:
+        return
+    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    regexes = [re.compile(p) for p in patterns]
+    trains = lambda p: any(r.fullmatch(p) for r in regexes)
+    covered = set(moments.covered)
+    dropped = sorted(p for p in covered if not trains(p))
+    paths = ("/".join(k) for k in traverse_util.flatten_dict(params))
+    fresh = sorted(p for p in paths if trains(p) and p not in covered)
+    notes = []
+    if dropped:
+        notes.append(
+            f"the state of {len(dropped)} tensors frozen here is dropped ({', '.join(dropped[:4])})"
+        )
+    if fresh:
+        notes.append(
+            f"{len(fresh)} trainable tensors without state start from zero moments ({', '.join(fresh[:4])})"
+        )
+    if notes:
+        print(f"{path}: " + "; ".join(notes))
+
+
+def profile(config) -> str:
+    """The run's profile: "ours" (also when the config has no `profile` key) or "release"."""
+    return config.get("profile", "ours")
 
 
 def preset_config(preset: str) -> llm3d.LLM3DConfig:
@@ -134,9 +250,13 @@ def build_data(config, mesh, model_config, *, train: bool):
         raise InputError(
             config.data_dir, "data directory not found (build it with python -m data_pipeline.tfds)"
         )
-    tokenizer = config.model.get("llm_pretrained") or config.model.pretrained or config.tokenizer
+    tokenizer = tokenizer_dir(config)
     common = dict(
-        batch_size=batch_size, seed=config.seed, loc_bins=model_config.llm.loc_bins, **config.data
+        batch_size=batch_size,
+        seed=config.seed,
+        loc_bins=model_config.llm.loc_bins,
+        profile=profile(config),
+        **config.data,
     )
     if train:
         return pipeline.make_train_iterator(config.data_dir, tokenizer, mesh, **common)
@@ -159,10 +279,30 @@ class Training:
     frozen_sh: dict
 
 
+def build_schedule(config):
+    """`config.optim` -> the lr schedule: ours (warm-up then cosine per step to total_steps), or
+    with the release profile the release's (per epoch, `optimizer.make_release_schedule`)."""
+    o = config.optim
+    if profile(config) == "release":
+        return optimizer.make_release_schedule(
+            lr=o.lr,
+            min_lr=o.min_lr,
+            warmup_lr=o.warmup_lr,
+            warmup_steps=o.warmup_steps,
+            steps_per_epoch=o.steps_per_epoch,
+            max_epoch=o.max_epoch,
+            first_epoch=o.get("first_epoch", 0),
+        )
+    return optimizer.make_schedule(
+        lr=o.lr, min_lr=o.min_lr, warmup_steps=o.warmup_steps, total_steps=config.total_steps
+    )
+
+
 def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
-    """Trainable / frozen split (`config.trainable`, else the model's table), optimizer and
+    """Trainable / frozen split (`config.trainable`, else the profile's table), optimizer and
     schedule (`config.optim`, `config.total_steps`), state and param shardings on `mesh`."""
-    patterns = tuple(config.trainable) or llm3d.TRAINABLE
+    release = profile(config) == "release"  # (a T5: build_model's exact GELU checks it)
+    patterns = tuple(config.trainable) or (llm3d.RELEASE_TRAINABLE if release else llm3d.TRAINABLE)
     example = llm3d.example_inputs(module.config)  # shapes for init only
     init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
     boxed = state_lib.abstract_params(init_fn)
@@ -170,12 +310,7 @@ def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
     trainable_abs, frozen_abs, trainable_sh, frozen_sh = state_lib.param_shardings(
         boxed, mesh, patterns
     )
-    schedule = optimizer.make_schedule(
-        lr=config.optim.lr,
-        min_lr=config.optim.min_lr,
-        warmup_steps=config.optim.warmup_steps,
-        total_steps=config.total_steps,
-    )
+    schedule = build_schedule(config)
     tx = optimizer.make_optimizer(
         trainable_abs,
         schedule,

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from llm3d_jax.train import optimizer, sharding
 from llm3d_jax.train.step import TrainState
@@ -65,13 +66,37 @@ def init_random(init_fn, tx, patterns, shardings: TrainState, frozen_sh, rng):
     return jax.jit(init, out_shardings=(shardings, frozen_sh))(rng)
 
 
-def init_from_params(params, tx, patterns, shardings: TrainState, frozen_sh):
-    """Pretrained (host) params -> (state, frozen), each array placed on its shards."""
+def init_from_params(params, tx, patterns, shardings: TrainState, frozen_sh, moments=None):
+    """Pretrained (host) params -> (state, frozen), each array placed on its shards.
+
+    `moments`: None (Adam starts from zero moments), or (mu, nu, count) with mu and nu trees of
+    (some of) the params' paths, a released checkpoint's AdamW state
+    (`convert.lavis.LavisMoments`): their trainable part becomes the Adam state, zeros for the
+    trainable params they lack, and count the Adam count, so training goes on from them."""
     trainable, frozen = optimizer.split_trainable(params, patterns)
     frozen = jax.device_put(frozen, frozen_sh)
     trainable = jax.device_put(trainable, shardings.params)
-    state = jax.jit(
-        lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p)),
-        out_shardings=shardings,
-    )(trainable)
-    return state, frozen
+    if moments is None:
+        state = jax.jit(
+            lambda p: TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p)),
+            out_shardings=shardings,
+        )(trainable)
+        return state, frozen
+    mu, nu, count = moments
+    # Only what the saved state reaches travels; the trainable params it does not reach get
+    # zero moments on their shards (a checkpoint's frozen-here params are dropped).
+    flat_sh = traverse_util.flatten_dict(shardings.params)
+    keep = lambda tree: {k: v for k, v in traverse_util.flatten_dict(tree).items() if k in flat_sh}
+    mu, nu = keep(mu), keep(nu)
+    mu = jax.device_put(mu, {k: flat_sh[k] for k in mu})
+    nu = jax.device_put(nu, {k: flat_sh[k] for k in nu})
+
+    def init(p, m, v):
+        flat = traverse_util.flatten_dict(p)
+        full = lambda saved: traverse_util.unflatten_dict(
+            {k: saved[k] if k in saved else jnp.zeros_like(x) for k, x in flat.items()}
+        )
+        opt_state = optimizer.with_adam_moments(tx.init(p), full(m), full(v), count)
+        return TrainState(step=jnp.int32(0), params=p, opt_state=opt_state)
+
+    return jax.jit(init, out_shardings=shardings)(trainable, mu, nu), frozen

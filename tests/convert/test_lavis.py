@@ -1,11 +1,15 @@
 """Import of a released-3D-LLM-layout LAVIS checkpoint (tiny fixture made by torch)."""
 
+import copy
 import dataclasses
+import json
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors.numpy import load_file
 
 from llm3d_jax.convert import lavis
@@ -114,9 +118,107 @@ def test_cli_summary(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(lambda: lavis.main([FIXTURE, "--base", BASE, "--loc-offset", "60"]))
     assert exit_info.value.code == 0
-    assert "location tokens: 8 from id 60; T5 activation gelu" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "location tokens: 8 from id 60; T5 activation gelu" in out
+    assert "optimizer: AdamW state at step 3" in out
 
 
 def test_loc_offset_outside_vocabulary():
     with pytest.raises(InputError, match="loc_offset 70 outside the T5 vocabulary 1..64"):
         lavis.from_lavis(FIXTURE, BASE, loc_offset=70)
+
+
+# ---------------------------------------------------------------------- optimizer state
+
+
+def test_optimizer_state_is_numbered_as_lavis_numbers_it():
+    state, optimizer = lavis.read_lavis_checkpoint(FIXTURE)
+    entries, step, groups = lavis.lavis_optimizer_state(state, optimizer, FIXTURE)
+    with open(os.path.join(GOLDENS, "lavis", "lavis_tiny_ids.json")) as f:
+        ids = json.load(f)  # what torch numbered (tools/make_lavis_fixture.py)
+    assert step == 3 and [g["params"] for g in groups] == [30, 47]
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0
+    # ln_vision trains in LAVIS but never gets a gradient: no state
+    assert sorted(entries) == sorted(k for k in ids if not k.startswith("ln_vision."))
+    for name, (exp_avg, exp_avg_sq) in entries.items():
+        saved = optimizer["state"][ids[name]]
+        np.testing.assert_array_equal(exp_avg, saved["exp_avg"], err_msg=name)
+        np.testing.assert_array_equal(exp_avg_sq, saved["exp_avg_sq"], err_msg=name)
+
+
+def test_moments_come_in_the_params_layout(imported):
+    module, params, moments = lavis.from_lavis(FIXTURE, BASE, loc_offset=60, with_optimizer=True)
+    state, optimizer = lavis.read_lavis_checkpoint(FIXTURE)
+    entries, _, _ = lavis.lavis_optimizer_state(state, optimizer, FIXTURE)
+    assert moments.count == 3
+    exp_avg_sq = entries["t5_model.lm_head.weight"][1]
+    np.testing.assert_array_equal(moments.nu["llm"]["loc_head"], exp_avg_sq[60:].T)
+    np.testing.assert_array_equal(moments.nu["llm"]["lm_head"][:, :60], exp_avg_sq[:60].T)
+    assert not moments.nu["llm"]["lm_head"][:, 60:].any()  # base rows past loc_offset: no state
+    np.testing.assert_array_equal(
+        moments.mu["qformer"]["layer_0"]["attention"]["query"]["kernel"],
+        entries["Qformer.bert.encoder.layer.0.attention.self.query.weight"][0].T,
+    )
+    # only what the state reaches: the frozen T5 body has none
+    assert set(moments.mu) == {"qformer", "proj", "llm"}
+    assert set(moments.mu["llm"]) == {"shared", "loc_embed", "lm_head", "loc_head"}
+    flat = lambda tree: {k: v.shape for k, v in traverse_util.flatten_dict(tree).items()}
+    want = flat(params)
+    assert all(want[k] == shape for k, shape in flat(moments.mu).items())
+    assert len(moments.covered) == len(flat(moments.nu))
+    assert lavis.from_lavis(
+        os.path.join(GOLDENS, "lavis", "lavis_no_optimizer.pth"), BASE, loc_offset=60,
+        with_optimizer=True,
+    )[2] is None  # fmt: skip
+
+
+def _broken(change):
+    state, optimizer = lavis.read_lavis_checkpoint(FIXTURE)
+    optimizer = copy.deepcopy(optimizer)
+    replaced = change(optimizer)  # None: changed in place
+    return state, optimizer if replaced is None else replaced
+
+
+def _move_one_id(opt):
+    opt["param_groups"][0]["params"].append(opt["param_groups"][1]["params"].pop())
+
+
+def _drop(index, key):
+    def change(opt):
+        del opt["state"][index][key]
+
+    return change
+
+
+def _set_entry(index, **values):
+    return lambda opt: opt["state"][index].update(values)
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        (lambda opt: [], "not a torch optimizer state_dict"),
+        (lambda opt: {"state": {}, "param_groups": [{"params": "x"}]}, "without a list of"),
+        (lambda opt: opt["param_groups"].append({"params": []}), "3 param groups"),
+        (_move_one_id, "param groups of [31, 46] parameters, the saved weights give [30, 47]"),
+        (lambda opt: opt["param_groups"][0].update(amsgrad=True), "AMSGrad"),
+        (lambda opt: opt["state"].update({999: {}}), "parameter id 999, in no param group"),
+        (_drop(0, "exp_avg_sq"), "query_tokens lacks step/exp_avg"),
+        (_set_entry(0, exp_avg=np.zeros((1, 8, 32), np.int64)), "exp_avg of query_tokens is not"),
+        (_set_entry(0, step=np.float32(2.5)), "step of query_tokens is 2.5, not a count"),
+        (_set_entry(0, step="three"), "step of query_tokens is not a number"),
+        (_set_entry(4, step=np.float32(7)), "stepped unequally"),
+    ],
+)
+def test_malformed_optimizer_state_is_one_error(change, problem):
+    state, optimizer = _broken(change)
+    with pytest.raises(InputError, match=re.escape(problem)) as err:
+        lavis.lavis_optimizer_state(state, optimizer, FIXTURE)
+    assert err.value.path == FIXTURE and "\n" not in str(err.value)
+
+
+def test_bad_optimizer_file_fails_only_when_its_state_is_asked_for():
+    bad = os.path.join(GOLDENS, "lavis", "lavis_bad_optimizer.pth")
+    lavis.from_lavis(bad, BASE, loc_offset=60)  # the weights alone are fine
+    with pytest.raises(InputError, match=re.escape("exp_avg of t5_proj.weight has shape (32, 16)")):
+        lavis.from_lavis(bad, BASE, loc_offset=60, with_optimizer=True)

@@ -209,3 +209,66 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         proc.returncode == 1 and proc.stderr.strip() == "error: --import sqa3d needs --annotations"
     )
     assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_3dmv_vqa_types_and_positions(tmp_path):
+    records = run_import(
+        tmp_path, "--import", "3dmv_vqa", "--input", fixture("3dmv_vqa_questions.json")
+    )
+    # numbered by list position (the release's scorer's numbering), the file named in the id
+    assert [r["meta"]["question_id"] for r in records] == list(range(6))
+    assert [r["id"] for r in records] == [f"3dmv_vqa-3dmv_vqa_questions-{n}" for n in range(6)]
+    assert [r["meta"]["question_type"] for r in records] == [
+        "concept",
+        "counting",
+        "relation",
+        "comparison",
+        "concept",
+        "counting",
+    ]
+    assert [r["meta"]["type"] for r in records] == [0, 1, 2, 3, 0, 1]
+    assert all((r["task"], r["source"]) == ("qa", "3dmv_vqa") for r in records)
+    assert records[0]["scene_id"] == "00009-vLpv2VX547B_0"
+    assert records[0]["prompt"] == "Is there a sofa in the room?"
+    assert records[2]["answers"] == ["nightstand", "lamp"]
+    # the 3D-CLR generator's form: one answer (a bool, a count) and family_id
+    assert records[4]["answers"] == ["no"] and records[5]["answers"] == ["2"]
+    # the train and test files share positions, not ids (they go into one TFDS build)
+    train = tmp_path / "train_questions.json"
+    train.write_text(open(fixture("3dmv_vqa_questions.json")).read())
+    again, _ = importers.import_3dmv_vqa(train)
+    assert not {r["id"] for r in again} & {r["id"] for r in records}
+    _, problems = importers.import_3dmv_vqa(fixture("3dmv_vqa_questions.json"))
+    assert problems == [
+        "entry 6: missing field 'scene_id'",
+        "entry 7: type 7 is not one of 0..3 (concept, counting, relation, comparison)",
+    ]
+
+
+def test_objaverse_chatcaptioner_folder_and_file(tmp_path):
+    folder = fixture("objaverse_captions")
+    records = run_import(tmp_path, "--import", "objaverse", "--input", folder)
+    uids = ["2c7934a650eb46f08ad3902f8bda548e", "3cdb6b2dcc274e05b8dee1497ec6a54b"]
+    assert [r["scene_id"] for r in records] == uids
+    for r in records:
+        assert (r["task"], r["source"], r["id"]) == (
+            "object_caption",
+            "objaverse",
+            f"objaverse-{r['scene_id']}",
+        )
+        assert r["prompt"] == "Describe the 3D scene."  # the release's object prompt
+    assert records[1]["answers"] == [
+        "A wooden chair with a red cushioned seat and four straight legs."
+    ]
+    _, problems = importers.import_objaverse_captions(folder)
+    assert problems == [
+        "09e3e887cfb34dacb12a857dd9482e85.json: entry 0: missing field 'scene_caption_outside'"
+    ]
+    one, problems = importers.import_objaverse_captions(
+        os.path.join(folder, uids[1] + ".json"), known_scenes={uids[1]}
+    )
+    assert [r["id"] for r in one] == [records[1]["id"]] and problems == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty: no .json files"):
+        importers.import_objaverse_captions(empty)

@@ -244,6 +244,24 @@ def test_3dmv_vqa_release_types_from_the_type_field(no_text_scorers):
     em = {k: v["EM"] for k, v in out["by_type"].items()}
     assert em == pytest.approx({"0": 100.0, "1": 50.0, "3": 0.0})
     assert out["metrics"]["EM"] == pytest.approx(50.0)
+    assert out["type_names"] == {"0": "concept", "1": "counting", "3": "comparison"}
+
+
+def test_3dmv_vqa_predictions_jsonl_match_by_position(no_text_scorers, tmp_path):
+    """The annotation entries carry no question_id: our rows (question_id = the position the
+    importer numbered the entry by) are matched by position, whatever their order."""
+    rows = [
+        {"id": f"3dmv_vqa-test-{n}", "dataset": "3dmv_vqa", "question_id": n, "prediction": p}
+        for n, p in ((3, "no"), (0, "yes"), (2, "1"), (1, "2"))
+    ]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gold = qa_scoring.load_annotations(fixture("3dmv_vqa_test.json"), "3dmv_vqa")
+    preds, kind = qa_scoring.load_predictions([str(path)], gold)
+    assert kind == "jsonl" and preds == ["yes", "2", "1", "no"]
+    out = qa_scoring.score("3dmv_vqa", "ours", gold, preds)
+    em = {k: v["EM"] for k, v in out["by_type"].items()}
+    assert em == pytest.approx({"0": 100.0, "1": 100.0, "3": 100.0})
 
 
 def test_cross_formats_em(no_text_scorers):

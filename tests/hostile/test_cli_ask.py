@@ -393,3 +393,31 @@ def test_generation_penalties_reach_the_decoder(root, monkeypatch):
         ask.main(
             ["--model", "model", "--scene", "scene.npz", QUESTION, "--repetition_penalty", "0"]
         )
+
+
+def test_object_caption_asks_the_release_prompt_with_its_decoding(root, monkeypatch, capsys):
+    """--task object_caption: the question defaults to the release's object prompt and decoding
+    to its inference.py settings; options on the command line win."""
+    monkeypatch.chdir(root)
+    base = ["--model", "model", "--scene", "scene.npz", "--task", "object_caption"]
+    args = ask.parse_args(base)
+    assert args.question == "Describe the 3D scene."
+    assert (args.repetition_penalty, args.max_new_tokens, args.strategy) == (1.5, 50, "greedy")
+    args = ask.parse_args([*base, "What is it?", "--repetition_penalty", "1.0"])
+    assert args.question == "What is it?" and args.repetition_penalty == 1.0
+    assert ask.parse_args(base[:4]).repetition_penalty == 1.0  # qa keeps the plain defaults
+    make_scene(str(root / "object.npz"), seed=7)  # one object (id 3) in the file
+    seen = {}
+    load_model = ask.load_model
+
+    def spy(model_dir, decode=None, batch_size=1):
+        model = load_model(model_dir, decode, batch_size)
+        seen["decode"] = model.decode
+        return model
+
+    monkeypatch.setattr(ask, "load_model", spy)
+    assert ask.main(["--model", "model", "--scene", "object.npz", "--task", "object_caption"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert (seen["decode"].repetition_penalty, seen["decode"].max_new_tokens) == (1.5, 50)
+    with pytest.raises(InputError, match="--max_new_tokens must be >= 1"):
+        ask.main([*base, "--max_new_tokens", "0"])

@@ -234,6 +234,23 @@ def test_only_trainable_labels_receive_updates(tiny):
         assert changed == is_trainable, "/".join(key)
 
 
+def test_point_order_does_not_change_the_answer(tiny):
+    """Why the release profile may take the release's points in file order: its rows are a
+    permutation of the first 5000 (the sort indices of a random draw), and the Q-Former attends
+    to the points as a set (each carries its own voxel's position embedding)."""
+    module, params, batch = tiny
+    order = np.random.default_rng(3).permutation(batch["features"].shape[1])
+    shuffled = {
+        **batch,
+        **{k: batch[k][:, order] for k in ("features", "voxels", "point_mask")},
+    }
+    np.testing.assert_allclose(
+        np.asarray(_logits(module, params, **shuffled)),
+        np.asarray(_logits(module, params, **batch)),
+        atol=1e-5,
+    )
+
+
 def test_tokenizer_in_the_directory_sets_loc_offset(goldens_dir, tmp_path):
     path = tmp_path / "blip2"
     shutil.copytree(_blip2_dir(goldens_dir), path)

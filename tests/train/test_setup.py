@@ -52,3 +52,36 @@ def test_preset_names_a_constructor_and_its_argument():
         setup.preset_config("nope")
     with pytest.raises(InputError, match="unknown model type 'gpt2'"):
         setup.preset_config("tiny_decoder:gpt2")
+
+
+def test_demo_config_keeps_a_pretrained_models_grounding_settings_unless_set(tmp_path):
+    """demo.py leaves the grounding knobs unset: a pretrained model keeps its target tokens (as
+    assets/demo has them); a knob that is set changes the model, which grows what it lacks."""
+    from llm3d_jax.infer.exported import export
+    from llm3d_jax.model import llm3d
+
+    grounded = llm3d.LLM3D(llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1))
+    export(
+        str(tmp_path / "model"),
+        grounded,
+        llm3d.init_params(grounded),
+        params_format="safetensors",
+    )
+    config = _config("demo")
+    config.data_source = "synthetic"
+    config.model.pretrained = str(tmp_path / "model")
+    module, params = setup.build_model(config)
+    assert (module.config.target_tokens, module.config.target_layers) == (4, 1)
+    assert "relevance" in params and "extent_slots" in params
+
+    config.model.target_tokens = 8
+    module, params = setup.build_model(config)
+    assert module.config.target_tokens == 8 and "relevance" in params
+    config.model.target_tokens = 0
+    module, params = setup.build_model(config)
+    assert module.config.target_tokens == 0 and "relevance" not in params
+
+    fresh = _config("demo")
+    fresh.data_source = "synthetic"
+    module, _ = setup.build_model(fresh)
+    assert module.config.target_tokens == 0  # the preset's: none
