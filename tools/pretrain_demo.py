@@ -66,6 +66,7 @@ GROUNDING_SETTINGS = (
     "--config.model.target_tokens=32",
     "--config.model.target_layers=1",
     "--config.model.loc_table_dim=21",
+    "--config.model.target_context=True",
 )
 GROUNDING_LR = 5e-4
 

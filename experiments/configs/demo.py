@@ -43,15 +43,17 @@ def get_config():
     c.model.preset = "demo"  # an LLM3DConfig constructor
     c.model.dtype = "float32"  # compute dtype; params stay float32
     c.model.remat = False
-    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers).
-    # Unset: as the pretrained model has them (assets/demo: 32 target tokens, the points rated as
-    # the named object's, and their box; location rows from a 21-wide sin/cos table), or as the
+    # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers,
+    # target_context). Unset: as the pretrained model has them (assets/demo: 32 target tokens,
+    # the points rated as the named object's, and their box, the prompt's words read in context;
+    # location rows from a 21-wide sin/cos table), or as the
     # preset (none) at random init. Set, a model without them grows them (docs/architecture.md,
     # "Location tokens in the model"); 0 turns one off.
     c.model.point_tokens = config_dict.placeholder(int)
     c.model.loc_table_dim = config_dict.placeholder(int)
     c.model.target_tokens = config_dict.placeholder(int)
     c.model.target_layers = config_dict.placeholder(int)
+    c.model.target_context = config_dict.placeholder(bool)
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,
     # projection, location rows). A random-init LLM has nothing to keep frozen: all trains.
     c.trainable = (".*",)

@@ -64,7 +64,13 @@ def build_model(config, with_optimizer: bool = False):
     # attention_impl ("cudnn": cuDNN's fused attention on a GPU), dropout (every dropout rate).
     # Grounding knobs (demo.py): a pretrained model without them grows them; unset (None): as
     # the pretrained model or the preset has them.
-    grounding = ("point_tokens", "loc_table_dim", "target_tokens", "target_layers")
+    grounding = (
+        "point_tokens",
+        "loc_table_dim",
+        "target_tokens",
+        "target_layers",
+        "target_context",
+    )
     for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
         if m.get(key) is not None:
             overrides[key] = m[key]
