@@ -170,3 +170,40 @@ def test_rated_region_keeps_the_best_points_neighbours_and_drops_a_stray_point()
     # nothing rated positive: the best-rated real point alone
     low = np.asarray(llm3d.rated_region(jnp.asarray(rating - 10.0), voxels, point_mask))
     np.testing.assert_array_equal(low[0], [True, False, False, False, False, False])
+
+
+def _ratings(module, params, x, prompt_ids):
+    _, state = module.apply(
+        {"params": params},
+        *(x[k] for k in ("features", "voxels", "point_mask")),
+        prompt_ids,
+        x["prompt_mask"],
+        method=llm3d.LLM3D.prefix,
+        mutable="intermediates",
+    )
+    return np.asarray(state["intermediates"]["point_ratings"][0])
+
+
+def test_context_makes_the_ratings_read_word_order():
+    """Without `target_context` the ratings see the prompt as a bag of words (the direct match
+    sums over them; the cross-attention has no positions): "chair closest to the table" rates
+    the points as "table closest to the chair" does. With it, the words are read in order."""
+    x = _inputs(_module().config)
+    swapped = x["prompt_ids"][:, ::-1]
+    for context in (False, True):
+        module = _module(target_context=context)
+        params = llm3d.init_params(module, seed=0, points=16)
+        assert ("prompt_layer" in params["relevance"]) == context
+        same = np.allclose(
+            _ratings(module, params, x, x["prompt_ids"]),
+            _ratings(module, params, x, swapped),
+            atol=1e-5,
+        )
+        assert same != context, context
+    # a model trained without it grows the context layer and keeps the rest
+    plain = llm3d.init_params(_module(), seed=0)
+    grown, new = llm3d.grow_params(_module(target_context=True), plain, seed=1)
+    assert new and all(p.startswith("relevance/prompt_") for p in new), new
+    np.testing.assert_array_equal(
+        grown["relevance"]["words"]["kernel"].shape, plain["relevance"]["words"]["kernel"].shape
+    )
