@@ -26,7 +26,9 @@ points, questions and boxes), to tell whether the features or the model stop gro
 Measured (2-core CPU, shared; 160 training rooms as above but `--rooms 160`; held-out answers'
 Acc@0.25): table rows alone 3.5 at 1200 steps (400 rooms); target tokens without the extent
 slot vectors 11.5 (rated box 46.5), with them 44.5 (rated box 47.0); on the lifted features of
-the same rooms, with the region box shown, 43.0 (rated box 32.8, region box 49.5).
+the same rooms, with the region box shown, 43.0 (rated box 32.8, region box 49.5; relations
+1.7), and with the prompt's words read in context (`--set target_context=1`) 51.0 (region box
+54.2; relations 16.7).
 docs/architecture.md, "Location tokens in the model", says what each finding changed. What the
 extent rule itself costs, with the named object's points rated perfectly (`llm3d.REGION_RADIUS`
 comes from it):
