@@ -467,7 +467,7 @@ def relevance_config(config: LLM3DConfig) -> QFormerConfig:
 
 
 def _unit_dense(
-    features: int, config: QFormerConfig, name: str, in_axis: str = "enc_embed"
+    features: int, config: QFormerConfig, name: str, in_axis: str | None = "enc_embed"
 ) -> nn.Dense:
     """A Dense from a width (logical axis `in_axis`) to `features` with LeCun-normal init
     (variance 1 / fan-in)."""
@@ -510,7 +510,7 @@ class PointRelevance(nn.Module):
             p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
             p = bert_layer_norm(cfg, "prompt_norm")(p)
             p = BertLayer(cfg, name="prompt_layer")(p, prompt_mask, deterministic=deterministic)
-            words = _unit_dense(cfg.hidden_size, cfg, "words", "embed")(p)  # [B,Lp,H]
+            words = _unit_dense(cfg.hidden_size, cfg, "words", None)(p)  # [B,Lp,H]
         else:
             words = _unit_dense(cfg.hidden_size, cfg, "words")(prompt)  # [B,Lp,H]
         words = jnp.sum(words * prompt_mask[..., None].astype(words.dtype), axis=1)  # [B,H]

@@ -207,3 +207,19 @@ def test_context_makes_the_ratings_read_word_order():
     np.testing.assert_array_equal(
         grown["relevance"]["words"]["kernel"].shape, plain["relevance"]["words"]["kernel"].shape
     )
+
+
+def test_every_grounding_param_has_a_sharding_under_the_rules_table():
+    """Each param's logical axes resolve under train/sharding.RULES (a name used twice in one
+    array, e.g. ("embed", "embed"), fails there, not in the unsharded tests above)."""
+    from flax import linen as nn
+
+    from llm3d_jax.train import sharding
+
+    module = _module(target_context=True)
+    inputs = llm3d.example_inputs(module.config, points=4)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))["params"]
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    shardings = sharding.logical_shardings(boxed, mesh)
+    assert "prompt_layer" in shardings["relevance"]
+    assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(nn.unbox(boxed)))
