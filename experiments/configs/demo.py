@@ -45,10 +45,9 @@ def get_config():
     c.model.remat = False
     # Grounding settings (LLM3DConfig.point_tokens, loc_table_dim, target_tokens, target_layers,
     # target_context). Unset: as the pretrained model has them (assets/demo: 32 target tokens,
-    # the points rated as the named object's, and their box, the prompt's words read in context;
-    # location rows from a 21-wide sin/cos table), or as the
-    # preset (none) at random init. Set, a model without them grows them (docs/architecture.md,
-    # "Location tokens in the model"); 0 turns one off.
+    # the points rated as the named object's, and their box; location rows from a 21-wide
+    # sin/cos table), or as the preset (none) at random init. Set, a model without them grows
+    # them (docs/architecture.md, "Location tokens in the model"); 0 turns one off.
     c.model.point_tokens = config_dict.placeholder(int)
     c.model.loc_table_dim = config_dict.placeholder(int)
     c.model.target_tokens = config_dict.placeholder(int)
