@@ -30,7 +30,13 @@ def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
     # The encoder's features are what the model reads; the queries start from points.
     assert module.config.feature_dim == encoder.config.hidden_size
     assert module.config.qformer.seeded_queries
-    assert module.config == llm3d.LLM3DConfig.demo(vocab_size=module.config.llm.vocab_size)
+    # the demo preset grown by phase (c)'s grounding settings
+    grounding = {
+        flag.split("=")[0].rsplit(".", 1)[1]: int(flag.split("=")[1])
+        for flag in pretrain_demo.GROUNDING_SETTINGS
+    }
+    preset = llm3d.LLM3DConfig.demo(vocab_size=module.config.llm.vocab_size)
+    assert module.config == llm3d.with_overrides(preset, **grounding)
     assert "<loc0>" in tokenizer.get_vocab()
     # The encoder report says it was trained on rooms of another seed than the demo's.
     with open(os.path.join(demo.ENCODER.removeprefix("vit:"), "report.json")) as f:
