@@ -101,6 +101,39 @@ def run(tmp_path_factory):
     return dict(root=root, workdir=str(workdir), module=module, params=expected, config=config)
 
 
+def test_a_release_profile_run_restores_with_the_release_trainable_set(tmp_path):
+    """load_run splits the params as the run trained them: under the release profile the T5
+    embedding table and LM head come from the checkpoint, not from the regenerated init."""
+    from llm3d_jax.train import setup
+
+    config = _config("", "")
+    config.data_source = "synthetic"
+    config.profile = "release"
+    config.trainable = ()
+    module, _ = setup.build_model(config)
+    patterns = setup.trainable_patterns(config)
+    assert patterns == llm3d.RELEASE_TRAINABLE
+    params = random_init(module, config.seed)
+    trainable, frozen = optimizer.split_trainable(params, patterns)
+    trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # "trained"
+    state = TrainState(step=jnp.int32(STEP), params=trainable, opt_state=())
+    meta = {
+        "frozen": {
+            "kind": "random_init",
+            "seed": config.seed,
+            "model": config.model.to_dict(),
+            "fingerprint": checkpoint.fingerprint(frozen),
+        },
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), keep=1, save_every=1)
+    checkpoint.save(manager, STEP, state, _Iterator(), meta, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    restored = load_run(str(tmp_path))
+    np.testing.assert_array_equal(restored.params["llm"]["shared"], trainable["llm"]["shared"])
+
+
 def _inputs(module, seed=0):
     rng = np.random.default_rng(seed)
     return dict(

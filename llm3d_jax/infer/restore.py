@@ -144,7 +144,7 @@ def load_run(path: str) -> RunModel:
     step, trainable, meta = read_checkpoint(path)
     config = ml_collections.ConfigDict(meta.get("config") or _config_json(path))
     module, pretrained = setup.build_model(config)  # the exact model the run trained
-    patterns = tuple(config.get("trainable", ())) or llm3d.TRAINABLE
+    patterns = setup.trainable_patterns(config)  # as the run split them
     frozen_ref = meta["frozen"]
     if pretrained is None:
         all_params = random_init(module, int(frozen_ref["seed"]))

@@ -192,8 +192,7 @@ def _report_moments(config, path: str, moments, params) -> None:
     print(f"{path}: {describe_moments(moments)}")
     if moments is None:
         return
-    patterns = tuple(config.trainable) or llm3d.TRAINABLE
-    regexes = [re.compile(p) for p in patterns]
+    regexes = [re.compile(p) for p in trainable_patterns(config)]
     trains = lambda p: any(r.fullmatch(p) for r in regexes)
     covered = set(moments.covered)
     dropped = sorted(p for p in covered if not trains(p))
@@ -215,6 +214,16 @@ def _report_moments(config, path: str, moments, params) -> None:
 def profile(config) -> str:
     """The run's profile: "ours" (also when the config has no `profile` key) or "release"."""
     return config.get("profile", "ours")
+
+
+def trainable_patterns(config) -> tuple[str, ...]:
+    """What trains in a run: `config.trainable`, else the profile's table (`llm3d.TRAINABLE`;
+    the release profile's `llm3d.RELEASE_TRAINABLE` adds the T5 embedding table and LM head).
+    Training, the optimizer-state report and restoring a run all split the params by it."""
+    release = profile(config) == "release"
+    return tuple(config.get("trainable", ())) or (
+        llm3d.RELEASE_TRAINABLE if release else llm3d.TRAINABLE
+    )
 
 
 def preset_config(preset: str) -> llm3d.LLM3DConfig:
@@ -307,8 +316,7 @@ def build_schedule(config):
 def build_training(config, mesh, module: llm3d.LLM3D) -> Training:
     """Trainable / frozen split (`config.trainable`, else the profile's table), optimizer and
     schedule (`config.optim`, `config.total_steps`), state and param shardings on `mesh`."""
-    release = profile(config) == "release"  # (a T5: build_model's exact GELU checks it)
-    patterns = tuple(config.trainable) or (llm3d.RELEASE_TRAINABLE if release else llm3d.TRAINABLE)
+    patterns = trainable_patterns(config)
     example = llm3d.example_inputs(module.config)  # shapes for init only
     init_fn = lambda rng: module.init(rng, **example, deterministic=True)["params"]
     boxed = state_lib.abstract_params(init_fn)
