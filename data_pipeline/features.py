@@ -15,6 +15,7 @@ exists and is valid for the same method and encoder is kept (resume).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -185,29 +186,48 @@ def is_valid_output(path: str, settings: dict) -> bool:
     )
 
 
-def _load_or_render(scene: Scene, views_dir: str, args) -> tuple[Views, str]:
-    path = child_path(views_dir, scene.scene_id, ".npz")
-    if os.path.exists(path):
-        return Views.load(path), path
-    views = render_scene(scene, args.views, args.width, args.height, args.seed)
-    return views, f"{scene.scene_id} (rendered views)"
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How feature files are made: the options of this command (and of the Beam build,
+    data_pipeline/tfds/beam.py, which computes features for the scenes its records name)."""
+
+    method: str
+    encoder: str
+    masks: str | None = None  # folder of <scene_id>.npz mask files; None: instance masks
+    views: int = 8  # views rendered when SCENES/views/<scene_id>.npz does not exist
+    width: int = 320
+    height: int = 240
+    render_seed: int = 0
+    max_points: int | None = None
+    balance: bool = False
+    masked_crops: bool = False
+    preview: bool = False
+
+    def recorded(self) -> dict:
+        """What a file's meta records; a rerun keeps only files made with the same."""
+        return {
+            "method": self.method,
+            "encoder": self.encoder,
+            "max_points": self.max_points,
+            "balance": self.balance,
+            "masked_crops": self.masked_crops,
+        }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--scenes", required=True, help="folder of <scene_id>.npz scene files")
+def add_settings_arguments(parser: argparse.ArgumentParser, render_seed: str = "--seed") -> None:
+    """The feature options, shared with data_pipeline/tfds/beam.py (where `--seed` is the split's
+    seed, so the render seed is named `render_seed` there)."""
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument(
         "--encoder", required=True, help="random-vit[:D] | vit:DIR | blip2:DIR | clip:DIR"
     )
-    parser.add_argument("--out", required=True, help="folder for <scene_id>.npz feature files")
     parser.add_argument("--masks", help="folder of <scene_id>.npz mask files (default: instances)")
     parser.add_argument("--views", type=int, default=8, help="views to render when none exist")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        render_seed, dest="render_seed", type=int, default=0, help="seed of rendered cameras"
+    )
     parser.add_argument("--max-points", type=int, help="cap on voxelised points per scene")
     parser.add_argument(
         "--balance",
@@ -223,71 +243,110 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preview", action="store_true", help="also write FEATURES/<scene_id>.png (top-down views)"
     )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    if args.views < 1 or args.width < 8 or args.height < 8:
+        raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
+    if args.balance and not args.max_points:
+        raise InputError(None, "--balance shares out --max-points: give --max-points N too")
+    return Settings(
+        method=args.method,
+        encoder=args.encoder,
+        masks=args.masks,
+        views=args.views,
+        width=args.width,
+        height=args.height,
+        render_seed=args.render_seed,
+        max_points=args.max_points,
+        balance=args.balance,
+        masked_crops=args.masked_crops,
+        preview=args.preview,
+    )
+
+
+def _load_or_render(scene: Scene, views_dir: str, settings: Settings) -> tuple[Views, str]:
+    path = child_path(views_dir, scene.scene_id, ".npz")
+    if os.path.exists(path):
+        return Views.load(path), path
+    views = render_scene(
+        scene, settings.views, settings.width, settings.height, settings.render_seed
+    )
+    return views, f"{scene.scene_id} (rendered views)"
+
+
+def write_feature_file(scene_path: str, out_path: str, settings: Settings, module, params) -> int:
+    """Computes the feature file of the scene file at `scene_path` (its views taken from the
+    `views` folder beside it when there) and writes it to `out_path` atomically; -> its number
+    of points. A bad scene, views or mask file is an InputError naming it."""
+    scene = Scene.load(scene_path)
+    out_dir = os.path.dirname(out_path)
+    views, where = _load_or_render(
+        scene, os.path.join(os.path.dirname(scene_path), "views"), settings
+    )
+    masks = None
+    if settings.masks:
+        mask_path = child_path(settings.masks, scene.scene_id, ".npz")
+        masks = features2d.load_mask_file(mask_path, views.depth.shape)
+    arrays = scene_features(
+        scene,
+        views,
+        settings.method,
+        module,
+        params,
+        masks,
+        settings.max_points,
+        settings.balance,
+        where=where,
+        masked_crops=settings.masked_crops,
+    )
+    meta = {
+        "scene_id": scene.scene_id,
+        "source": scene.meta.get("source", "unknown"),
+        **settings.recorded(),
+        "dim": int(arrays["features"].shape[1]),
+        "num_views": int(len(views.depth)),
+        "format_version": FORMAT_VERSION,
+    }
+    if "level" in scene.meta:  # "object": a scene file holding one object
+        meta["level"] = scene.meta["level"]
+    with writing(out_dir):
+        save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
+        if settings.preview:
+            title = f"{scene.scene_id}: {settings.method}, {settings.encoder}, {len(arrays['points'])} points"
+            png = preview_png(arrays, title)
+            write_bytes_atomic(child_path(out_dir, scene.scene_id, ".png"), png)
+    return len(arrays["points"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenes", required=True, help="folder of <scene_id>.npz scene files")
+    parser.add_argument("--out", required=True, help="folder for <scene_id>.npz feature files")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.scenes):
         raise InputError(args.scenes, "scene folder not found")
     paths = sorted(glob.glob(os.path.join(args.scenes, "*.npz")))
     if not paths:
         raise InputError(args.scenes, "no .npz scene files")
-    if args.views < 1 or args.width < 8 or args.height < 8:
-        raise InputError(None, "--views must be >= 1 and --width/--height >= 8")
-    if args.balance and not args.max_points:
-        raise InputError(None, "--balance shares out --max-points: give --max-points N too")
+    settings = settings_from_args(args)
     output_folder(args.out)  # before the encoder loads: a bad --out fails in a second
     module, params = load_encoder(args.encoder)
-    views_dir = os.path.join(args.scenes, "views")
-    settings = {
-        "method": args.method,
-        "encoder": args.encoder,
-        "max_points": args.max_points,
-        "balance": args.balance,
-        "masked_crops": args.masked_crops,
-    }
     failed, skipped = [], 0
     bar = tqdm(paths, desc=f"features ({args.method})", unit="scene")
     for path in bar:
         scene_id = os.path.splitext(os.path.basename(path))[0]
         out_path = child_path(args.out, scene_id, ".npz")
-        if is_valid_output(out_path, settings):
+        if is_valid_output(out_path, settings.recorded()):
             skipped += 1
             continue
         try:
             start = time.perf_counter()
-            scene = Scene.load(path)
-            views, where = _load_or_render(scene, views_dir, args)
-            masks = None
-            if args.masks:
-                mask_path = child_path(args.masks, scene.scene_id, ".npz")
-                masks = features2d.load_mask_file(mask_path, views.depth.shape)
-            arrays = scene_features(
-                scene,
-                views,
-                args.method,
-                module,
-                params,
-                masks,
-                args.max_points,
-                args.balance,
-                where=where,
-                masked_crops=args.masked_crops,
-            )
-            meta = {
-                "scene_id": scene.scene_id,
-                "source": scene.meta.get("source", "unknown"),
-                **settings,
-                "dim": int(arrays["features"].shape[1]),
-                "num_views": int(len(views.depth)),
-                "format_version": FORMAT_VERSION,
-            }
-            if "level" in scene.meta:  # "object": a scene file holding one object
-                meta["level"] = scene.meta["level"]
-            with writing(args.out):
-                save_npz_atomic(out_path, **arrays, meta=np.array(json.dumps(meta)))
-                if args.preview:
-                    title = f"{scene.scene_id}: {args.method}, {args.encoder}, {len(arrays['points'])} points"
-                    png = preview_png(arrays, title)
-                    write_bytes_atomic(child_path(args.out, scene.scene_id, ".png"), png)
-            bar.set_postfix(points=len(arrays["points"]), s=f"{time.perf_counter() - start:.1f}")
+            points = write_feature_file(path, out_path, settings, module, params)
+            bar.set_postfix(points=points, s=f"{time.perf_counter() - start:.1f}")
         except InputError as err:
             tqdm.write(f"error: {err}", file=sys.stderr)
             failed.append(scene_id)
