@@ -8,9 +8,8 @@ the counts, the rejection reasons and the bytes on disk. Bad items are skipped a
 from __future__ import annotations
 
 import argparse
-import sys
 
-from data_pipeline.tfds.build import build
+from data_pipeline.tfds.build import build, print_report
 from data_pipeline.tfds.builders import CONFIGS
 from llm3d_jax.fileio import cli_main
 
@@ -46,27 +45,7 @@ def main() -> int:
         max_points=args.max_points,
         overwrite=args.overwrite,
     )
-    for rejected in report["rejected_scenes"][:20]:  # each bad feature file, named
-        print(f"warning: {rejected['file']}: {rejected['reason']}", file=sys.stderr)
-    if len(report["rejected_scenes"]) > 20:
-        print(
-            f"warning: {len(report['rejected_scenes']) - 20} more rejected scenes (see the report)",
-            file=sys.stderr,
-        )
-    counts, size = report["counts"], report["bytes"]
-    print(
-        f"built {args.config}: scenes {counts['scenes']}, records {counts['records']}, dim {counts['dim']}"
-    )
-    print(
-        f"rejected: {counts['rejected_scenes']} scenes, {counts['rejected_records']} records "
-        f"{report['rejected_reasons'] or ''}"
-    )
-    print(
-        f"bytes: scenes {size['scenes_on_disk']}, language {size['language_on_disk']}; per scene "
-        f"{size['per_scene_on_disk']:.0f} on disk ({size['per_scene_serialized']:.0f} serialized) "
-        f"vs {size['per_scene_raw_npz']:.0f} raw npz"
-    )
-    print(f"report: {args.out}/build_report.{args.config}.json")
+    print_report(report, args.out)
     return 0
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def read_records(path: str, config, val_fraction: float, seed: int, report: Repo
     return records
 
 
-def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -> dict:
+def scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -> dict:
     """The TFDS scene example of one feature file; InputError(path, reason) when it is bad."""
     data = load_npz(path, required=SCENE_KEYS)
     points = np.asarray(data["points"])
@@ -231,7 +232,13 @@ def _scene_example(path: str, scene_id: str, dim: int | None, max_points: int) -
     }
 
 
-def _feature_width(paths: list[str]) -> int | None:
+def keyed_scene_example(row: tuple[int, str, str], dim: int) -> tuple[int, dict]:
+    """(key, scene_id, feature file path) -> (key, the TFDS scene example of the file)."""
+    key, scene_id, path = row
+    return key, {"scene_id": scene_id, **scene_example(path, scene_id, dim, 0)}
+
+
+def feature_width(paths: list[str]) -> int | None:
     """The width D of the first readable feature file: the dataset's width."""
     for path in paths:
         try:
@@ -243,35 +250,11 @@ def _feature_width(paths: list[str]) -> int | None:
     return None
 
 
-def _no_records(report: Report) -> str:
+def no_records(report: Report) -> str:
     if not report.rejected_records:
         return "no valid records (the file holds none)"
     first = report.rejected_records[0]
     return f"no valid records ({len(report.rejected_records)} rejected, e.g. line {first['line']}: {first['reason']})"
-
-
-def store_uncompressed(dataset_dir: str, chunk: int = 16) -> None:
-    """Rewrites the ArrayRecord shards of a built dataset without compression.
-
-    TFDS writes ArrayRecord with the library's default compression; fp16 features barely
-    compress (~8%) while decompressing them dominates a scene read, so scene shards are stored
-    raw. The records, their order and the TFDS metadata are unchanged.
-    """
-    from array_record.python import array_record_module
-
-    for name in sorted(os.listdir(dataset_dir)):
-        if ".array_record-" not in name:
-            continue
-        path = os.path.join(dataset_dir, name)
-        reader = array_record_module.ArrayRecordReader(path)
-        writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1,uncompressed")
-        n = reader.num_records()
-        for start in range(0, n, chunk):
-            for record in reader.read(start, min(start + chunk, n)):
-                writer.write(record)
-        writer.close()
-        reader.close()
-        os.replace(path + ".tmp", path)
 
 
 def _dir_bytes(path: str) -> int:
@@ -306,30 +289,20 @@ def _remove_partial_build(targets: list[str], new_dirs: list[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def build(
-    features_dir: str,
-    records_path: str,
-    out_dir: str,
-    config_name: str = "synthetic",
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    max_points: int = 0,
-    overwrite: bool = False,
-) -> dict:
-    """Builds llm3d_scenes/<config> and llm3d_language/<config> under `out_dir`; returns the report."""
+def check_arguments(config_name: str, val_fraction: float, records_path: str) -> None:
     if config_name not in CONFIGS:
         raise InputError(None, f"unknown config {config_name!r}; choose from {sorted(CONFIGS)}")
-    if not os.path.isdir(features_dir):
-        raise InputError(features_dir, "not a directory")
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(None, f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if max_points < 0:
-        raise InputError(None, f"--max-points must be >= 0, got {max_points}")
     if not os.path.isfile(records_path):
         raise InputError(records_path, "file not found")
+
+
+def prepare_output(out_dir: str, config_name: str, overwrite: bool) -> list[str]:
+    """-> the two dataset folders a build writes; an existing build is removed when
+    `overwrite`, else an error. Called after every other check, before any work."""
     output_folder(out_dir)
-    config = CONFIGS[config_name]
-    version = str(config.version)
+    version = str(CONFIGS[config_name].version)
     targets = [
         os.path.join(out_dir, d, config_name, version) for d in (SCENE_DATASET, LANGUAGE_DATASET)
     ]
@@ -338,51 +311,48 @@ def build(
         raise InputError(existing[0], "already built; pass --overwrite to rebuild")
     for target in existing:
         shutil.rmtree(target)
+    return targets
 
-    report = Report(config=config_name)
-    records = read_records(records_path, config, val_fraction, seed, report)
 
-    # Scenes per split: those the split's records reference and whose file exists.
+def wanted_scenes(
+    records: list[dict], scene_dir: str, records_path: str, report: Report
+) -> tuple[list[dict], dict[str, set[str]]]:
+    """The records whose scene file `scene_dir/<scene_id>.npz` exists (the others are rejected
+    into `report`) and the scene ids each split needs."""
     wanted: dict[str, set[str]] = {s: set() for s in SPLITS}
     kept = []
     for r in records:
-        if not os.path.isfile(child_path(features_dir, r["scene_id"], ".npz", records_path)):
+        if not os.path.isfile(child_path(scene_dir, r["scene_id"], ".npz", records_path)):
             report.reject_record(r["id"], r["line"], f"missing scene: {r['scene_id']}.npz")
             continue
         wanted[r["split"]].add(r["scene_id"])
         kept.append(r)
-    records = kept
-    if not records:
-        raise InputError(records_path, _no_records(report))
-    all_ids = sorted(set().union(*wanted.values()))
-    paths = {s: child_path(features_dir, s, ".npz", records_path) for s in all_ids}
-    dim = _feature_width([paths[s] for s in all_ids])
-    if dim is None:
-        raise InputError(features_dir, "no readable scene feature file referenced by the records")
+    if not kept:
+        raise InputError(records_path, no_records(report))
+    return kept, wanted
 
-    # Each referenced scene file is read and checked once; good ones are kept for writing.
-    examples: dict[str, dict] = {}
-    for scene_id in tqdm(all_ids, desc="scenes", unit="scene"):
-        try:
-            examples[scene_id] = {
-                "scene_id": scene_id,
-                **_scene_example(paths[scene_id], scene_id, dim, max_points),
-            }
-        except InputError as err:
-            report.reject_scene(scene_id, err.problem, paths[scene_id])
-    scene_rows = {s: sorted(i for i in wanted[s] if i in examples) for s in SPLITS}
+
+def join_records(
+    records: list[dict],
+    wanted: dict[str, set[str]],
+    grids: dict[str, tuple[np.ndarray, np.ndarray]],
+    report: Report,
+) -> tuple[dict[str, list[str]], dict[str, list[dict]]]:
+    """-> (the scene ids stored in each split, in key order; the language examples of each
+    split). `grids` holds (grid_origin, grid_voxel) of every accepted scene; a scene not in it
+    was rejected (its reason is in `report`), and so are its records."""
+    scene_rows = {s: sorted(i for i in wanted[s] if i in grids) for s in SPLITS}
     scene_index = {s: {i: k for k, i in enumerate(rows)} for s, rows in scene_rows.items()}
     bad_scenes = {r["scene_id"]: r["reason"] for r in report.rejected_scenes}
-
     language: dict[str, list] = {s: [] for s in SPLITS}
     for r in records:
         if r["scene_id"] in bad_scenes:
             report.reject_record(r["id"], r["line"], f"scene rejected: {bad_scenes[r['scene_id']]}")
             continue
-        scene = examples[r["scene_id"]]
+        origin, voxel = grids[r["scene_id"]]
         try:
             for text in [r["prompt"], *r["answers"]]:
-                tokens.placeholders_to_tokens(text, scene["grid_origin"], scene["grid_voxel"])
+                tokens.placeholders_to_tokens(text, origin, voxel)
         except ValueError as err:
             report.reject_record(r["id"], r["line"], f"bad location placeholder: {err}")
             continue
@@ -400,50 +370,61 @@ def build(
                 "meta": json.dumps(r.get("meta", {}), sort_keys=True),
             }
         )
-    splits = [s for s in SPLITS if language[s]]
-    if not splits:
-        raise InputError(records_path, _no_records(report))
+    return scene_rows, language
 
-    def scene_stream(split):
-        for key, scene_id in enumerate(scene_rows[split]):
-            yield key, examples[scene_id]
 
-    def language_stream(split):
-        yield from enumerate(language[split])
-
-    metadata = {
-        "dim": dim,
-        "max_points": max_points,
-        "seed": seed,
-        "val_fraction": val_fraction,
-        "prompt_templates": dict(config.prompt_templates),
-    }
+def write_datasets(
+    out_dir: str,
+    config_name: str,
+    scene_splits: dict,
+    language: dict[str, list[dict]],
+    metadata: dict,
+    targets: list[str],
+    download_config: tfds.download.DownloadConfig | None = None,
+) -> list[str]:
+    """Writes llm3d_scenes/<config> from `scene_splits` ({split: iterable of (key, example), or
+    a beam.PTransform yielding them, written on Beam with `download_config`'s options}) and then
+    llm3d_language/<config> from `language` in this process. On failure nothing is left.
+    -> the dataset folders it created (what `finish_report` removes if the report fails)."""
     # Dataset folders this build creates, removed with the pair when it fails (no partial output).
     new_dirs = [
         d
         for d in (os.path.join(out_dir, SCENE_DATASET), os.path.join(out_dir, LANGUAGE_DATASET))
         if not os.path.exists(d)
     ]
+    language_splits = {s: enumerate(language[s]) for s in scene_splits}
     with tempfile.TemporaryDirectory() as download_dir:
         try:
-            for cls, stream in ((Llm3dScenes, scene_stream), (Llm3dLanguage, language_stream)):
+            for cls, splits, config in (
+                (Llm3dScenes, scene_splits, download_config),
+                (Llm3dLanguage, language_splits, None),
+            ):
                 builder = cls(
-                    splits={s: stream(s) for s in splits},
-                    metadata=metadata,
-                    config=config_name,
-                    data_dir=out_dir,
+                    splits=splits, metadata=metadata, config=config_name, data_dir=out_dir
                 )
-                builder.download_and_prepare(download_dir=download_dir)
-                if cls is Llm3dScenes:
-                    store_uncompressed(builder.data_dir)
+                builder.download_and_prepare(download_dir=download_dir, download_config=config)
         except BaseException as err:
             _remove_partial_build(targets, new_dirs)
             problem = _write_failure(err)
             if problem:  # a full disk, a quota: one line, not a traceback
                 raise InputError(out_dir, f"cannot write ({problem})") from None
             raise
+    return new_dirs
 
-    raw_bytes = sum(os.path.getsize(paths[i]) for rows in scene_rows.values() for i in rows)
+
+def finish_report(
+    report: Report,
+    out_dir: str,
+    targets: list[str],
+    new_dirs: list[str],
+    scene_rows: dict[str, list[str]],
+    language: dict[str, list[dict]],
+    raw_bytes: int,
+    dim: int,
+) -> dict:
+    """Counts and bytes of a written build into `report`, written to
+    out_dir/build_report.<config>.json; -> the report as a dict."""
+    splits = [s for s in SPLITS if language[s]]
     n_scenes = sum(len(rows) for rows in scene_rows.values())
     scene_bytes, language_bytes = _dir_bytes(targets[0]), _dir_bytes(targets[1])
     # ArrayRecord files grow in 128 KiB blocks, so small builds are dominated by padding; the
@@ -451,6 +432,7 @@ def build(
     scene_info = tfds.builder_from_directory(targets[0]).info
     serialized = sum(scene_info.splits[s].num_bytes for s in splits)
     report.counts = {
+        **report.counts,
         "scenes": {s: len(scene_rows[s]) for s in splits},
         "records": {s: len(language[s]) for s in splits},
         "rejected_scenes": len(report.rejected_scenes),
@@ -466,10 +448,96 @@ def build(
         "per_scene_raw_npz": raw_bytes / max(n_scenes, 1),
     }
     result = report.as_dict()
-    report_path = os.path.join(out_dir, f"build_report.{config_name}.json")
+    report_path = os.path.join(out_dir, f"build_report.{report.config}.json")
     try:
         write_text_atomic(report_path, json.dumps(result, indent=1))
     except OSError as err:  # the datasets without their report are not a finished build
         _remove_partial_build(targets, new_dirs)
         raise InputError(report_path, f"cannot write ({err.strerror or err})") from None
     return result
+
+
+def build(
+    features_dir: str,
+    records_path: str,
+    out_dir: str,
+    config_name: str = "synthetic",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_points: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Builds llm3d_scenes/<config> and llm3d_language/<config> under `out_dir`; returns the report."""
+    check_arguments(config_name, val_fraction, records_path)
+    if not os.path.isdir(features_dir):
+        raise InputError(features_dir, "not a directory")
+    if max_points < 0:
+        raise InputError(None, f"--max-points must be >= 0, got {max_points}")
+    targets = prepare_output(out_dir, config_name, overwrite)
+    config = CONFIGS[config_name]
+    report = Report(config=config_name)
+    records = read_records(records_path, config, val_fraction, seed, report)
+    records, wanted = wanted_scenes(records, features_dir, records_path, report)
+    all_ids = sorted(set().union(*wanted.values()))
+    paths = {s: child_path(features_dir, s, ".npz", records_path) for s in all_ids}
+    dim = feature_width([paths[s] for s in all_ids])
+    if dim is None:
+        raise InputError(features_dir, "no readable scene feature file referenced by the records")
+
+    # Each referenced scene file is read and checked once; good ones are kept for writing.
+    examples: dict[str, dict] = {}
+    for scene_id in tqdm(all_ids, desc="scenes", unit="scene"):
+        try:
+            examples[scene_id] = {
+                "scene_id": scene_id,
+                **scene_example(paths[scene_id], scene_id, dim, max_points),
+            }
+        except InputError as err:
+            report.reject_scene(scene_id, err.problem, paths[scene_id])
+    grids = {i: (e["grid_origin"], e["grid_voxel"]) for i, e in examples.items()}
+    scene_rows, language = join_records(records, wanted, grids, report)
+    splits = [s for s in SPLITS if language[s]]
+    if not splits:
+        raise InputError(records_path, no_records(report))
+
+    def scene_stream(split):
+        for key, scene_id in enumerate(scene_rows[split]):
+            yield key, examples[scene_id]
+
+    metadata = {
+        "dim": dim,
+        "max_points": max_points,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "prompt_templates": dict(config.prompt_templates),
+    }
+    new_dirs = write_datasets(
+        out_dir, config_name, {s: scene_stream(s) for s in splits}, language, metadata, targets
+    )
+    raw_bytes = sum(os.path.getsize(paths[i]) for rows in scene_rows.values() for i in rows)
+    return finish_report(report, out_dir, targets, new_dirs, scene_rows, language, raw_bytes, dim)
+
+
+def print_report(report: dict, out_dir: str) -> None:
+    """The build's summary on stdout; each rejected scene file named on stderr (20 at most)."""
+    for rejected in report["rejected_scenes"][:20]:
+        print(f"warning: {rejected['file']}: {rejected['reason']}", file=sys.stderr)
+    if len(report["rejected_scenes"]) > 20:
+        print(
+            f"warning: {len(report['rejected_scenes']) - 20} more rejected scenes (see the report)",
+            file=sys.stderr,
+        )
+    counts, size, config = report["counts"], report["bytes"], report["config"]
+    print(
+        f"built {config}: scenes {counts['scenes']}, records {counts['records']}, dim {counts['dim']}"
+    )
+    print(
+        f"rejected: {counts['rejected_scenes']} scenes, {counts['rejected_records']} records "
+        f"{report['rejected_reasons'] or ''}"
+    )
+    print(
+        f"bytes: scenes {size['scenes_on_disk']}, language {size['language_on_disk']}; per scene "
+        f"{size['per_scene_on_disk']:.0f} on disk ({size['per_scene_serialized']:.0f} serialized) "
+        f"vs {size['per_scene_raw_npz']:.0f} raw npz"
+    )
+    print(f"report: {out_dir}/build_report.{config}.json")
