@@ -28,7 +28,8 @@ see SCENES, FEATURES, TFDS_DIR and the encoder directory at the same paths (a sh
 system) and have this package installed.
 
 A scene whose feature file cannot be made, or is rejected, is reported and skipped, its records
-rejected, the rest built; the exit status is then 1, as `data_pipeline.features`'s is.
+rejected, the rest built. The exit status is 1 when a feature file could not be made (as
+`data_pipeline.features` exits), 0 when files were only rejected (as `data_pipeline.tfds` does).
 """
 
 from __future__ import annotations
