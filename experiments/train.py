@@ -6,8 +6,8 @@ r"""Trains a 3D-LLM, from one CPU to many hosts, with the same code.
 
 Writes RUN/metrics.jsonl (one JSON object per logged step), RUN/tensorboard/, RUN/loss.png and
 RUN/checkpoints/ (orbax). Rerunning the same command resumes from the latest complete checkpoint.
-SIGTERM (preemption) saves a checkpoint and exits with status 143. Sections, top to bottom:
-config, mesh, model and shardings, data, state, step, loop.
+SIGTERM (preemption) to any one process makes every process save the same step and exit with
+status 143. Sections, top to bottom: config, mesh, model and shardings, data, state, step, loop.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -39,11 +43,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: metrics, checkpoint
 def train(
     config, workdir: str, config_path: str = "--config", preempted: list | None = None
 ) -> int:
-    """The whole run; returns the exit status. `preempted` becomes non-empty when the process is
-    asked to stop (SIGTERM): the run ends after the current (or first) step with a checkpoint."""
+    """The whole run; returns the exit status. `preempted` becomes non-empty when this process is
+    asked to stop (main's SIGTERM handler). Every process then saves the same step and returns
+    143: one process alone stops after its current (or first) step, several after the step
+    following their next stop vote (`make_stop_vote`)."""
     preempted = [] if preempted is None else preempted
     # ------------------------------------------------------------------ config
     config_checks.check_config(config)
+    # JAX's preemption service would replace main's SIGTERM handler with its own, and its sync
+    # point (`reached_preemption_sync_point`, orbax's `reached_preemption`) can be missed: it is
+    # step 1 when SIGTERM comes before a resumed run's first step, and orbax's save-finalize
+    # thread reports an older step that can become the max. Processes agree by the vote instead.
+    jax.config.update("jax_enable_preemption_service", False)
     sharding.maybe_initialize_distributed()
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -177,10 +188,21 @@ def train(
     bar = tqdm(total=config.total_steps, initial=start_step, disable=not is_main, desc="train")
     pending = None  # (step, metrics still on device): fetched one step late, never blocking
     last = config.total_steps
+    stop_vote = make_stop_vote(mesh) if jax.process_count() > 1 else None
+    vote = None  # the previous step's stop vote, still on device
+    stopped = False
     for step in range(start_step + 1, config.total_steps + 1):
         with jax.set_mesh(mesh):
             state, step_metrics = compiled(state, frozen, batch, rng)
-        if preempted:
+        # Stop after this step? One process reads its own SIGTERM flag. Several read the vote
+        # they all cast after the previous step (one value for all of them: they stop at the same
+        # step), fetched one step late like the metrics, so it never stalls the devices.
+        if stop_vote is None:
+            stopped = bool(preempted)
+        else:
+            stopped = vote is not None and bool(vote)
+            vote = None if stopped else stop_vote(bool(preempted))
+        if stopped:
             last = step
         if pending is not None:
             log_step(*pending)
@@ -206,13 +228,32 @@ def train(
     bar.close()
     manager.wait_until_finished()
     writer.close()
-    if preempted:
+    if stopped:
         log(f"SIGTERM: saved a checkpoint at step {last}; exiting")
         return 143
     if is_main:
         metrics.plot_loss(writer.path, os.path.join(workdir, "loss.png"))
     log(f"done: step {config.total_steps}; {writer.path}, {workdir}/loss.png")
     return 0
+
+
+def make_stop_vote(mesh):
+    """-> vote(flag) -> a replicated device bool, True when any process passed True.
+
+    For runs of several processes: each passes its own SIGTERM flag, held on each of its devices
+    (flags [num_devices], one per device), and every process gets the same all-reduced answer.
+    Every process must call it at the same points of the run (it is a collective)."""
+    num_devices = mesh.devices.size
+    flags_sh = NamedSharding(mesh, P(mesh.axis_names))
+    # Both values of this process's flags, made once: a vote sends nothing from the host.
+    flags = {
+        value: jax.make_array_from_callback(
+            (num_devices,), flags_sh, lambda index, value=value: np.full((1,), value)
+        )
+        for value in (False, True)
+    }
+    any_flag = jax.jit(jnp.any, out_shardings=sharding.replicated(mesh))
+    return lambda flag: any_flag(flags[flag])
 
 
 def build_generation(config, module, eval_data, state_sh, frozen_sh, data_sh):
@@ -282,7 +323,7 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     config_path = flags.FLAGS["config"].config_filename
 
-    preempted = []
+    preempted = []  # SIGTERM stays with this handler: train() turns JAX's preemption service off
     signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
     def run() -> int:

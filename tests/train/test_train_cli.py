@@ -1,5 +1,6 @@
 """experiments/train.py end to end on the tiny model and synthetic data: outputs, loss going
-down, kill -9 / SIGTERM and resume, two processes over CPU collectives, bad configs."""
+down, kill -9 / SIGTERM and resume, two processes over CPU collectives (SIGTERM to one stops
+both at the same step), bad configs."""
 
 import json
 import os
@@ -159,20 +160,14 @@ def test_kill9_then_sigterm_then_resume_reproduces_the_uninterrupted_run(referen
     )
 
 
-def test_two_processes_match_one_process(reference, tmp_path):
+def _start_two(workdir):
+    """Two processes of train.py (one CPU device each) over a local coordinator."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [
+    return [
         subprocess.Popen(
-            [
-                sys.executable,
-                TRAIN,
-                *FLAGS,
-                f"--workdir={tmp_path}",
-                "--config.total_steps=3",
-                "--config.eval_every=0",
-            ],
+            [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", "--config.eval_every=0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -185,16 +180,38 @@ def test_two_processes_match_one_process(reference, tmp_path):
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=600) for p in procs]
+
+
+def test_two_processes_stop_together_on_sigterm_to_one_and_match_one_process(reference, tmp_path):
+    """SIGTERM to process 1 only, once both train: both save the same step and exit 143; the
+    rerun resumes there and its losses are the uninterrupted one-process run's."""
+    procs = _start_two(tmp_path)
+    _wait_for_rows(procs[0], str(tmp_path / "metrics.jsonl"), 1)  # step 1 done on both
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 143, err[-3000:]
+    out = outputs[0][0]
+    assert "2 process(es)" in out
+    assert "config:" not in outputs[1][0] and "step" not in outputs[1][0]  # only process 0 logs
+    stopped = int(out.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0])
+    assert 1 < stopped < STEPS
+    saved = tmp_path / "checkpoints"
+    assert max(int(d) for d in os.listdir(saved) if d.isdigit()) == stopped
+    for i in range(2):  # each process writes its own data-iterator state into the step it saves
+        data = json.loads((saved / str(stopped) / "data" / f"process_{i}-of-2.json").read_text())
+        assert data["index"] == stopped, (i, data)
+
+    procs = _start_two(tmp_path)
+    outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "2 process(es)" in outputs[0][0]
-    assert "config:" not in outputs[1][0] and "step" not in outputs[1][0]  # only process 0 logs
+    assert f"resumed from step {stopped}" in outputs[0][0]
     expected = _losses(reference[0])
     got = _losses(tmp_path)
-    assert sorted(got) == [1, 2, 3]
+    assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(
-        [got[s] for s in (1, 2, 3)], [expected[s] for s in (1, 2, 3)], rtol=1e-5
+        [got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-6
     )
 
 
