@@ -45,11 +45,14 @@ from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim, sin
 from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, bert_dense, bert_layer_norm
 from llm3d_jax.model.t5 import T5, T5Config
 
-# Links of `rated_region`, in voxels (about 1.1 m in a 6 m room). With the target points rated
+# Links of `rated_region`, in voxels (about 0.75 m in a 6 m room). With the target points rated
 # perfectly, 256 sampled points per room and 400 held-out questions, the region's box reaches
 # Acc@0.25 93.0 at 48 voxels, 89.5 at 32, 73.5 at 16 and 93.2 without a limit: sparse points on a
-# big object are far apart (python -m tools.oracle_grounding extents).
-REGION_RADIUS = 48
+# big object are far apart (python -m tools.oracle_grounding extents). With learned ratings
+# (target_threshold -1) a shorter link keeps neighbours out of the box: held-out answers' Acc@0.25
+# 43.5 at 32 vs 40.7 at 48 (tools/pretrain_demo's held-out rooms, assets/demo/pretrained_3d);
+# make demo's fine-tuned model: 37.9 at 24, 39.4 at 32, 37.8 at 40, 37.3 at 48, 35.5 at 64.
+REGION_RADIUS = 32
 EXTENT_SLOT_INIT = 0.5  # the slot vectors' scale at init, next to token embeddings of scale ~1
 
 # The LLM module of each config class: both implement the interface in this module's docstring.
@@ -105,10 +108,11 @@ class LLM3DConfig:
     target_context: bool = False
     # The rating logit above which a point counts as the named object's in the box the LLM is
     # shown (`extent_ids`). The per-point loss has few positives per room, so the ratings of an
-    # object's own points sit below 0 at its rim and the box at 0 covers a part of it; measured
-    # on make demo's 850 held-out questions (assets/demo, python -m tools.demo): Acc@0.25 28.5
-    # at 0, 34.0 at -0.5, 35.1 at -1, 34.2 at -1.5, 29.8 at -2 (the same fine-tuned weights).
-    target_threshold: float = 0.0
+    # object's own points sit below 0 at its rim and the box at 0 covers a part of it. Measured
+    # with the same weights (docs/architecture.md, "Location tokens in the model"): held-out
+    # grounding Acc@0.25 28.5 at 0, 34.0 at -0.5, 35.1 at -1, 34.2 at -1.5, 29.8 at -2 (make
+    # demo's rooms); 30.1 at 0, 40.7 at -1 (tools/pretrain_demo's held-out rooms, another seed).
+    target_threshold: float = -1.0
 
     def __post_init__(self):
         if self.posembed_mode not in MODES:

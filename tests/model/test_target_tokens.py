@@ -211,6 +211,18 @@ def test_the_models_target_threshold_sets_the_box_it_is_shown():
     np.testing.assert_array_equal(embeds[0][:, : -prompt_len - 6], embeds[1][:, : -prompt_len - 6])
 
 
+def test_an_exported_model_keeps_its_negative_threshold(tmp_path):
+    from llm3d_jax import loading
+    from llm3d_jax.infer.exported import export
+
+    module = llm3d.LLM3D(llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1))
+    assert module.config.target_threshold == -1.0  # the default
+    module = llm3d.LLM3D(dataclasses.replace(module.config, target_threshold=-1.5))
+    export(str(tmp_path / "m"), module, llm3d.init_params(module), params_format="safetensors")
+    loaded, _ = loading.load_llm3d(str(tmp_path / "m"))
+    assert loaded.config.target_threshold == -1.5
+
+
 def _ratings(module, params, x, prompt_ids):
     _, state = module.apply(
         {"params": params},
