@@ -345,6 +345,8 @@ def read_exported_config(model_dir: str) -> dict:
 # Integer settings that must be at least 1 (sizes, counts); other integers (ids, offsets,
 # loc_bins, OPT's embed_dim) may be 0. Every integer is capped: a config from a stranger must
 # not make tracing the model take hours or its abstract params exabytes.
+# Float fields of an exported config that may be negative (a rating logit threshold).
+_SIGNED_FLOATS = ("target_threshold",)
 _POSITIVE_INTS = (
     "size",
     "layers",
@@ -410,7 +412,10 @@ def check_model_config(path: str, model: dict, prefix: str = "model") -> None:
             elif isinstance(default, float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise InputError(path, f"{name}: expected a number, got {value!r}")
-                if not np.isfinite(value) or value < 0:
+                if field.name in _SIGNED_FLOATS:
+                    if not np.isfinite(value):
+                        raise InputError(path, f"{name}: {value} must be a finite number")
+                elif not np.isfinite(value) or value < 0:
                     raise InputError(path, f"{name}: {value} must be a finite number >= 0")
             elif isinstance(default, str):
                 if not isinstance(value, str):

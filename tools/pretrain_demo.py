@@ -32,7 +32,10 @@ of phase (c) for each model.
 Held-out rooms of that run after (c): grounding Acc@0.25 30.1 (3D) vs 2.1 (blind), on 1480
 questions (work/run_*_grounding/eval/metrics.md). The same phase (c) with
 --config.model.target_context=True (which lifts tools/oracle_grounding.py from 43.0 to 51.0)
-gave 16.7: not used, not understood yet.
+gave 16.7: not used, not understood yet. That phase (c) ran with the box rule of the time
+(target_threshold 0, REGION_RADIUS 48); the same held-out questions with today's rule on the
+same weights: 43.5. Phase (c) rerun with threshold -1: 41.1 at radius 48 (40.7 for assets/demo's),
+so assets/demo was not rebuilt.
 
 OUT gets encoder/, pretrained_3d/, pretrained_blind/ (what assets/demo holds) and work/ (data,
 runs with their eval/metrics.md; not needed afterwards). Every stage is skipped when its

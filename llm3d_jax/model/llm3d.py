@@ -45,11 +45,14 @@ from llm3d_jax.model.posembed import MODES, PositionEmbedding3D, output_dim, sin
 from llm3d_jax.model.qformer import BertLayer, QFormer, QFormerConfig, bert_dense, bert_layer_norm
 from llm3d_jax.model.t5 import T5, T5Config
 
-# Links of `rated_region`, in voxels (about 1.1 m in a 6 m room). With the target points rated
+# Links of `rated_region`, in voxels (about 0.75 m in a 6 m room). With the target points rated
 # perfectly, 256 sampled points per room and 400 held-out questions, the region's box reaches
 # Acc@0.25 93.0 at 48 voxels, 89.5 at 32, 73.5 at 16 and 93.2 without a limit: sparse points on a
-# big object are far apart (python -m tools.oracle_grounding extents).
-REGION_RADIUS = 48
+# big object are far apart (python -m tools.oracle_grounding extents). With learned ratings
+# (target_threshold -1) a shorter link keeps neighbours out of the box: held-out answers' Acc@0.25
+# 43.5 at 32 vs 40.7 at 48 (tools/pretrain_demo's held-out rooms, assets/demo/pretrained_3d);
+# make demo's fine-tuned model: 37.9 at 24, 39.4 at 32, 37.8 at 40, 37.3 at 48, 35.5 at 64.
+REGION_RADIUS = 32
 EXTENT_SLOT_INIT = 0.5  # the slot vectors' scale at init, next to token embeddings of scale ~1
 
 # The LLM module of each config class: both implement the interface in this module's docstring.
@@ -103,6 +106,13 @@ class LLM3DConfig:
     # them, with their positions) before matching them to the points, so a word can count
     # against a point: in "the chair closest to the red table" the table is not what is named.
     target_context: bool = False
+    # The rating logit above which a point counts as the named object's in the box the LLM is
+    # shown (`extent_ids`). The per-point loss has few positives per room, so the ratings of an
+    # object's own points sit below 0 at its rim and the box at 0 covers a part of it. Measured
+    # with the same weights (docs/architecture.md, "Location tokens in the model"): held-out
+    # grounding Acc@0.25 28.5 at 0, 34.0 at -0.5, 35.1 at -1, 34.2 at -1.5, 29.8 at -2 (make
+    # demo's rooms); 30.1 at 0, 40.7 at -1 (tools/pretrain_demo's held-out rooms, another seed).
+    target_threshold: float = -1.0
 
     def __post_init__(self):
         if self.posembed_mode not in MODES:
@@ -388,7 +398,9 @@ class LLM3D(nn.Module):
             # the box of the best-rated point's region: a stray point rated positive across the
             # room would stretch the plain box of every positive point (tools/oracle_grounding.py
             # measures both)
-            ids = extent_ids(rating, voxels, point_mask, c.llm, region=True)  # [B,6]
+            ids = extent_ids(  # [B,6]
+                rating, voxels, point_mask, c.llm, region=True, threshold=c.target_threshold
+            )
             extent = self.llm.embed(ids)  # [B,6,width]
             extent = extent + self.extent_slots.astype(extent.dtype)
             tokens = jnp.concatenate([tokens, picked, extent.astype(tokens.dtype)], 1)
@@ -528,18 +540,18 @@ def _best_point(rating, point_mask):
     return jnp.arange(rating.shape[1])[None, :] == best[:, None]
 
 
-def extent_ids(rating, voxels, point_mask, llm, region: bool = False):
+def extent_ids(rating, voxels, point_mask, llm, region: bool = False, threshold: float = 0.0):
     """ratings [B,N], voxels int [B,N,3] -> location token ids int32 [B,6] of the LLM config
     `llm`: the box (x, y, z minima, then maxima) of the points rated as the named object's
-    (rating > 0; the best-rated point when none is; with `region`, only those `rated_region`
+    (rating > threshold; the best-rated point when none is; with `region`, only those `rated_region`
     links to the best-rated one), as the answer would spell it. They follow the target tokens,
     so answering "where" is copying six tokens the LLM already reads; the box is discrete (no
     gradient): the ratings learn from their own per-point loss."""
     if region:
-        inside = rated_region(rating, voxels, point_mask)
+        inside = rated_region(rating, voxels, point_mask, threshold=threshold)
     else:
         point_mask = jnp.asarray(point_mask, bool)
-        inside = ((rating > 0) & point_mask) | _best_point(rating, point_mask)
+        inside = ((rating > threshold) & point_mask) | _best_point(rating, point_mask)
     v = jnp.asarray(voxels, jnp.int32)
     lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
     hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
@@ -547,14 +559,21 @@ def extent_ids(rating, voxels, point_mask, llm, region: bool = False):
     return (llm.loc_offset + bins).astype(jnp.int32)
 
 
-def rated_region(rating, voxels, point_mask, radius: int = REGION_RADIUS, steps: int = 8):
+def rated_region(
+    rating,
+    voxels,
+    point_mask,
+    radius: int = REGION_RADIUS,
+    steps: int = 8,
+    threshold: float = 0.0,
+):
     """ratings [B,N], voxels int [B,N,3] -> bool [B,N]: the best-rated point and the points
-    rated > 0 that a chain of such points, each within `radius` voxels of the next, links to it
-    (`steps` links at most). One stray point rated > 0 across the room then does not stretch
-    the box to it."""
+    rated > threshold that a chain of such points, each within `radius` voxels of the next,
+    links to it (`steps` links at most). One stray point rated high across the room then does
+    not stretch the box to it."""
     point_mask = jnp.asarray(point_mask, bool)
     region = _best_point(rating, point_mask)  # [B,N]
-    rated = ((rating > 0) & point_mask) | region
+    rated = ((rating > threshold) & point_mask) | region
     # squared distances as |a|^2 + |b|^2 - 2 a.b: one [B,N,N] array, not an [B,N,N,3] one;
     # voxel coordinates <= 255 keep every term exact in float32 (HIGHEST: no bf16/TF32 matmul)
     v = jnp.asarray(voxels, jnp.float32)

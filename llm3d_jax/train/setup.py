@@ -70,6 +70,7 @@ def build_model(config, with_optimizer: bool = False):
         "target_tokens",
         "target_layers",
         "target_context",
+        "target_threshold",
     )
     for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
         if m.get(key) is not None:

@@ -232,6 +232,7 @@ def test_garbage_tokenizer_json_is_one_line(root, tmp_path):
         (lambda c: c["model"].update(feature_dim=-16), "feature_dim"),
         (lambda c: c["model"]["llm"].update(num_layers=10**9), "num_layers"),
         (lambda c: c["model"].update(posembed_scale="big"), "posembed_scale"),
+        (lambda c: c["model"].update(target_threshold=float("nan")), "target_threshold"),
         (lambda c: c["model"]["llm"].update(dtype=7), "dtype"),
         (lambda c: c["model"]["qformer"].update(attention_impl="flash"), "attention_impl"),
         (lambda c: c["inference"].update(prompt_len=-3), "prompt_len"),

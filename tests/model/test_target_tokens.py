@@ -2,6 +2,8 @@
 and the six location tokens of their box, follow the scene tokens; the ratings learn from a
 per-point loss against the points of the record's objects (`point_target`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,6 +172,55 @@ def test_rated_region_keeps_the_best_points_neighbours_and_drops_a_stray_point()
     # nothing rated positive: the best-rated real point alone
     low = np.asarray(llm3d.rated_region(jnp.asarray(rating - 10.0), voxels, point_mask))
     np.testing.assert_array_equal(low[0], [True, False, False, False, False, False])
+    # a lower threshold takes in the rim point rated -2 (the box grows to it), not the stray
+    # point, which is out of reach
+    wide = np.asarray(llm3d.rated_region(jnp.asarray(rating), voxels, point_mask, threshold=-2.5))
+    np.testing.assert_array_equal(wide[0], [True, True, True, False, True, False])
+    ids = llm3d.extent_ids(
+        jnp.asarray(rating - 1.0), voxels, point_mask, llm, region=True, threshold=-1.5
+    )
+    np.testing.assert_array_equal(np.asarray(ids)[0], llm.loc_offset + box)
+
+
+def test_the_models_target_threshold_sets_the_box_it_is_shown():
+    """LLM3DConfig.target_threshold reaches the extent tokens: with every rating between the two
+    thresholds, the box is the best point's alone at 100 and a wider region at -100, and only the
+    six extent tokens of the LLM input change."""
+    c = llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1)
+    x = _inputs(c, batch=1, points=16)
+    args = [x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")]
+    params = llm3d.init_params(llm3d.LLM3D(c), points=16)
+    embeds, regions = [], []
+    for threshold in (100.0, -100.0):
+        module = llm3d.LLM3D(dataclasses.replace(c, target_threshold=threshold))
+        (prefix, _), state = module.apply(
+            {"params": params}, *args, method=module.prefix, mutable="intermediates"
+        )
+        rating = state["intermediates"]["point_ratings"][0]
+        assert -100 < float(jnp.min(rating)) and float(jnp.max(rating)) < 100
+        regions.append(
+            np.asarray(
+                llm3d.rated_region(rating, x["voxels"], x["point_mask"], threshold=threshold)
+            )
+        )
+        embeds.append(np.asarray(prefix))
+    assert regions[0].sum() == 1 and regions[1].sum() > 1
+    prompt_len = x["prompt_ids"].shape[1]
+    extent = slice(-prompt_len - 6, -prompt_len)
+    assert not np.allclose(embeds[0][:, extent], embeds[1][:, extent])
+    np.testing.assert_array_equal(embeds[0][:, : -prompt_len - 6], embeds[1][:, : -prompt_len - 6])
+
+
+def test_an_exported_model_keeps_its_negative_threshold(tmp_path):
+    from llm3d_jax import loading
+    from llm3d_jax.infer.exported import export
+
+    module = llm3d.LLM3D(llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1))
+    assert module.config.target_threshold == -1.0  # the default
+    module = llm3d.LLM3D(dataclasses.replace(module.config, target_threshold=-1.5))
+    export(str(tmp_path / "m"), module, llm3d.init_params(module), params_format="safetensors")
+    loaded, _ = loading.load_llm3d(str(tmp_path / "m"))
+    assert loaded.config.target_threshold == -1.5
 
 
 def _ratings(module, params, x, prompt_ids):

@@ -73,6 +73,12 @@ def test_demo_config_keeps_a_pretrained_models_grounding_settings_unless_set(tmp
     module, params = setup.build_model(config)
     assert (module.config.target_tokens, module.config.target_layers) == (4, 1)
     assert "relevance" in params and "extent_slots" in params
+    # the box threshold: the model's own unless set (it needs no params)
+    assert module.config.target_threshold == grounded.config.target_threshold
+    config.model.target_threshold = -2.5
+    module, _ = setup.build_model(config)
+    assert module.config.target_threshold == -2.5
+    config.model.target_threshold = None
 
     config.model.target_tokens = 8
     module, params = setup.build_model(config)
