@@ -131,13 +131,10 @@ class BatchIterator:
         self.sent_bytes += sum(v.nbytes for v in arrays.values())
         if self._sharding is None:
             return arrays
-        # One transfer per field: this host's rows become its devices' shards.
-        return {
-            k: jax.make_array_from_process_local_data(
-                self._sharding, v, (self.global_batch, *v.shape[1:])
-            )
-            for k, v in arrays.items()
-        }
+        # One call for the whole batch (one transfer per field): this host's rows become its
+        # devices' shards.
+        shapes = {k: (self.global_batch, *v.shape[1:]) for k, v in arrays.items()}
+        return jax.make_array_from_process_local_data(self._sharding, arrays, shapes)
 
     def get_state(self) -> dict:
         return {"grain": self._iterator.get_state()}
@@ -235,7 +232,8 @@ def _check_cache_settings(scene_cache_mode: str, worker_count: int) -> None:
 def _cache_mesh(mesh) -> tuple[jax.sharding.Mesh, tuple[str, ...]]:
     """The mesh the cache goes on and its batch axes (`mesh=None`: the first device)."""
     if mesh is None:
-        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        auto = (jax.sharding.AxisType.Auto,)
+        mesh = jax.make_mesh((1,), ("data",), axis_types=auto, devices=jax.devices()[:1])
     return mesh, tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 

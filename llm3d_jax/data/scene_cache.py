@@ -244,12 +244,24 @@ def sample_rows(key, n, spec: CacheSpec):
     if spec.profile == "release" or spec.max_points <= p:
         return jnp.broadcast_to(first, valid.shape), valid
     rows = jnp.arange(spec.max_points, dtype=jnp.uint32)[None, :]  # [1,M]
+    real = rows < n[:, None].astype(jnp.uint32)  # [B,M]: rows past a scene's end are not
     order = preprocess.point_order(rows, key[:, :1], key[:, 1:])  # uint32 [B,M]
-    # Rows past a scene's end sort last (a real row of the same value, at most one, keeps its
-    # place before them: stable sort, lower index); with n > P they are never reached.
-    order = jnp.where(rows < n[:, None].astype(jnp.uint32), order, jnp.uint32(0xFFFFFFFF))
-    picked = jnp.argsort(order, axis=1, stable=True)[:, :p]  # [B,P]
-    picked = jnp.sort(picked, axis=1).astype(jnp.int32)
+    order = jnp.where(real, order, jnp.uint32(0xFFFFFFFF))
+
+    # The P-th smallest order of each scene, one bit at a time from the top: the largest t
+    # with fewer than P orders below it (32 passes of a compare and a count; a sort of the M
+    # orders took 3-10x that on a CPU). The orders of a scene's rows are distinct, so exactly
+    # P rows are at or below it when the scene has more than P.
+    def bit(i, t):
+        candidate = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(order < candidate[:, None], axis=1) < p, candidate, t)
+
+    threshold = jax.lax.fori_loop(0, 32, bit, jnp.zeros(len(n), jnp.uint32))  # [B]
+    taken = real & (order <= threshold[:, None])  # [B,M]: P per scene with more than P
+    slot = jnp.where(taken, jnp.cumsum(taken, axis=1) - 1, p)  # its place, in row order
+    batch = jnp.broadcast_to(jnp.arange(len(n))[:, None], taken.shape)
+    picked = jnp.zeros((len(n), p), jnp.int32)
+    picked = picked.at[batch, slot].set(rows.astype(jnp.int32), mode="drop")  # [B,P]
     sampled = (n > p)[:, None]
     return jnp.where(sampled, picked, first), valid | sampled
 
