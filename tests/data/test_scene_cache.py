@@ -110,13 +110,17 @@ def test_cached_batches_equal_the_host_paths_bit_for_bit(env, mesh, options):
     host = _iterator(env, mesh, **options)
     cached = _iterator(env, mesh, scene_cache="device", **options)
     assert host.scene_cache is None and cached.scene_cache is not None
+    counts, targets = set(), 0
     for _ in range(3):
         want, batch = next(host), next(cached)
         assert set(batch) == set(preprocess.CACHED_KEYS)
         assert cached.last_metadata == host.last_metadata
         _assert_bits_equal(want, _gathered(cached, batch, mesh))
+        counts |= {int(n) for n in np.asarray(want["point_mask"]).sum(1)}
+        targets += int(np.asarray(want["point_target"]).sum())
+    assert targets > 0  # the records' objects were found among the points
     if options.get("profile") != "release":  # both branches of the sampler were taken
-        assert {int(n) for n in np.asarray(want["point_mask"]).sum(1)} >= {54, 61, 64}
+        assert counts >= {54, 61, 64}
     # Per example the cache moves the text, the scene index, key and object mask only.
     assert cached.sent_bytes < host.sent_bytes / 5
 
