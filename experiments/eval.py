@@ -105,6 +105,7 @@ def predict(
 ) -> list[dict]:
     """Generates an answer for every record of `split` -> prediction rows (module doc)."""
     data_config = dict(run.config.data)
+    read_threads = data_config.pop("read_threads", 2)
     name = parse_mixture(data_config["datasets"])[0][0]
     try:
         total = len(SceneJoin.open(data_dir, name, split))
@@ -116,7 +117,7 @@ def predict(
         batch_size=batch_size,
         seed=seed,
         split=split,
-        read_threads=2,
+        read_threads=read_threads,
         loc_bins=run.module.config.llm.loc_bins,
         profile=run.config.get("profile", "ours"),  # the release profile's question and points
         **data_config,

@@ -146,7 +146,10 @@ def train(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=data_sh), batch
     )
     eval_step = jax.jit(step_lib.make_eval_step(module), out_shardings=sharding.replicated(mesh))
-    compiled = setup.compile_train_step(config, mesh, training, batch_abs, frozen)
+    # data.scene_cache = "device": the batches name the points, the step gathers them.
+    scenes = getattr(train_data, "scene_cache", None)  # None: the host path, synthetic data
+    cache_args = () if scenes is None else (scenes.arrays,)
+    compiled = setup.compile_train_step(config, mesh, training, batch_abs, frozen, scenes)
     log(f"step: compiled; memory per device: {metrics.format_memory(compiled.memory_analysis())}")
     peak, peak_source = metrics.peak_flops()
     flops_per_step = config.batch_size * metrics.llm3d_flops(
@@ -193,7 +196,7 @@ def train(
     stopped = False
     for step in range(start_step + 1, config.total_steps + 1):
         with jax.set_mesh(mesh):
-            state, step_metrics = compiled(state, frozen, batch, rng)
+            state, step_metrics = compiled(state, frozen, batch, rng, *cache_args)
         # Stop after this step? One process reads its own SIGTERM flag. Several read the vote
         # they all cast after the previous step (one value for all of them: they stop at the same
         # step), fetched one step late like the metrics, so it never stalls the devices.

@@ -71,6 +71,24 @@ def test_main_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
     assert "toy: ours vs reference" in capsys.readouterr().out
 
 
+def test_rewriting_the_doc_keeps_the_input_pipeline_section(tmp_path, monkeypatch):
+    """docs/benchmarks.md also holds tools/bench/input_pipeline.py's section: a rerun of the
+    table keeps it (and input_pipeline.py --doc replaces only its own section)."""
+    from tools.bench import input_pipeline
+
+    monkeypatch.setattr(bench, "FIGURES", {"toy": toy})
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nold table\n")
+    doc.write_text(input_pipeline.with_section(doc.read_text(), [input_pipeline.SECTION, "", "v1"]))
+    doc.write_text(input_pipeline.with_section(doc.read_text(), [input_pipeline.SECTION, "", "v2"]))
+    assert doc.read_text().count(input_pipeline.SECTION) == 1 and "v1" not in doc.read_text()
+    args = ["--only", "toy", "--repeats", "1", "--out", str(tmp_path / "out"), "--doc", str(doc)]
+    assert bench.main(args) == 0
+    text = doc.read_text()
+    assert "old table" not in text and "| toy: ours vs reference |" in text
+    assert text.endswith(input_pipeline.SECTION + "\n\nv2")
+
+
 def test_unknown_figure_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(bench, "FIGURES", {"toy": toy})
     with pytest.raises(SystemExit) as err:

@@ -4,8 +4,9 @@ Entry points (all keyword options also accepted from a config's `data` ConfigDic
 
     make_train_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
                         datasets="synthetic", num_points=5000, prompt_len=64, answer_len=40,
-                        loc_bins=256, features_dtype="float32", profile="ours",
-                        prompt_templates=None, read_threads=4, process_index=None,
+                        loc_bins=256, features_dtype="float16", profile="ours",
+                        prompt_templates=None, read_threads=4, worker_count=0,
+                        scene_cache="host", scene_cache_budget_gb=4.0, process_index=None,
                         process_count=None, hold_out_eval_scenes=False, annotations_dir="",
                         held_out_annotations=holdout.EVAL_ANNOTATIONS) -> BatchIterator
     make_eval_iterator(data_dir, tokenizer=None, mesh=None, *, batch_size, seed=0,
@@ -29,15 +30,24 @@ Entry points (all keyword options also accepted from a config's `data` ConfigDic
 - `hold_out_eval_scenes`: train only; leave out the records of every scene named in the
   `held_out_annotations` files (ScanQA / SQA3D validation and test; `llm3d_jax.data.holdout`).
   The eval iterator accepts and ignores the three hold-out options.
+- `worker_count`: grain worker processes for the per-example work (0: reader threads only).
+- `scene_cache`: "host" or "device" (train only; `llm3d_jax.data.scene_cache`): the split's scenes
+  read once and put on `mesh` (or kept in host RAM above `scene_cache_budget_gb` GiB per device);
+  then `next(it)` gives the cached layout (below) and `it.scene_cache` the device arrays.
 - `process_index` / `process_count`: default `jax.process_index()` / `jax.process_count()`.
 
-`next(it)` -> {"features" [B,N,D] float32|bfloat16|float16 (`features_dtype`; float16 is the
-stored precision and skips the host conversion that dominates at 5000 x 1408), "voxels" int32 [B,N,3], "point_mask" bool
-[B,N], "prompt_ids" int32 [B,Lp], "prompt_mask" bool [B,Lp], "answer_ids" int32 [B,La] (ends with
-eos; the model shifts it right for the T5 decoder), "answer_mask" bool [B,La]}: exactly the
-model's keywords. `it.last_metadata`: this host's rows' {id, scene_id, dataset, task, prompt,
-answers, object_ids, grid_origin, grid_voxel, valid}. `it.get_state()` / `it.set_state(s)`:
-JSON-able, exact resume; `it.reset()`: back to the start.
+`next(it)` -> {"features" [B,N,D] float16|bfloat16|float32 (`features_dtype`; float16, the
+default, is the stored precision and skips the host conversion that dominates at 5000 x 1408),
+"voxels" int32 [B,N,3], "point_mask" bool [B,N], "prompt_ids" int32 [B,Lp], "prompt_mask" bool
+[B,Lp], "answer_ids" int32 [B,La] (ends with eos; the model shifts it right for the T5 decoder),
+"answer_mask" bool [B,La], "point_target" bool [B,N]}: the model's keywords plus the points of
+the objects the record names. With the device scene cache: {"scene" int32 [B], "sample_key"
+uint32 [B,2], "object_mask" bool [B,M], and the four text arrays};
+`scene_cache.model_batch(it.scene_cache.arrays, batch, it.scene_cache.spec)` (inside jit) turns
+it into the former, bit for bit. `it.last_metadata`: this host's rows' {id, scene_id, dataset,
+task, prompt, answers, object_ids, grid_origin, grid_voxel, valid}. `it.get_state()` /
+`it.set_state(s)`: JSON-able, exact resume; `it.reset()`: back to the start; `it.sent_bytes`:
+bytes handed host -> device so far; `it.close()`: stops its threads and worker processes.
 """
 
 from llm3d_jax.data.pipeline import BatchIterator, make_eval_iterator, make_train_iterator

@@ -9,6 +9,18 @@ Two profiles (`PROFILES`, the run config's `profile`):
            (`release_points`) with no point mask (the padding is attended to), and one training
            row per distinct answer (`distinct_answers`; the pipeline expands the records).
 
+Point sampling: a subset of `num_points` rows is the rows with the smallest `point_order` under
+the example's key (`sample_key`, two uint32 drawn from its seeded rng), in row order. The order
+is integer arithmetic that numpy and jax compute bit for bit, so the device scene cache
+(`data.scene_cache = "device"`, llm3d_jax.data.scene_cache), which samples inside the jitted
+step from the key alone, takes exactly the rows this module takes on the host.
+
+Two batch layouts (`Preprocess.collate`):
+  host    `MODEL_KEYS`: the points gathered on the host (features [B,P,D] ...).
+  cached  `CACHED_KEYS` (`Preprocess.object_slots` > 0, the scene cache): the scene's index,
+          the sampling key and which of the scene's instance ids the record names, besides the
+          text; the points are gathered from the cached scenes (`scene_cache`).
+
 Truncation rules (fixed lengths, so the train step compiles once):
   prompt  the tokenizer's own special tokens are kept (T5: trailing `</s>`; BERT/Llama: leading
           ones); the text between them is cut at the end to fit `prompt_len`.
@@ -36,6 +48,17 @@ MODEL_KEYS = (
     "point_target",  # bool [P]: the point belongs to an object the record names (object_ids)
 )
 
+
+# The cached layout: the points are named, not carried (the text keys are MODEL_KEYS').
+CACHED_KEYS = (
+    "scene",  # int32 []: the scene's index in the cache (llm3d_jax.data.scene_cache)
+    "sample_key",  # uint32 [2]: the point-sampling key (`sample_key`)
+    "object_mask",  # bool [M]: which of the scene's distinct instance ids the record names
+    "prompt_ids",
+    "prompt_mask",
+    "answer_ids",
+    "answer_mask",
+)
 
 PROFILES = ("ours", "release")
 
@@ -129,12 +152,40 @@ class TextEncoder:
         return [*cut_outside_runs(self._ids(text), max_len - 1, self.is_loc), self.eos_id]
 
 
-def choose_points(n: int, num_points: int, rng: np.random.Generator) -> np.ndarray | None:
+def sample_key(rng: np.random.Generator) -> np.ndarray:
+    """uint32 [2]: an example's point-sampling key, drawn from its seeded rng (drawn for every
+    example, whether or not its scene has more points than are kept)."""
+    return rng.integers(0, 2**32, size=2, dtype=np.uint32)
+
+
+_MIX1, _MIX2 = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+
+
+def mix32(x):
+    """murmur3's 32-bit finaliser: a bijection of uint32. Plain operators, so numpy and jax
+    uint32 arrays give the same bits (both wrap on overflow)."""
+    x = x ^ (x >> 16)
+    x = x * _MIX1
+    x = x ^ (x >> 13)
+    x = x * _MIX2
+    return x ^ (x >> 16)
+
+
+def point_order(rows, key0, key1):
+    """uint32 sort keys of the uint32 `rows` under an example's key (numpy or jax arrays; the
+    key words broadcast against `rows`). A bijection of the row for a fixed key (xor, mix32,
+    add, mix32), so distinct rows never tie and any selection of the smallest is unique."""
+    return mix32(mix32(rows ^ key0) + key1)
+
+
+def choose_points(n: int, num_points: int, key: np.ndarray) -> np.ndarray | None:
     """Sorted rows of a random subset when the scene has more than `num_points`, else None (all
-    rows, zero-padded). `rng` is seeded per example, so the subset is reproducible."""
-    if n > num_points:
-        return np.sort(rng.choice(n, num_points, replace=False))
-    return None
+    rows, zero-padded): the `num_points` rows with the smallest `point_order` under `key`
+    (`sample_key`, seeded per example, so the subset is reproducible)."""
+    if n <= num_points:
+        return None
+    order = point_order(np.arange(n, dtype=np.uint32), key[0], key[1])
+    return np.sort(np.argpartition(order, num_points - 1)[:num_points])
 
 
 def release_points(n: int, num_points: int) -> np.ndarray | None:
@@ -188,7 +239,7 @@ def sample_points(
     if profile == "release":
         fill_points(scene, release_points(n, num_points), features, voxels)
         return features, voxels, np.ones(num_points, bool)
-    keep = choose_points(n, num_points, rng)
+    keep = choose_points(n, num_points, sample_key(rng))
     return features, voxels, fill_points(scene, keep, features, voxels)
 
 
@@ -209,6 +260,10 @@ class Preprocess:
     # prompt only; it shows what the 3D input adds, with everything else the same.
     blind: bool = False
     profile: str = "ours"  # a name of PROFILES (module doc)
+    # > 0: the scenes are cached (llm3d_jax.data.scene_cache): examples come in the cached
+    # layout (module doc) and `object_mask` has this width (the most distinct instance ids of
+    # a cached scene). 0: the host layout.
+    object_slots: int = 0
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -230,12 +285,15 @@ class Preprocess:
             answer = answers[int(rng.integers(len(answers)))]
         else:
             answer = answers[0]
-        n = len(scene["features"])
-        keep = (
-            release_points(n, self.num_points)
-            if release
-            else choose_points(n, self.num_points, rng)
-        )
+        key = sample_key(rng)
+        if self.object_slots:  # the scene's points stay in the cache: name them
+            named = np.zeros(self.object_slots, bool)
+            ids = scene["instance_ids"]
+            named[: len(ids)] = np.isin(ids, record["object_ids"])
+            points = {"scene": np.int32(scene["index"]), "sample_key": key, "object_mask": named}
+        else:
+            # Gathered straight into the batch array by `collate`: no per-example copy.
+            points = {"points": (scene, self.keep(len(scene["features"]), key))}
         prompt_ids = self.encoder.prompt(
             tokens.placeholders_to_tokens(prompt, origin, voxel, self.encoder.loc_bins),
             self.prompt_len,
@@ -245,8 +303,7 @@ class Preprocess:
             self.answer_len,
         )
         return {
-            # Points are gathered straight into the batch array by `collate`: no per-example copy.
-            "points": (scene, keep),
+            **points,
             "prompt_ids": _pad(prompt_ids, self.prompt_len, self.encoder.pad_id),
             "prompt_mask": np.arange(self.prompt_len) < len(prompt_ids),
             "answer_ids": _pad(answer_ids, self.answer_len, self.encoder.pad_id),
@@ -266,8 +323,18 @@ class Preprocess:
             },
         }
 
+    def keep(self, n: int, key: np.ndarray) -> np.ndarray | None:
+        """The rows of a scene of `n` points this example takes (None: all, zero-padded)."""
+        if self.profile == "release":
+            return release_points(n, self.num_points)
+        return choose_points(n, self.num_points, key)
+
     def collate(self, examples: list[dict]) -> tuple[dict, list[dict]]:
-        """Examples -> (host arrays {key: [b, ...]}, metadata list in row order)."""
+        """Examples -> (host arrays {key: [b, ...]}, metadata list in row order): `MODEL_KEYS`,
+        or `CACHED_KEYS` when the scenes are cached."""
+        metadata = [e["meta"] for e in examples]
+        if self.object_slots:
+            return {k: np.stack([e[k] for e in examples]) for k in CACHED_KEYS}, metadata
         b, dim = len(examples), examples[0]["points"][0]["features"].shape[1]
         features = np.empty((b, self.num_points, dim), self.features_dtype)
         voxels = np.empty((b, self.num_points, 3), np.int32)
@@ -294,7 +361,7 @@ class Preprocess:
         arrays.update(
             {k: np.stack([e[k] for e in examples]) for k in MODEL_KEYS if k not in arrays}
         )
-        return arrays, [e["meta"] for e in examples]
+        return arrays, metadata
 
 
 def _pad(ids: list[int], length: int, pad_id: int) -> np.ndarray:

@@ -104,3 +104,31 @@ class SceneJoin:
                 f"{scene['scene_id']}, not {record['scene_id']} (rebuild the TFDS data)"
             )
         return record, scene
+
+
+@dataclass(frozen=True)
+class CachedJoin:
+    """Language records of one config and split, each joined with the small host-side facts of
+    its scene (`data.scene_cache`: the points are in the cache, llm3d_jax.data.scene_cache);
+    the scene record itself is never read per example. `index` is a
+    `scene_cache.SceneIndex` and `offset` the cache index of this config's first scene."""
+
+    language: object  # tfds data source (random access, len)
+    index: object
+    offset: int
+
+    def __len__(self) -> int:
+        return len(self.language)
+
+    def answers(self, index: int) -> list[str]:
+        return _texts(self.language[index]["answers"])
+
+    def __getitem__(self, index: int) -> tuple[dict, dict]:
+        record = language_record(self.language[index])
+        scene = self.index.scene(self.offset + record["scene_index"])
+        if scene["scene_id"] != record["scene_id"]:
+            raise ValueError(
+                f"record {record['id']}: scene_index {record['scene_index']} holds "
+                f"{scene['scene_id']}, not {record['scene_id']} (rebuild the TFDS data)"
+            )
+        return record, scene

@@ -25,6 +25,8 @@ MIN_INTS = {
     "data.num_points": 1,
     "data.prompt_len": 1,
     "data.answer_len": 1,
+    "data.read_threads": 1,
+    "data.worker_count": 0,
     "optim.warmup_steps": 0,
     "optim.steps_per_epoch": 1,  # the release profile's epoch-stepped schedule
     "optim.max_epoch": 1,
@@ -40,8 +42,10 @@ FLOAT_RANGES = {
     "optim.warmup_lr": (0.0, math.inf, True),
     "optim.grad_clip": (0.0, math.inf, True),  # 0: no clipping
     "model.dropout": (0.0, 1.0, True),
+    "data.scene_cache_budget_gb": (0.0, math.inf, False),
 }
 PROFILES = ("ours", "release")  # llm3d_jax.data.preprocess.PROFILES (data may not be imported)
+SCENE_CACHES = ("host", "device")  # llm3d_jax.data.pipeline.SCENE_CACHES
 # What the release profile's schedule (optimizer.make_release_schedule) reads.
 RELEASE_OPTIM = ("warmup_lr", "steps_per_epoch", "max_epoch")
 
@@ -85,6 +89,11 @@ def check_config(config) -> None:
     lr, min_lr = _get(config, "optim.lr"), _get(config, "optim.min_lr")
     if lr is not None and min_lr is not None and min_lr > lr:
         raise InputError(None, f"config.optim.min_lr {min_lr} must be <= config.optim.lr {lr}")
+    cache = _get(config, "data.scene_cache")
+    if cache is not None and cache not in SCENE_CACHES:
+        raise InputError(
+            None, f"config.data.scene_cache must be one of {SCENE_CACHES}, got {cache!r}"
+        )
     profile = _get(config, "profile")
     if profile is None:
         return

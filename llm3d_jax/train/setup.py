@@ -351,9 +351,15 @@ def abstract_batch(config, model_config, mesh, batch_size: int | None = None) ->
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in shapes.items()}
 
 
-def compile_train_step(config, mesh, training: Training, batch_abs: dict, frozen_abs=None):
+def compile_train_step(
+    config, mesh, training: Training, batch_abs: dict, frozen_abs=None, scenes=None
+):
     """The jitted train step (state donated), lowered for `batch_abs` and compiled on `mesh`.
-    `frozen_abs`: the frozen params (arrays or ShapeDtypeStructs; default: abstract ones)."""
+    `frozen_abs`: the frozen params (arrays or ShapeDtypeStructs; default: abstract ones).
+    `scenes`: the training iterator's device scene cache (`data.scene_cache = "device"`,
+    `llm3d_jax.data.scene_cache.DeviceScenes`): the batch then names the points, the step
+    samples and gathers them first, and the compiled step takes `scenes.arrays` as a fifth
+    argument."""
     data_sh = sharding.batch_sharding(mesh)
     if frozen_abs is None:
         frozen_abs = jax.tree.map(
@@ -361,15 +367,24 @@ def compile_train_step(config, mesh, training: Training, batch_abs: dict, frozen
             training.frozen_abs,
             training.frozen_sh,
         )
+    train_step = step_lib.make_train_step(
+        training.module,
+        training.tx,
+        training.schedule,
+        config.microbatches,
+        rating_weight=config.get("rating_loss_weight", 1.0),
+    )
+    in_shardings = (training.state_sh, training.frozen_sh, data_sh, sharding.replicated(mesh))
+    cache_args = ()
+    if scenes is not None:
+        from llm3d_jax.data import scene_cache
+
+        train_step = scene_cache.gathering_step(train_step, scenes.spec)
+        in_shardings += (scenes.shardings,)
+        cache_args = (scenes.arrays,)
     train_step = jax.jit(
-        step_lib.make_train_step(
-            training.module,
-            training.tx,
-            training.schedule,
-            config.microbatches,
-            rating_weight=config.get("rating_loss_weight", 1.0),
-        ),
-        in_shardings=(training.state_sh, training.frozen_sh, data_sh, sharding.replicated(mesh)),
+        train_step,
+        in_shardings=in_shardings,
         out_shardings=(training.state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -377,4 +392,6 @@ def compile_train_step(config, mesh, training: Training, batch_abs: dict, frozen
         training.tx, training.trainable_abs, training.state_sh
     )
     with jax.set_mesh(mesh):
-        return train_step.lower(abstract_state, frozen_abs, batch_abs, jax.random.key(0)).compile()
+        return train_step.lower(
+            abstract_state, frozen_abs, batch_abs, jax.random.key(0), *cache_args
+        ).compile()

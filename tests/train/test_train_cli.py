@@ -239,6 +239,9 @@ def _config(**overrides):
         ({"batch_size": 6}, "not divisible by the 8 data-parallel devices"),
         ({"trainable": (r"qformer/.*", r"no_such_param/.*")}, "matches no parameter"),
         ({"model.pretrained": "/no/such/blip2"}, "pretrained model directory not found"),
+        ({"data.scene_cache": "gpu"}, "config.data.scene_cache must be one of"),
+        ({"data.worker_count": -1}, "config.data.worker_count must be >= 0"),
+        ({"data.scene_cache_budget_gb": 0.0}, "config.data.scene_cache_budget_gb must be > 0"),
     ],
 )
 def test_bad_config_values_fail_before_compiling(tmp_path, overrides, message, capsys):

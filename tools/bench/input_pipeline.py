@@ -1,16 +1,33 @@
-r"""Input pipeline throughput and storage, against references measured in the same process.
+r"""Input pipeline: what it delivers against what the train step consumes, in one process.
 
-    .venv/bin/python tools/bench/input_pipeline.py [--threads 2] [--batches 30]
+    python tools/bench/input_pipeline.py [--seconds 3] [--threads 2] [--doc docs/benchmarks.md]
 
-Two configs on generated scenes: the demo shapes (256 sampled points, prompt 32, answer 24,
-batch 8, the tiny model's feature width) and the released model's (5000 points, D=1408). For each:
-  - grain pipeline examples/s (host numpy batches, and global jax.Arrays on a 1-axis mesh),
-  - the reference: a naive loader that np.loads the scene's npz per example and runs the same
-    preprocessing (ratio = pipeline / naive); the three are alternated, best of 3 each,
-  - at 5000 x 1408 both float32 features and float16 (stored precision, no host conversion),
-  - bytes per scene: ArrayRecord on disk and serialized vs the raw npz.
-At the demo config it also times the train step of the tiny 3D-LLM (when llm3d_jax.model.llm3d
-is importable) to show how many examples/s training consumes.
+Runs on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here
+when XLA_FLAGS is unset), every batch a global jax.Array on an (8,1,1) mesh. Two data sets of
+generated scenes, built into TFDS and read through the real pipeline (llm3d_jax.data):
+  demo   the demo config's shapes: 32 rooms of 1024 points, D = the tiny model's width; 256
+         points sampled per example, prompt 32, answer 24, batch 8
+  paper  the released model's: 12 scenes of 6000 points, D=1408 in bfloat16 (the pod configs'
+         features_dtype); 5000 points sampled per example, prompt 64, answer 40, batch 8
+For each, model-ready examples/s delivered by
+  - the host path: each example reads its scene record, the host gathers its points (threads),
+  - the host path with 2 grain worker processes (`data.worker_count`),
+  - the device scene cache (`data.scene_cache = "device"`): the host sends the text, scene
+    index and sampling key ("host side"), and the same followed by the gather the train step
+    runs first ("+ the step's gather": `scene_cache.model_batch`, jitted),
+  - at 5000 x 1408, also the host path with float16 features (the stored precision, no cast),
+and the bytes handed host -> device per example (`BatchIterator.sent_bytes`; the cache's one-time
+upload is printed apart), against references measured in the same process on the same devices:
+the examples/s that two train steps at the demo shapes consume, the tiny 3D-LLM's
+(tools/bench/train_step.py's, what `python -m tools.bench` calls the demo step) and the demo
+model's (the step `make demo` runs: experiments/configs/demo.py fine-tuning
+assets/demo/pretrained_3d). Each pipeline is measured on a fresh iterator (closed after, so no
+other pipeline's threads or processes run meanwhile); the measurements alternate over 3 rounds
+and each keeps its best (the machine is shared). `--doc` writes the figures as the "Input
+pipeline" section of a Markdown file (`python -m tools.bench` keeps that section when it
+rewrites docs/benchmarks.md).
+
+`make_inputs` and `naive_rate` are also used by `python -m tools.bench`'s pipeline figure.
 """
 
 from __future__ import annotations
@@ -24,14 +41,19 @@ import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if "jax" not in sys.modules and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import jax
 import numpy as np
 
 from data_pipeline.tfds import build
 from llm3d_jax import data, tokens
-from llm3d_jax.data import preprocess
-from llm3d_jax.fileio import load_npz, save_npz_atomic, write_jsonl_atomic
+from llm3d_jax.data import preprocess, scene_cache
+from llm3d_jax.fileio import load_npz, save_npz_atomic, write_jsonl_atomic, write_text_atomic
+
+SECTION = "## Input pipeline (tools/bench/input_pipeline.py)"
+COMMAND = "python tools/bench/input_pipeline.py"
 
 
 def make_inputs(root: str, num_scenes: int, points: int, dim: int, per_scene: int, seed: int = 0):
@@ -67,8 +89,13 @@ def make_inputs(root: str, num_scenes: int, points: int, dim: int, per_scene: in
                     "id": f"{scene_id}-{k}",
                     "scene_id": scene_id,
                     "task": "qa" if qa else "grounding",
-                    "prompt": "what is near the window of this room?" if qa else "the brown chair",
-                    "answers": ["a brown wooden chair next to a table"] if qa else [box],
+                    # A text of its own per record, as in real data (no tokenisation reuse).
+                    "prompt": f"what is near window {k} of room {s}?"
+                    if qa
+                    else f"the brown chair {k} of room {s}",
+                    "answers": [f"a brown wooden chair next to table {k} of room {s}"]
+                    if qa
+                    else [box],
                     "object_ids": [k % 2],
                     "source": "template",
                     "meta": {},
@@ -76,16 +103,6 @@ def make_inputs(root: str, num_scenes: int, points: int, dim: int, per_scene: in
             )
     write_jsonl_atomic(os.path.join(root, "records.jsonl"), rows)
     return os.path.join(root, "features"), os.path.join(root, "records.jsonl"), rows
-
-
-def rate(iterator, batch: int, batches: int) -> float:
-    """Examples per second over `batches` batches after 2 warm-up batches."""
-    for _ in range(2):
-        jax.block_until_ready(next(iterator))
-    start = time.perf_counter()
-    for _ in range(batches):
-        jax.block_until_ready(next(iterator))
-    return batch * batches / (time.perf_counter() - start)
 
 
 def naive_rate(features_dir, rows, fn: preprocess.Preprocess, examples: int) -> float:
@@ -101,117 +118,322 @@ def naive_rate(features_dir, rows, fn: preprocess.Preprocess, examples: int) -> 
     return examples / (time.perf_counter() - start)
 
 
-def train_step_rate(shapes: dict, batch: int, steps: int):
-    """Examples/s of a jitted AdamW step of the tiny 3D-LLM, or None when it is not available."""
-    try:
-        from llm3d_jax.model import llm3d
-    except ImportError:
-        return None, None
-    import optax
+PIPELINES = {  # name -> (make_train_iterator options, gather inside jit)
+    "host path": (dict(), False),
+    "host path, 2 worker processes": (dict(worker_count=2), False),
+    "device scene cache: host side": (dict(scene_cache="device"), False),
+    "device scene cache: + the step's gather": (dict(scene_cache="device"), True),
+}
 
-    module = llm3d.LLM3D(llm3d.LLM3DConfig.tiny())
-    cfg = module.config
-    rng = np.random.default_rng(0)
-    n, lp, la = shapes["num_points"], shapes["prompt_len"], shapes["answer_len"]
-    inputs = {
-        "features": rng.normal(size=(batch, n, cfg.feature_dim)).astype(np.float32),
-        "voxels": rng.integers(0, 256, (batch, n, 3)).astype(np.int32),
-        "point_mask": np.ones((batch, n), bool),
-        "prompt_ids": rng.integers(2, 50, (batch, lp)).astype(np.int32),
-        "prompt_mask": np.ones((batch, lp), bool),
-        "answer_ids": rng.integers(2, 50, (batch, la)).astype(np.int32),
-        "answer_mask": np.ones((batch, la), bool),
-    }
-    params = module.init(jax.random.key(0), **inputs)["params"]
-    tx = optax.adamw(1e-4)
-    opt = tx.init(params)
 
-    def loss_fn(p, x):
-        logits = module.apply({"params": p}, **x)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["answer_ids"])
-        return (ce * x["answer_mask"]).sum() / x["answer_mask"].sum()
+# The stored precision: no cast on the host (at 5000 x 1408 the bfloat16 cast is the largest
+# host cost after reading the record).
+FLOAT16 = {"host path, float16 features": (dict(features_dtype="float16"), False)}
 
-    @jax.jit
-    def step(p, o, x):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
 
+def delivery(it, mesh, gather: bool):
+    """-> a function returning the next batch, blocked on; with `gather`, the cached-layout
+    batch gathered by the jitted `scene_cache.model_batch` (what the train step does first)."""
+    cache = it.scene_cache
+    if not gather:
+        return lambda: jax.block_until_ready(next(it))
+    fn = jax.jit(lambda arrays, batch: scene_cache.model_batch(arrays, batch, cache.spec))
+
+    def next_batch():
+        with jax.set_mesh(mesh):
+            return jax.block_until_ready(fn(cache.arrays, next(it)))
+
+    return next_batch
+
+
+def rate(make_iterator, mesh, gather: bool, seconds: float) -> tuple[float, float, object]:
+    """-> (examples/s over at least `seconds` of a fresh iterator after 2 warm-up batches, bytes
+    handed host -> device per example, its scene cache): fresh and closed after, so no other
+    pipeline's threads or processes run meanwhile; a window of seconds, so the few batches
+    prepared ahead of the first timed one do not count."""
+    it = make_iterator()
+    next_batch = delivery(it, mesh, gather)
     for _ in range(2):
-        params, opt, loss = step(params, opt, inputs)
-    jax.block_until_ready(loss)
+        next_batch()
+    sent, batches = it.sent_bytes, 0
     start = time.perf_counter()
-    for _ in range(steps):
-        params, opt, loss = step(params, opt, inputs)
-    jax.block_until_ready(loss)
-    return batch * steps / (time.perf_counter() - start), cfg.feature_dim
+    while time.perf_counter() - start < seconds or batches < 3:
+        next_batch()
+        batches += 1
+    elapsed = time.perf_counter() - start
+    per_example = (it.sent_bytes - sent) / (8 * batches)
+    it.close()
+    return 8 * batches / elapsed, per_example, it.scene_cache
 
 
-def bench(name, root, tok_dir, *, scenes, points, dim, shapes, batch, threads, batches, dtypes):
-    features_dir, records, rows = make_inputs(root, scenes, points, dim, per_scene=8)
-    out = os.path.join(root, "tfds")
-    report = build(features_dir, records, out, "synthetic", val_fraction=0.0)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    print(f"[{name}] {scenes} scenes x {points} points, D={dim}; batch {batch}, {threads} threads")
-    results = {}
-    for dtype in dtypes:
-        opts = dict(batch_size=batch, read_threads=threads, features_dtype=dtype, **shapes)
-        host_it = data.make_train_iterator(out, tok_dir, **opts)
-        glob_it = data.make_train_iterator(out, tok_dir, mesh, **opts)
-        fn, _ = data.pipeline.make_preprocess(
-            out, ["synthetic"], tok_dir, 256, None, True, features_dtype=dtype, **shapes
+def collective_seconds(mesh, shape, dtype) -> tuple[float, float]:
+    """-> (seconds of a bare all_to_all over the batch axes of a [B,P,D] array split on D, as
+    the gather's; seconds of an elementwise add over the same bytes): best of 5 each."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    axes = ("data", "fsdp")
+    x = jax.device_put(np.zeros(shape, dtype), NamedSharding(mesh, P(None, None, axes)))
+    all_to_all = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.all_to_all(x, axes, 0, 2, tiled=True),
+            mesh=mesh,
+            in_specs=P(None, None, axes),
+            out_specs=P(axes),
         )
-        # The machine is shared: alternate the three measurements and keep each one's best.
-        host = glob = naive = 0.0
-        for _ in range(3):
-            host = max(host, rate(host_it, batch, batches))
-            glob = max(glob, rate(glob_it, batch, batches))
-            naive = max(naive, naive_rate(features_dir, rows, fn, batch * batches))
-        print(f"  features {dtype}:")
-        print(f"    pipeline (host numpy)      {host:8.1f} examples/s  {host / naive:5.2f}x naive")
-        print(f"    pipeline (global arrays)   {glob:8.1f} examples/s  {glob / naive:5.2f}x naive")
-        print(f"    naive npz loader (ref)     {naive:8.1f} examples/s")
-        results[dtype] = host
-    b = report["bytes"]
-    print(
-        f"  bytes/scene: {b['per_scene_on_disk']:.0f} on disk, {b['per_scene_serialized']:.0f} "
-        f"serialized, {b['per_scene_raw_npz']:.0f} raw npz "
-        f"({b['per_scene_on_disk'] / b['per_scene_raw_npz']:.3f}x)"
     )
-    return results
+    add = jax.jit(lambda x: x + 1)
+    best = []
+    for fn in (all_to_all, add):
+        jax.block_until_ready(fn(x))
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            times.append(time.perf_counter() - start)
+        best.append(min(times))
+    return best[0], best[1]
+
+
+DEMO_MODEL = "assets/demo/pretrained_3d"  # what make demo fine-tunes
+
+
+def timed_steps(compiled, state, frozen, batch, mesh):
+    """-> consume(seconds): examples/s of a compiled train step called for at least `seconds`
+    (after 2 warm-up calls) on one fixed batch."""
+    carry = {"state": state}
+    size = len(batch["answer_ids"])
+
+    def step():
+        carry["state"], m = compiled(carry["state"], frozen, batch, jax.random.key(1))
+        return jax.block_until_ready(m)
+
+    def consume(seconds: float) -> float:
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                step()
+            steps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or steps < 3:
+                step()
+                steps += 1
+        return size * steps / (time.perf_counter() - start)
+
+    return consume
+
+
+def tiny_step(mesh, shapes: tuple[int, int, int]):
+    """-> (consume, the model's D): tools/bench/train_step.py's step (the tiny 3D-LLM, float32,
+    `llm3d.TRAINABLE`; what `python -m tools.bench` calls the demo step) on a random batch."""
+    from llm3d_jax.train import sharding, synthetic
+    from llm3d_jax.train import state as state_lib
+    from tools.bench import train_step as train_step_bench
+
+    _, cfg, *_ = train_step_bench.demo_model()
+    built = train_step_bench.build_step(cfg, mesh, 8, 1, "float32", False, shapes)
+    cfg = built["cfg"]
+    source = synthetic.SyntheticBatches(
+        batch_size=8,
+        num_points=shapes[0],
+        feature_dim=cfg.feature_dim,
+        prompt_len=shapes[1],
+        answer_len=shapes[2],
+        vocab_size=cfg.llm.loc_offset,
+        answer_offset=cfg.llm.loc_offset,
+        seed=0,
+        sharding=sharding.batch_sharding(mesh),
+    )
+    with jax.set_mesh(mesh):
+        init = (built["init_fn"], built["tx"], built["patterns"])
+        state, frozen = state_lib.init_random(
+            *init, built["state_sh"], built["frozen_sh"], jax.random.key(0)
+        )
+    return timed_steps(built["compiled"], state, frozen, next(source), mesh), cfg.feature_dim
+
+
+def demo_model_step(mesh):
+    """-> consume: the step `make demo` runs (experiments/configs/demo.py fine-tuning
+    DEMO_MODEL: the demo preset with its target tokens, every parameter trained) on a random
+    batch of the demo shapes with per-point targets."""
+    from experiments.configs import demo
+    from llm3d_jax.train import setup
+    from llm3d_jax.train import state as state_lib
+
+    config = demo.get_config()
+    config.model.pretrained = DEMO_MODEL
+    module, params = setup.build_model(config)
+    training = setup.build_training(config, mesh, module)
+    batch_abs = setup.abstract_batch(config, module.config, mesh)
+    with jax.set_mesh(mesh):
+        state, frozen = state_lib.init_from_params(
+            params, training.tx, training.patterns, training.state_sh, training.frozen_sh
+        )
+    compiled = setup.compile_train_step(config, mesh, training, batch_abs, frozen)
+    rng = np.random.default_rng(0)
+    vocab = module.config.llm.loc_offset
+    batch = {}
+    for k, a in batch_abs.items():
+        if a.dtype == bool:
+            value = rng.random(a.shape) < 0.9
+        elif np.issubdtype(a.dtype, np.integer):
+            value = rng.integers(0, 256 if k == "voxels" else vocab, a.shape)
+        else:
+            value = rng.normal(size=a.shape)
+        batch[k] = jax.device_put(value.astype(a.dtype), a.sharding)
+    return timed_steps(compiled, state, frozen, batch, mesh)
+
+
+def measure(
+    name, root, tok_dir, mesh, consume, *, scenes, points, dim, shapes, dtype, args, more=None
+):
+    """-> dict of the figures of one data set (module doc); `more`: pipelines besides
+    PIPELINES."""
+    pipelines = {**PIPELINES, **(more or {})}
+    features_dir, records, _ = make_inputs(root, scenes, points, dim, per_scene=8)
+    out = os.path.join(root, "tfds")
+    build(features_dir, records, out, "synthetic", val_fraction=0.0)
+    opts = dict(batch_size=8, read_threads=args.threads, features_dtype=dtype, seed=0, **shapes)
+    rates, sent = dict.fromkeys(pipelines, 0.0), {}
+    steps, cache = {}, None
+    for _ in range(3):  # alternate, keep each one's best: the machine is shared
+        for k, (extra, gather) in pipelines.items():
+            make = lambda extra=extra: data.make_train_iterator(
+                out, tok_dir, mesh, **{**opts, **extra}
+            )
+            r, sent[k], it_cache = rate(make, mesh, gather, args.seconds)
+            rates[k] = max(rates[k], r)
+            cache = it_cache or cache
+        for k, fn in consume.items():
+            steps[k] = max(steps.get(k, 0.0), fn(args.seconds))
+    n = shapes["num_points"]
+    features = (8, n, cache.arrays["features"].shape[1])  # a batch's, columns padded
+    a2a, add = collective_seconds(mesh, features, cache.arrays["features"].dtype)
+    return {
+        "a2a": (np.prod(features) * cache.arrays["features"].dtype.itemsize, a2a, add),
+        "name": name,
+        "where": f"{scenes} scenes of {points} points, D={dim} {dtype}; {n} sampled per "
+        f"example, prompt {shapes['prompt_len']}, answer {shapes['answer_len']}, batch 8",
+        "rates": rates,
+        "sent": sent,
+        "steps": steps,
+        "upload": sum(v.nbytes for v in cache.arrays.values()),
+        "per_device": cache.per_device_bytes,
+    }
+
+
+TINY, DEMO = "tiny 3D-LLM step", "demo model step"
+
+
+def report(results: list[dict], devices: str, load: float) -> list[str]:
+    """The figures as Markdown lines (also printed)."""
+    lines = [
+        SECTION,
+        "",
+        f"Written by `{COMMAND} --doc docs/benchmarks.md` (one process, {devices}, mesh (8,1,1), global "
+        f"jax.Arrays; load average {load:.1f} at the start). References, measured in the same "
+        "run on the same 8 devices at the demo shapes (batch 8, 256 points, prompt 32, answer "
+        f"24): the examples/s consumed by the {TINY} (tools/bench/train_step.py's, what "
+        "`python -m tools.bench` calls the demo step) and by the "
+        f"{DEMO} (the step `make demo` runs: experiments/configs/demo.py fine-tuning "
+        f"{DEMO_MODEL}, target tokens on). Delivered = batches on the devices, blocked on; for "
+        'the cache, "host side" is what the input pipeline delivers (the batch naming the '
+        'points) and "+ the step\'s gather" adds the jitted `scene_cache.model_batch` the train '
+        "step runs first.",
+        "",
+        f"| data | pipeline | examples/s | / {TINY} | / {DEMO} | bytes host->device per "
+        "example | vs host path |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        host, tiny, demo = r["sent"]["host path"], r["steps"][TINY], r["steps"][DEMO]
+        for k, v in r["rates"].items():
+            sent = r["sent"][k]
+            lines.append(
+                f"| {r['name']} | {k} | {v:,.1f} | {v / tiny:.2f}x | {v / demo:.2f}x | "
+                f"{sent:,.0f} | {100 * sent / host:.3g}% |"
+            )
+        for k, v in r["steps"].items():
+            lines.append(f"| {r['name']} | {k} consumes (reference) | {v:,.1f} | | | | |")
+    lines.append("")
+    for r in results:
+        lines.append(
+            f"- {r['name']}: {r['where']}. The cache's one-time upload: {r['upload'] / 2**20:,.1f}"
+            f" MiB ({r['per_device'] / 2**20:,.1f} MiB per device, the feature columns split 8 "
+            "ways)."
+        )
+    size, a2a, add = results[-1]["a2a"]
+    lines += [
+        "- The gather's all_to_all moves the batch's features between devices once per step "
+        "(B x P x D x 2 bytes over the mesh). Here the 8 devices are simulated on the CPU, where "
+        f"a bare all_to_all of one {results[-1]['name']} batch's features ({size / 2**20:.0f} "
+        f"MiB) took {a2a * 1e3:.0f} ms, {a2a / add:.0f}x an elementwise add over the same bytes "
+        "(same run): that row is XLA:CPU's collectives, not an accelerator figure; on a pod the "
+        "same bytes cross the chips' interconnect instead of the host link.",
+        "- Shared 2-core machine: the simulated devices, the reader threads and the worker "
+        "processes all share the same cores, so absolute rates are noisy and a worker process "
+        "competes with the main one; read the ratios within one data set.",
+        "",
+    ]
+    return lines
+
+
+def with_section(text: str, lines: list[str]) -> str:
+    """`text` (a Markdown file) with its SECTION replaced by `lines` (appended if absent)."""
+    return kept_before(text).rstrip("\n") + "\n\n" + "\n".join(lines)
+
+
+def kept_before(text: str) -> str:
+    """`text` up to SECTION (all of it when it has none)."""
+    return text.split("\n" + SECTION + "\n")[0] if SECTION in text else text
+
+
+def section_of(text: str) -> str:
+    """SECTION and what follows it in `text` ("" when absent): what `python -m tools.bench`
+    carries over when it rewrites the file."""
+    return text[text.index(SECTION) :] if SECTION in text else ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=30)
-    parser.add_argument("--demo-dim", type=int, default=0, help="0: the tiny model's feature width")
+    parser.add_argument("--threads", type=int, default=2, help="grain read threads")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed window per figure")
+    parser.add_argument("--doc", default="", help="Markdown file to write the section into")
     args = parser.parse_args()
-    demo_shapes = dict(num_points=256, prompt_len=32, answer_len=24)
-    step_rate, model_dim = train_step_rate(demo_shapes, 8, 10)
-    demo_dim = args.demo_dim or model_dim or 64
-    print(f"jax {jax.__version__} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+    from llm3d_jax.train import sharding
+
+    mesh = sharding.make_mesh((-1, 1, 1))
+    if sharding.data_parallel_size(mesh) != 8:
+        raise SystemExit(f"needs 8 devices, has {jax.device_count()}: set XLA_FLAGS (module doc)")
+    load = os.getloadavg()[0]
+    devices = f"{jax.device_count()} x {jax.devices()[0].platform} devices"
+    print(f"jax {jax.__version__}, {devices}; load average {load:.1f}")
+    demo = dict(num_points=256, prompt_len=32, answer_len=24)
+    tiny, demo_dim = tiny_step(mesh, tuple(demo.values()))
+    consume = {TINY: tiny, DEMO: demo_model_step(mesh)}
+    results = []
     with tempfile.TemporaryDirectory() as root:
-        texts = ["what is near the window of this room?", "a brown wooden chair next to a table"]
+        texts = ["what is near window 7 of room 12?", "a brown wooden chair next to table 3"]
         tok_dir = os.path.join(root, "tok")
         tokens.train_tokenizer(texts * 10, 300, tok_dir)
-        demo = bench(
-            "demo", os.path.join(root, "demo"), tok_dir, scenes=32, points=4096, dim=demo_dim,
-            shapes=demo_shapes, batch=8, threads=args.threads, batches=args.batches,
-            dtypes=("float32",),
-        )["float32"]  # fmt: skip
-        bench(
-            "5000 points, D=1408", os.path.join(root, "big"), tok_dir, scenes=12, points=5000,
-            dim=1408, shapes=dict(num_points=5000, prompt_len=32, answer_len=24), batch=8,
-            threads=args.threads, batches=max(args.batches // 3, 5), dtypes=("float32", "float16"),
+        common = dict(mesh=mesh, consume=consume, args=args)
+        results.append(
+            measure(
+                "demo", os.path.join(root, "demo"), tok_dir, scenes=32, points=1024,
+                dim=demo_dim, shapes=demo, dtype="float16", **common,
+            )
         )  # fmt: skip
-    if step_rate is None:
-        print("train step: llm3d_jax.model.llm3d not importable yet; no consumption rate")
-    else:
-        print(
-            f"[demo] tiny 3D-LLM train step consumes {step_rate:.1f} examples/s; "
-            f"pipeline / step = {demo / step_rate:.2f}x"
-        )
+        results.append(
+            measure(
+                "5000 x 1408", os.path.join(root, "paper"), tok_dir, scenes=12, points=6000,
+                dim=1408, shapes=dict(num_points=5000, prompt_len=64, answer_len=40),
+                dtype="bfloat16", more=FLOAT16, **common,
+            )
+        )  # fmt: skip
+    lines = report(results, devices, load)
+    print("\n".join(lines))
+    if args.doc:
+        text = open(args.doc, encoding="utf-8").read() if os.path.exists(args.doc) else ""
+        write_text_atomic(args.doc, with_section(text, lines))
+        print(f"wrote the section into {args.doc}")
 
 
 if __name__ == "__main__":
