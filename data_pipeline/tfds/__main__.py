@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from data_pipeline.tfds.build import build, print_report
-from data_pipeline.tfds.builders import CONFIGS
+from data_pipeline.tfds.build import add_split_arguments, build, print_report
 from llm3d_jax.fileio import cli_main
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.tfds", description=__doc__)
     parser.add_argument("--features", required=True, help="folder of <scene_id>.npz feature files")
-    parser.add_argument("--language", required=True, help="language records, JSONL")
-    parser.add_argument("--out", required=True, help="TFDS data_dir to write")
-    parser.add_argument("--config", default="synthetic", choices=sorted(CONFIGS))
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of scenes in validation, by seeded hash (records with meta.split keep theirs)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+    add_split_arguments(parser)
     parser.add_argument(
         "--max-points",
         type=int,

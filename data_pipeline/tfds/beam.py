@@ -52,6 +52,7 @@ from data_pipeline import features
 from data_pipeline.tfds.build import (
     SPLITS,
     Report,
+    add_split_arguments,
     check_arguments,
     feature_width,
     finish_report,
@@ -280,16 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="folder of <scene_id>.npz feature files: made there, kept when made with these settings",
     )
-    parser.add_argument("--language", required=True, help="language records, JSONL")
-    parser.add_argument("--out", required=True, help="TFDS data_dir to write")
-    parser.add_argument("--config", default="synthetic", choices=sorted(CONFIGS))
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of scenes in validation, by seeded hash (records with meta.split keep theirs)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+    add_split_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build")
     parser.add_argument(
         "--beam_pipeline_options",

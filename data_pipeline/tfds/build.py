@@ -88,6 +88,21 @@ class Report:
         }
 
 
+def add_split_arguments(parser) -> None:
+    """The options both build commands (python -m data_pipeline.tfds and its Beam form) share:
+    the records, the output, the config and the split."""
+    parser.add_argument("--language", required=True, help="language records, JSONL")
+    parser.add_argument("--out", required=True, help="TFDS data_dir to write")
+    parser.add_argument("--config", default="synthetic", choices=sorted(CONFIGS))
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of scenes in validation, by seeded hash (records with meta.split keep theirs)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split hash")
+
+
 def split_by_hash(scene_id: str, val_fraction: float, seed: int) -> str:
     """ "validation" for a seeded-hash share `val_fraction` of scene ids, else "train"."""
     digest = hashlib.sha256(f"{seed}:{scene_id}".encode()).digest()

@@ -74,6 +74,16 @@ def scene_record(raw: dict) -> dict:
     return out
 
 
+def _matching(record: dict, scene: dict) -> tuple[dict, dict]:
+    """-> (record, scene), or ValueError when the record's scene_index holds another scene."""
+    if scene["scene_id"] != record["scene_id"]:
+        raise ValueError(
+            f"record {record['id']}: scene_index {record['scene_index']} holds "
+            f"{scene['scene_id']}, not {record['scene_id']} (rebuild the TFDS data)"
+        )
+    return record, scene
+
+
 @dataclass(frozen=True)
 class SceneJoin:
     """Language records of one config and split, each joined with its scene record."""
@@ -98,12 +108,7 @@ class SceneJoin:
     def __getitem__(self, index: int) -> tuple[dict, dict]:
         record = language_record(self.language[index])
         scene = scene_record(self.scenes[record["scene_index"]])
-        if scene["scene_id"] != record["scene_id"]:
-            raise ValueError(
-                f"record {record['id']}: scene_index {record['scene_index']} holds "
-                f"{scene['scene_id']}, not {record['scene_id']} (rebuild the TFDS data)"
-            )
-        return record, scene
+        return _matching(record, scene)
 
 
 @dataclass(frozen=True)
@@ -126,9 +131,4 @@ class CachedJoin:
     def __getitem__(self, index: int) -> tuple[dict, dict]:
         record = language_record(self.language[index])
         scene = self.index.scene(self.offset + record["scene_index"])
-        if scene["scene_id"] != record["scene_id"]:
-            raise ValueError(
-                f"record {record['id']}: scene_index {record['scene_index']} holds "
-                f"{scene['scene_id']}, not {record['scene_id']} (rebuild the TFDS data)"
-            )
-        return record, scene
+        return _matching(record, scene)
