@@ -1,6 +1,7 @@
 """tools/oracle_grounding.py: the oracle features name each point's object exactly."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -73,6 +74,13 @@ def test_training_reports_the_answers_and_the_rated_points_box(tmp_path, capsys)
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("step 2: answer loss") and "rated Acc@0.25" in last, last
+    # with the relational questions, blind: their exact match is reported too
+    og.main(["data", "--rooms", "2", "--seed", "1000", "--out", str(data / "train"), "--relations"])
+    og.main(["data", "--rooms", "1", "--seed", "2000", "--out", str(data / "test"), "--relations"])
+    run = ["train", "--data", str(data), "--steps", "2", "--batch-size", "2", "--blind"]
+    assert og.main([*run, "--set", "loc_table_dim=21"]) == 0
+    out = capsys.readouterr().out
+    assert "blind (features and voxels zero)" in out and "relations EM" in out.splitlines()[-1]
 
 
 def test_extents_with_perfect_ratings_the_widest_region_is_the_plain_box(tmp_path, capsys):
@@ -82,3 +90,41 @@ def test_extents_with_perfect_ratings_the_widest_region_is_the_plain_box(tmp_pat
     acc = [float(line.split("Acc@0.25 ")[1].split(",")[0]) for line in lines]
     assert len(acc) == 4 and "links <= 16" in lines[0] and "all rated points" in lines[3]
     assert acc[0] <= acc[1] <= acc[2] <= acc[3] and acc[3] >= 50, lines
+
+
+def test_relational_questions_answer_in_words_and_score_by_exact_match(tmp_path, monkeypatch):
+    og.make_data(3, 1000, str(tmp_path / "rel"), relations=True)
+    records = [json.loads(line) for line in (tmp_path / "rel.jsonl").read_text().splitlines()]
+    qa = [r for r in records if "answer" in r]
+    assert qa and all(r["qtype"] in og.RELATIONAL and "box" not in r for r in qa)
+    assert len(qa) < len(records)  # the grounding questions stay
+    data = dict(np.load(tmp_path / "rel.npz"))
+    words = og.Words()
+    x = og.batch(data, qa[:4], words, np.random.default_rng(0))
+    for row, r in enumerate(qa[:4]):
+        ids = og.answer_ids(r, words)
+        said = [i for i in ids if i != og.PAD]
+        assert said[-1] == og.EOS and len(said) == len(r["answer"].split()) + 1
+        np.testing.assert_array_equal(x["answer_mask"][row], np.arange(og.ANSWER_LEN) < len(said))
+    blind = og.batch(data, qa[:4], words, np.random.default_rng(0), blind=True)
+    assert not blind["features"].any() and not blind["voxels"].any()
+    np.testing.assert_array_equal(blind["prompt_ids"], x["prompt_ids"])
+
+    # the score: an answer equal to the truth counts, one word off does not
+    def answers(right):
+        def fake_generate(module, params, inputs, config):
+            rows = []
+            for r in part_of(inputs):
+                ids = [i for i in og.answer_ids(r, words) if i != og.PAD]
+                rows.append(ids if right else [ids[0] + 1, *ids[1:]])
+            return np.asarray([row + [og.PAD] * (og.ANSWER_LEN - len(row)) for row in rows]), None
+
+        return fake_generate
+
+    part_of = lambda inputs: qa[: len(inputs["prompt_ids"])]
+    for right, expected in ((True, 100.0), (False, 0.0)):
+        monkeypatch.setattr(og, "generate", answers(right))
+        module = types.SimpleNamespace(config=types.SimpleNamespace(target_tokens=0))
+        out = og.held_out_accuracy(module, None, data, qa[:20], words, by_type=True)
+        assert out["relations EM"] == expected
+        assert any(k.endswith(" EM") and k != "relations EM" for k in out)

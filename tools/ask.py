@@ -228,8 +228,9 @@ def ask(
     return answer_rows(model, [row], [scene], seed)[0], scene
 
 
-def read_questions(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
-    """-> ([(line number, question dict)], [problems of the lines skipped])."""
+def read_questions(path: str, task: str = "qa") -> tuple[list[tuple[int, dict]], list[str]]:
+    """-> ([(line number, question dict)], [problems of the lines skipped]). A line whose task
+    (its own, else `task`) is object_caption may leave out the question: the fixed prompt."""
     if not os.path.isfile(path):
         raise InputError(path, "file not found")
     items, problems = [], []
@@ -245,9 +246,12 @@ def read_questions(path: str) -> tuple[list[tuple[int, dict]], list[str]]:
             if not isinstance(item, dict):
                 problems.append(f"{path}:{number}: not a JSON object")
                 continue
-            bad = [k for k in QUESTION_FIELDS if not isinstance(item.get(k), str) or not item[k]]
             if "task" in item and not isinstance(item["task"], str):
-                bad.append("task")
+                problems.append(f"{path}:{number}: missing or not a string: task")
+                continue
+            if item.get("task", task) == "object_caption" and "question" not in item:
+                item["question"] = OBJECT_CAPTION_PROMPT
+            bad = [k for k in QUESTION_FIELDS if not isinstance(item.get(k), str) or not item[k]]
             if bad:
                 problems.append(f"{path}:{number}: missing or not a string: {', '.join(bad)}")
                 continue
@@ -267,7 +271,7 @@ def ask_many(
     """Answers every good line of `questions_path` into `out_path` (module doc)
     -> (number answered, problems of the lines skipped)."""
     check_output_file(out_path)
-    items, problems = read_questions(questions_path)
+    items, problems = read_questions(questions_path, task)
     model = load_model(model_dir, decode, batch_size)
     feature_dim = model.module.config.feature_dim
     scenes: dict[str, dict | InputError] = {}

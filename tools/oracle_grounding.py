@@ -11,7 +11,10 @@ tokens of the box. One process, no files but the two data sets:
     python -m tools.oracle_grounding train --data ORACLE --steps 1200 \
         --set loc_table_dim=21 --set target_tokens=32 --set target_layers=1
 
-`--set` overrides LLM3DConfig.demo fields (integers). Every 600 steps and at the end it prints
+`--set` overrides LLM3DConfig.demo fields (integers). With `data --relations` the records also
+hold the offline generator's relational QA questions (tools/demo.py's group: on, near, side,
+between, bigger, taller; word answers) and each report adds their exact match; `train --blind`
+zeroes every point's features and voxel, the baseline without 3D input. Every 600 steps and at the end it prints
 held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions
 (`answer`) and, with target tokens, of the box of every point the model rates as the named
 object's (`rated`) and of the best-rated point's region (`region`: the box the LLM is shown, so
@@ -67,7 +70,9 @@ CATEGORIES = sorted(synthetic.CATEGORIES)
 COLOURS = list(synthetic.COLORS)
 WIDTH = len(CATEGORIES) + 2 + len(COLOURS)  # categories, floor, wall, colours
 STORED, SAMPLED = 1024, 256  # points kept per room (balanced over objects), points per example
-PROMPT_LEN, LOC_OFFSET, EOS, PAD = 17, 512, 1, 0
+PROMPT_LEN, ANSWER_LEN, LOC_OFFSET, EOS, PAD = 24, 7, 512, 1, 0
+# The QA question types about relations between objects (tools/demo.py's group)
+RELATIONAL = ("between", "between_yn", "near", "on", "on_yn", "bigger", "taller", "side")
 
 
 def room_points(scene, rng):
@@ -127,7 +132,9 @@ def lifted_points(path: str, rng):
     )
 
 
-def make_data(rooms: int, seed: int, out: str, features_dir: str | None = None) -> None:
+def make_data(
+    rooms: int, seed: int, out: str, features_dir: str | None = None, relations: bool = False
+) -> None:
     rng = np.random.default_rng(seed)
     arrays, records = {"features": [], "voxels": [], "instance": []}, []
     for index in range(rooms):
@@ -140,43 +147,58 @@ def make_data(rooms: int, seed: int, out: str, features_dir: str | None = None) 
         arrays["features"].append(features)
         arrays["voxels"].append(voxels)
         arrays["instance"].append(instance)
-        for r in offline.generate(scene, seed=seed, tasks=("grounding",)):
-            box = tokens.metres_to_voxels(tokens.parse_boxes(r["answers"][0])[0], origin, voxel)
-            records.append(
-                dict(
-                    room=index,
-                    prompt=r["prompt"],
-                    box=box.tolist(),
-                    ids=r["object_ids"],
-                    qtype=r["meta"]["qtype"],
-                )
-            )
+        tasks = ("grounding", "qa") if relations else ("grounding",)
+        for r in offline.generate(scene, seed=seed, tasks=tasks):
+            qtype = r["meta"]["qtype"]
+            record = dict(room=index, prompt=r["prompt"], ids=r["object_ids"], qtype=qtype)
+            if r["task"] == "qa":
+                if qtype not in RELATIONAL:
+                    continue
+                record["answer"] = r["answers"][0]
+            else:
+                box = tokens.metres_to_voxels(tokens.parse_boxes(r["answers"][0])[0], origin, voxel)
+                record["box"] = box.tolist()
+            records.append(record)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out + ".npz", **{k: np.stack(v) for k, v in arrays.items()})
     with open(out + ".jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     kind = f"lifted features of {features_dir}" if features_dir else "oracle features"
     width = arrays["features"][0].shape[1]
-    print(f"{out}: {rooms} rooms, {len(records)} grounding questions, {width}-d {kind}")
+    qa = sum("answer" in r for r in records)
+    print(
+        f"{out}: {rooms} rooms, {len(records) - qa} grounding and {qa} relational questions, "
+        f"{width}-d {kind}"
+    )
 
 
 class Words:
-    """Word-level prompt ids (2..511): enough text for 'where is the red chair?'."""
+    """Word-level prompt and answer ids (2..511): enough text for 'where is the red chair?'."""
 
     def __init__(self):
         self.ids: dict[str, int] = {}
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, text: str, length: int = PROMPT_LEN) -> list[int]:
         out = [
             self.ids.setdefault(w, 2 + len(self.ids)) for w in re.findall(r"[a-z]+", text.lower())
         ]
         if len(self.ids) > LOC_OFFSET - 2:
             raise SystemExit("error: more than 510 distinct words in the prompts")
-        return out[: PROMPT_LEN - 1] + [EOS]
+        return out[: length - 1] + [EOS]
 
 
-def batch(data, records, words, rng):
-    """-> model inputs of `records` (SAMPLED random points of each room) and point_target."""
+def answer_ids(record, words) -> list[int]:
+    """-> the answer's ids, EOS-ended and PAD-padded to ANSWER_LEN: six location tokens for a
+    grounding record, words for a relational question."""
+    if "box" in record:
+        return [LOC_OFFSET + v for v in record["box"]] + [EOS]
+    ids = words(record["answer"], ANSWER_LEN)
+    return ids + [PAD] * (ANSWER_LEN - len(ids))
+
+
+def batch(data, records, words, rng, blind: bool = False):
+    """-> model inputs of `records` (SAMPLED random points of each room) and point_target;
+    `blind`: every point's features and voxel zero (the same scene for every room)."""
     rows = {k: [] for k in ("features", "voxels", "point_target", "prompt_ids", "answer_ids")}
     for r in records:
         keep = np.sort(rng.choice(STORED, SAMPLED, replace=False))
@@ -185,14 +207,19 @@ def batch(data, records, words, rng):
         rows["point_target"].append(np.isin(data["instance"][r["room"]][keep], r["ids"]))
         prompt = words(r["prompt"])
         rows["prompt_ids"].append(prompt + [PAD] * (PROMPT_LEN - len(prompt)))
-        rows["answer_ids"].append([LOC_OFFSET + v for v in r["box"]] + [EOS])
+        rows["answer_ids"].append(answer_ids(r, words))
     out = {k: np.asarray(v) for k, v in rows.items()}
+    if blind:
+        out["features"], out["voxels"] = 0 * out["features"], 0 * out["voxels"]
     out["voxels"] = out["voxels"].astype(np.int32)
     out["prompt_ids"] = out["prompt_ids"].astype(np.int32)
     out["answer_ids"] = out["answer_ids"].astype(np.int32)
     out["point_mask"] = np.ones(out["point_target"].shape, bool)
     out["prompt_mask"] = out["prompt_ids"] != PAD
-    out["answer_mask"] = np.ones(out["answer_ids"].shape, bool)
+    # the EOS and what comes before it
+    out["answer_mask"] = (
+        np.cumsum(out["answer_ids"] == EOS, axis=1) - (out["answer_ids"] == EOS) == 0
+    )
     return out
 
 
@@ -209,17 +236,19 @@ def _rated_extents(module, variables, x):
 
 
 def held_out_accuracy(
-    module, params, data, records, words, by_type: bool = False
+    module, params, data, records, words, by_type: bool = False, blind: bool = False
 ) -> dict[str, float]:
     """-> Acc@0.25 / Acc@0.5 of the greedy answers (`answer`) and, with target tokens, of the box
     of the rated points itself (`rated`; `region`: its `rated_region` variant): the rated box
     bounds what copying it can reach. `by_type`: also the answers' Acc@0.25 per kind of
-    referring expression (records' `qtype`: by name, colour, size, relation)."""
-    config = DecodeConfig(max_new_tokens=7, loc_offset=LOC_OFFSET, loc_bins=256)
+    referring expression (records' `qtype`: by name, colour, size, relation). Relational
+    questions: exact match of the greedy answer (`relations EM`, and per type with `by_type`)."""
+    config = DecodeConfig(max_new_tokens=ANSWER_LEN, loc_offset=LOC_OFFSET, loc_bins=256)
     ious = {"answer": [], "rated": [], "region": []}
+    matches = {}  # relational question type -> [exact match, ...]
     for start in range(0, len(records), 50):
         part = records[start : start + 50]
-        x = batch(data, part, words, np.random.default_rng(0))
+        x = batch(data, part, words, np.random.default_rng(0), blind)
         inputs = {
             k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
         }
@@ -228,6 +257,11 @@ def held_out_accuracy(
         if module.config.target_tokens:
             rated, region = _rated_extents(module, {"params": params}, inputs)
         for row, (r, ids) in enumerate(zip(part, generated)):
+            if "answer" in r:
+                said = list(ids[: list(ids).index(EOS) + 1] if EOS in list(ids) else ids)
+                truth = [i for i in answer_ids(r, words) if i != PAD]
+                matches.setdefault(r["qtype"], []).append(float(said == truth))
+                continue
             truth = np.array([r["box"]], float)
             box = [i - LOC_OFFSET for i in ids[:6] if LOC_OFFSET <= i < LOC_OFFSET + 256]
             iou = float(box_iou(np.array([box], float), truth)[0]) if len(box) == 6 else 0.0
@@ -241,8 +275,12 @@ def held_out_accuracy(
             values = np.asarray(values)
             out[f"{name} Acc@0.25"] = 100 * float(np.mean(values >= 0.25))
             out[f"{name} Acc@0.5"] = 100 * float(np.mean(values >= 0.5))
+    if matches:
+        out["relations EM"] = 100 * float(np.mean(sum(matches.values(), [])))
     if by_type:
-        qtypes = [r.get("qtype", "?") for r in records]
+        for qtype, values in sorted(matches.items()):
+            out[f"{qtype} ({len(values)}) EM"] = 100 * float(np.mean(values))
+        qtypes = [r.get("qtype", "?") for r in records if "box" in r]
         for qtype in sorted(set(qtypes)):
             rows = [v for v, q in zip(ious["answer"], qtypes) if q == qtype]
             out[f"{qtype} ({len(rows)}) Acc@0.25"] = 100 * float(np.mean(np.asarray(rows) >= 0.25))
@@ -256,7 +294,8 @@ def train(args) -> None:
         return dict(np.load(os.path.join(args.data, name + ".npz"))), records
 
     (train_data, train_records), (test_data, test_records) = load("train"), load("test")
-    test_records = test_records[:: max(1, len(test_records) // 400)][:400]
+    test_records = test_records[:: max(1, len(test_records) // args.test_questions)]
+    test_records = test_records[: args.test_questions]
     overrides = {k: int(v) for k, v in (s.split("=", 1) for s in args.set)}
     width = train_data["features"].shape[-1]
     module = llm3d.LLM3D(llm3d.LLM3DConfig.demo(feature_dim=width, **overrides))
@@ -273,7 +312,8 @@ def train(args) -> None:
         def loss_fn(p):
             inputs = {k: x[k] for k in llm3d.example_inputs(module.config)}
             logits, inter = module.apply({"params": p}, **inputs, mutable="intermediates")
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["answer_ids"]).mean()
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, x["answer_ids"])
+            ce = jnp.sum(ce * x["answer_mask"]) / jnp.sum(x["answer_mask"])
             rating = jnp.float32(0)
             if rates_points:
                 ratings = inter["intermediates"]["point_ratings"][0]
@@ -288,14 +328,16 @@ def train(args) -> None:
     words, rng, start, logged = Words(), np.random.default_rng(0), time.time(), []
     for r in train_records + test_records:
         words(r["prompt"])  # ids fixed before training
-    print(f"oracle grounding: {overrides}, {len(train_records)} train questions")
+    blind = ", blind (features and voxels zero)" if args.blind else ""
+    print(f"oracle grounding: {overrides}{blind}, {len(train_records)} train questions")
     for i in range(1, args.steps + 1):
         picked = [train_records[k] for k in rng.choice(len(train_records), args.batch_size)]
-        params, opt_state, losses = step(params, opt_state, batch(train_data, picked, words, rng))
+        x = batch(train_data, picked, words, rng, args.blind)
+        params, opt_state, losses = step(params, opt_state, x)
         logged.append([float(v) for v in losses])
         if i % 600 == 0 or i == args.steps:
             accuracy = held_out_accuracy(
-                module, params, test_data, test_records, words, by_type=i == args.steps
+                module, params, test_data, test_records, words, i == args.steps, args.blind
             )
             ce, rating = np.mean(logged[-100:], axis=0)
             held_out = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items())
@@ -312,6 +354,7 @@ def extents(args) -> None:
     box at several link radii."""
     with open(os.path.join(args.data, "test.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
+    records = [r for r in records if "box" in r]
     records = records[:: max(1, len(records) // 400)][:400]
     data = dict(np.load(os.path.join(args.data, "test.npz")))
     x = batch(data, records, Words(), np.random.default_rng(0))
@@ -341,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--seed", type=int, required=True)
     data.add_argument("--out", required=True, help="path without extension: OUT.npz, OUT.jsonl")
     data.add_argument(
+        "--relations",
+        action="store_true",
+        help="also the relational QA questions (tools/demo.py's group: on, near, side, ...)",
+    )
+    data.add_argument(
         "--features",
         help="a folder of the rooms' lifted feature files (synth_<index>.npz, python -m "
         "data_pipeline.features on rooms of --seed) to use instead of the oracle's one-hots",
@@ -351,11 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--lr", type=float, default=5e-4)
     run.add_argument("--set", action="append", default=[], help="LLM3DConfig field=int")
+    run.add_argument("--test-questions", type=int, default=400, help="held-out questions asked")
+    run.add_argument(
+        "--blind", action="store_true", help="the baseline without 3D input: features zero"
+    )
     rule = sub.add_parser("extents", help="the extent rule's cost with perfect ratings")
     rule.add_argument("--data", required=True, help="folder with test.*")
     args = parser.parse_args(argv)
     if args.command == "data":
-        make_data(args.rooms, args.seed, args.out, args.features)
+        make_data(args.rooms, args.seed, args.out, args.features, args.relations)
     elif args.command == "extents":
         extents(args)
     else:

@@ -24,6 +24,7 @@ from flax import traverse_util
 from llm3d_jax import loading, tokens
 from llm3d_jax.fileio import InputError
 from llm3d_jax.model import llm3d
+from llm3d_jax.model.t5 import T5Config
 from llm3d_jax.train import optimizer, sharding
 from llm3d_jax.train import state as state_lib
 from llm3d_jax.train import step as step_lib
@@ -99,7 +100,7 @@ def build_model(config, with_optimizer: bool = False):
                 if path and not os.path.isdir(path):
                     raise InputError(path, "pretrained model directory not found")
             module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
-        model_config = llm3d.with_overrides(module.config, **overrides)
+        model_config = _with_overrides(config, module.config, overrides)
         # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
         # exported scanned model may be trained unscanned). Moments follow their params.
         relayout = lambda tree: loading.relayout_llm_layers(
@@ -164,8 +165,22 @@ def build_model(config, with_optimizer: bool = False):
         overrides["vocab_size"] = offset
         first = parse_mixture(config.data.datasets)[0][0]
         overrides["feature_dim"] = int(dataset_metadata(config.data_dir, first)["dim"])
-    module = llm3d.LLM3D(llm3d.with_overrides(model_config, **overrides))
+    module = llm3d.LLM3D(_with_overrides(config, model_config, overrides))
     return (module, None, None) if with_optimizer else (module, None)
+
+
+def _with_overrides(config, model_config: llm3d.LLM3DConfig, overrides: dict):
+    """`llm3d.with_overrides`, its refusals as one-line input errors."""
+    if profile(config) == "release" and not isinstance(model_config.llm, T5Config):
+        raise InputError(
+            config.model.pretrained or None,
+            f"config.profile 'release' is the released 3D-LLM's FlanT5 recipe; this model's LLM "
+            f"is {type(model_config.llm).__name__} (decoder-only): use config.profile 'ours'",
+        )
+    try:
+        return llm3d.with_overrides(model_config, **overrides)
+    except ValueError as err:
+        raise InputError(None, f"config.model: {err}") from None
 
 
 # LLM params outside its blocks: the same in the scanned and the unscanned layout.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from llm3d_jax.datasets import OBJECT_CAPTION_PROMPT
 from llm3d_jax.fileio import InputError
 from tests.hostile.cli_model import REPO, make_model, make_scene, run_cli
 from tools import ask
@@ -291,23 +292,25 @@ def test_batch_ask_equals_single_ask_and_skips_bad_lines(root, tmp_path, monkeyp
         {"id": "f", "scene": "other.npz", "question": "a white table near the wall"},
         {"id": "g", "scene": "scene.npz", "question": "where is the brown chair " * 10},
         {"id": "h", "scene": "other.npz", "question": "where is the chair near the wall"},
+        {"id": "i", "scene": "scene.npz", "task": "object_caption"},  # its fixed prompt
     ]
     lines = [json.dumps(q) for q in questions]
     lines.insert(3, "{not json")
     path = tmp_path / "q.jsonl"
     path.write_text("\n".join(lines) + "\n")
     out = tmp_path / "a.jsonl"
-    # 5 good questions in batches of 2: the last batch is padded.
+    # 6 good questions in batches of 4: the last batch is padded.
     code = ask.main(
-        ["--model", "model", "--questions", str(path), "--out", str(out), "--batch_size", "2"]
+        ["--model", "model", "--questions", str(path), "--out", str(out), "--batch_size", "4"]
     )
     assert code == 1  # some lines were skipped
     with open(out) as f:
         rows = [json.loads(line) for line in f]
-    assert [r["id"] for r in rows] == ["a", "b", "c", "f", "h"]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "f", "h", "i"]
     for row in rows:
         q = next(q for q in questions if q["id"] == row["id"])
-        answer, _ = ask.ask("model", q["scene"], q["question"], q.get("task", "qa"))
+        question = q.get("question", OBJECT_CAPTION_PROMPT)
+        answer, _ = ask.ask("model", q["scene"], question, q.get("task", "qa"))
         assert row["answer"] == answer.text
         assert row["boxes"] == [[float(v) for v in b] for b in answer.boxes]
         assert all(len(b) == 6 for b in row["boxes"])
