@@ -16,7 +16,8 @@ settings (`llm3d_jax.infer.decode.TASK_DECODING`: repetition penalty 1.5, at mos
 tokens) unless options say otherwise. --max_new_tokens: default the model's answer length.
 
 --questions: one JSON object a line, {"id", "scene", "question", "task"} (scene: a feature file,
-relative to the current folder; task optional, default --task). The model is loaded and its
+relative to the current folder; task optional, default --task; question optional for
+object_caption, which has its fixed prompt). The model is loaded and its
 generate function compiled once; questions are answered --batch_size at a time (the last batch
 padded, prompts padded to the model's prompt length, so every batch has the same shapes). Each
 output line is the input line plus "answer" (text with `<box>`/`<pt>` in metres) and "boxes"
