@@ -184,6 +184,7 @@ def test_release_profile_needs_its_epoch_settings():
 
 
 def test_release_profile_is_for_t5():
-    with pytest.raises(ValueError, match="t5_activation applies to T5 LLMs, not DecoderConfig"):
+    # one line that says what to do (it was a bare ValueError about the T5-only activation)
+    with pytest.raises(InputError, match="release.*FlanT5.*DecoderConfig.*profile 'ours'"):
         setup.build_model(_tiny("scanqa_3dllm_release", **{"model.preset": "tiny_decoder"}))
     assert llm3d.RELEASE_TRAINABLE[: len(llm3d.TRAINABLE)] == llm3d.TRAINABLE

@@ -91,17 +91,3 @@ def test_demo_config_keeps_a_pretrained_models_grounding_settings_unless_set(tmp
     fresh.data_source = "synthetic"
     module, _ = setup.build_model(fresh)
     assert module.config.target_tokens == 0  # the preset's: none
-
-
-def test_release_profile_with_a_decoder_llm_is_one_input_error():
-    """The release profile is the released FlanT5 recipe: a decoder-only preset gets one line
-    that says so (it was a bare ValueError from the T5-only activation override)."""
-    config = _config("demo")
-    config.data_source = "synthetic"
-    config.model.preset = "tiny_decoder:llama"
-    config.profile = "release"
-    with pytest.raises(InputError, match="release.*DecoderConfig.*'ours'"):
-        setup.build_model(config)
-    config.profile = "ours"
-    module, _ = setup.build_model(config)
-    assert type(module.config.llm).__name__ == "DecoderConfig"
