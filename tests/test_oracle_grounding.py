@@ -78,9 +78,10 @@ def test_training_reports_the_answers_and_the_rated_points_box(tmp_path, capsys)
     og.main(["data", "--rooms", "2", "--seed", "1000", "--out", str(data / "train"), "--relations"])
     og.main(["data", "--rooms", "1", "--seed", "2000", "--out", str(data / "test"), "--relations"])
     run = ["train", "--data", str(data), "--steps", "2", "--batch-size", "2", "--blind"]
-    assert og.main([*run, "--set", "loc_table_dim=21"]) == 0
+    assert og.main([*run, "--boxes-in-prompt", "--set", "loc_table_dim=21"]) == 0
     out = capsys.readouterr().out
-    assert "blind (features and voxels zero)" in out and "relations EM" in out.splitlines()[-1]
+    assert "blind (features and voxels zero)" in out and "boxes in relational prompts" in out
+    assert "relations EM" in out.splitlines()[-1]
 
 
 def test_extents_with_perfect_ratings_the_widest_region_is_the_plain_box(tmp_path, capsys):
@@ -106,6 +107,20 @@ def test_relational_questions_answer_in_words_and_score_by_exact_match(tmp_path,
         said = [i for i in ids if i != og.PAD]
         assert said[-1] == og.EOS and len(said) == len(r["answer"].split()) + 1
         np.testing.assert_array_equal(x["answer_mask"][row], np.arange(og.ANSWER_LEN) < len(said))
+    # the named objects' boxes at the end of a relational prompt, in the record's order
+    boxed = og.batch(data, qa[:4] + records[:1], words, np.random.default_rng(0), boxes=True)
+    assert boxed["prompt_ids"].shape[1] == og.PROMPT_LEN + 20
+    for row, r in enumerate(qa[:4]):
+        ids = boxed["prompt_ids"][row][boxed["prompt_mask"][row]]
+        room = data["voxels"][r["room"]].astype(int)
+        expected = []
+        for i in r["ids"]:
+            points = room[data["instance"][r["room"]] == i]
+            expected += [og.LOC_OFFSET + v for v in (*points.min(0), *points.max(0))]
+        assert ids[-1] == og.EOS and ids[-1 - len(expected) : -1].tolist() == expected
+    plain = og.batch(data, records[:1], words, np.random.default_rng(0))
+    grounding_row = boxed["prompt_ids"][4][boxed["prompt_mask"][4]]
+    np.testing.assert_array_equal(grounding_row, plain["prompt_ids"][0][plain["prompt_mask"][0]])
     blind = og.batch(data, qa[:4], words, np.random.default_rng(0), blind=True)
     assert not blind["features"].any() and not blind["voxels"].any()
     np.testing.assert_array_equal(blind["prompt_ids"], x["prompt_ids"])

@@ -14,7 +14,13 @@ tokens of the box. One process, no files but the two data sets:
 `--set` overrides LLM3DConfig.demo fields (integers). With `data --relations` the records also
 hold the offline generator's relational QA questions (tools/demo.py's group: on, near, side,
 between, bigger, taller; word answers) and each report adds their exact match; `train --blind`
-zeroes every point's features and voxel, the baseline without 3D input. Every 600 steps and at the end it prints
+zeroes every point's features and voxel, the baseline without 3D input; `--boxes-in-prompt`
+ends each relational prompt with the true boxes of the objects it names (can the LLM relate
+boxes it is given?). Measured (`data --relations`, 400 / 60 rooms, `--test-questions 800`,
+relations EM): with the target tokens (`--set target_tokens=32 --set target_layers=1 --set
+loc_table_dim=21`) 40.9 at 1800 steps, 46.3 at 3600; blind 39.7 / 47.5; blind with the boxes
+in the prompt 44.6 at 1800, 48.8 at 4200 (taller 61.9, side 45.8): near the answer priors in
+every case. Every 600 steps and at the end it prints
 held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions
 (`answer`) and, with target tokens, of the box of every point the model rates as the named
 object's (`rated`) and of the best-rated point's region (`region`: the box the LLM is shown, so
@@ -196,9 +202,12 @@ def answer_ids(record, words) -> list[int]:
     return ids + [PAD] * (ANSWER_LEN - len(ids))
 
 
-def batch(data, records, words, rng, blind: bool = False):
+def batch(data, records, words, rng, blind: bool = False, boxes: bool = False):
     """-> model inputs of `records` (SAMPLED random points of each room) and point_target;
-    `blind`: every point's features and voxel zero (the same scene for every room)."""
+    `blind`: every point's features and voxel zero (the same scene for every room); `boxes`: a
+    relational question's prompt ends with the six location tokens of each object it names, in
+    the record's order (the box of the object's stored points), for PROMPT_LEN + 20 tokens."""
+    prompt_len = PROMPT_LEN + 20 if boxes else PROMPT_LEN
     rows = {k: [] for k in ("features", "voxels", "point_target", "prompt_ids", "answer_ids")}
     for r in records:
         keep = np.sort(rng.choice(STORED, SAMPLED, replace=False))
@@ -206,7 +215,14 @@ def batch(data, records, words, rng, blind: bool = False):
         rows["voxels"].append(data["voxels"][r["room"]][keep])
         rows["point_target"].append(np.isin(data["instance"][r["room"]][keep], r["ids"]))
         prompt = words(r["prompt"])
-        rows["prompt_ids"].append(prompt + [PAD] * (PROMPT_LEN - len(prompt)))
+        if boxes and "answer" in r:
+            room = data["voxels"][r["room"]].astype(int)
+            extra = []
+            for i in r["ids"]:
+                points = room[data["instance"][r["room"]] == i]
+                extra += [LOC_OFFSET + int(v) for v in (*points.min(0), *points.max(0))]
+            prompt = prompt[:-1][: prompt_len - 1 - len(extra)] + extra + [EOS]
+        rows["prompt_ids"].append(prompt + [PAD] * (prompt_len - len(prompt)))
         rows["answer_ids"].append(answer_ids(r, words))
     out = {k: np.asarray(v) for k, v in rows.items()}
     if blind:
@@ -236,7 +252,14 @@ def _rated_extents(module, variables, x):
 
 
 def held_out_accuracy(
-    module, params, data, records, words, by_type: bool = False, blind: bool = False
+    module,
+    params,
+    data,
+    records,
+    words,
+    by_type: bool = False,
+    blind: bool = False,
+    boxes: bool = False,
 ) -> dict[str, float]:
     """-> Acc@0.25 / Acc@0.5 of the greedy answers (`answer`) and, with target tokens, of the box
     of the rated points itself (`rated`; `region`: its `rated_region` variant): the rated box
@@ -248,7 +271,7 @@ def held_out_accuracy(
     matches = {}  # relational question type -> [exact match, ...]
     for start in range(0, len(records), 50):
         part = records[start : start + 50]
-        x = batch(data, part, words, np.random.default_rng(0), blind)
+        x = batch(data, part, words, np.random.default_rng(0), blind, boxes)
         inputs = {
             k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
         }
@@ -329,15 +352,23 @@ def train(args) -> None:
     for r in train_records + test_records:
         words(r["prompt"])  # ids fixed before training
     blind = ", blind (features and voxels zero)" if args.blind else ""
+    blind += ", the named objects' boxes in relational prompts" if args.boxes_in_prompt else ""
     print(f"oracle grounding: {overrides}{blind}, {len(train_records)} train questions")
     for i in range(1, args.steps + 1):
         picked = [train_records[k] for k in rng.choice(len(train_records), args.batch_size)]
-        x = batch(train_data, picked, words, rng, args.blind)
+        x = batch(train_data, picked, words, rng, args.blind, args.boxes_in_prompt)
         params, opt_state, losses = step(params, opt_state, x)
         logged.append([float(v) for v in losses])
         if i % 600 == 0 or i == args.steps:
             accuracy = held_out_accuracy(
-                module, params, test_data, test_records, words, i == args.steps, args.blind
+                module,
+                params,
+                test_data,
+                test_records,
+                words,
+                i == args.steps,
+                args.blind,
+                args.boxes_in_prompt,
             )
             ce, rating = np.mean(logged[-100:], axis=0)
             held_out = ", ".join(f"{k} {v:.1f}" for k, v in accuracy.items())
@@ -402,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--test-questions", type=int, default=400, help="held-out questions asked")
     run.add_argument(
         "--blind", action="store_true", help="the baseline without 3D input: features zero"
+    )
+    run.add_argument(
+        "--boxes-in-prompt",
+        action="store_true",
+        help="relational prompts end with the true boxes of the objects they name (location "
+        "tokens): can the LLM relate boxes it is given?",
     )
     rule = sub.add_parser("extents", help="the extent rule's cost with perfect ratings")
     rule.add_argument("--data", required=True, help="folder with test.*")
