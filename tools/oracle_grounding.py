@@ -11,20 +11,21 @@ tokens of the box. One process, no files but the two data sets:
     python -m tools.oracle_grounding train --data ORACLE --steps 1200 \
         --set loc_table_dim=21 --set target_tokens=32 --set target_layers=1
 
-`--set` overrides LLM3DConfig.demo fields (integers). With `data --relations` the records also
-hold the offline generator's relational QA questions (tools/demo.py's group: on, near, side,
-between, bigger, taller; word answers) and each report adds their exact match; `train --blind`
-zeroes every point's features and voxel, the baseline without 3D input; `--boxes-in-prompt`
-ends each relational prompt with the true boxes of the objects it names (can the LLM relate
-boxes it is given?). Measured (`data --relations`, 400 / 60 rooms, `--test-questions 800`,
-relations EM): with the target tokens (`--set target_tokens=32 --set target_layers=1 --set
-loc_table_dim=21`) 40.9 at 1800 steps, 46.3 at 3600; blind 39.7 / 47.5; blind with the boxes
-in the prompt 44.6 at 1800, 48.8 at 4200 (taller 61.9, side 45.8): near the answer priors in
-every case. Every 600 steps and at the end it prints
-held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on 400 test questions
-(`answer`) and, with target tokens, of the box of every point the model rates as the named
-object's (`rated`) and of the best-rated point's region (`region`: the box the LLM is shown, so
-the answers' ceiling if it copies it).
+`--set` overrides LLM3DConfig.demo fields (integers). Every 600 steps and at the end it prints
+held-out Acc@0.25 / Acc@0.5 of greedy answers under the location grammar on `--test-questions`
+(400) test questions (`answer`) and, with target tokens, of the box of every point the model
+rates as the named object's (`rated`) and of the best-rated point's region (`region`: the box
+the LLM is shown, so the answers' ceiling if it copies it).
+
+With `data --relations` the records also hold the offline generator's relational QA questions
+(tools/demo.py's group: on, near, side, between, bigger, taller; word answers) and each report
+adds their exact match; `train --blind` zeroes every point's features and voxel, the baseline
+without 3D input; `--boxes-in-prompt` ends each relational prompt with the true boxes of the
+objects it names (can the LLM relate boxes it is given?). Measured (`data --relations`, 400 / 60
+rooms, `--test-questions 800`, relations EM): with the target tokens (`--set target_tokens=32
+--set target_layers=1 --set loc_table_dim=21`) 40.9 at 1800 steps, 46.3 at 3600; blind 39.7 /
+47.5; blind with the boxes in the prompt 44.6 at 1800, 48.8 at 4200 (taller 61.9, side 45.8):
+near the answer priors in every case.
 
 The same rooms with the lifted features of the real pipeline instead of the one-hots (same
 points, questions and boxes), to tell whether the features or the model stop grounding:
