@@ -71,7 +71,9 @@ from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
 from llm3d_jax.fileio import InputError, load_npz  # noqa: E402
 from llm3d_jax.infer.decode import DecodeConfig  # noqa: E402
 from llm3d_jax.infer.generate import generate  # noqa: E402
+from llm3d_jax.data.preprocess import named_order  # noqa: E402
 from llm3d_jax.model import llm3d  # noqa: E402
+from llm3d_jax.train.step import rating_loss_sums  # noqa: E402
 
 CATEGORIES = sorted(synthetic.CATEGORIES)
 COLOURS = list(synthetic.COLORS)
@@ -214,7 +216,7 @@ def batch(data, records, words, rng, blind: bool = False, boxes: bool = False):
         keep = np.sort(rng.choice(STORED, SAMPLED, replace=False))
         rows["features"].append(data["features"][r["room"]][keep])
         rows["voxels"].append(data["voxels"][r["room"]][keep])
-        rows["point_target"].append(np.isin(data["instance"][r["room"]][keep], r["ids"]))
+        rows["point_target"].append(named_order(data["instance"][r["room"]][keep], r["ids"]))
         prompt = words(r["prompt"])
         if boxes and "answer" in r:
             room = data["voxels"][r["room"]].astype(int)
@@ -341,8 +343,12 @@ def train(args) -> None:
             rating = jnp.float32(0)
             if rates_points:
                 ratings = inter["intermediates"]["point_ratings"][0]
-                target = x["point_target"].astype(jnp.float32)
-                rating = optax.sigmoid_binary_cross_entropy(ratings, target).mean()
+                roles = inter["intermediates"].get("role_ratings", (None,))[0]
+                answered = jnp.ones(x["answer_ids"].shape, bool)
+                total, count = rating_loss_sums(
+                    ratings, x["point_target"], x["point_mask"], answered, roles
+                )
+                rating = total / count
             return ce + rating, (ce, rating)
 
         (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -390,12 +396,12 @@ def extents(args) -> None:
     records = records[:: max(1, len(records) // 400)][:400]
     data = dict(np.load(os.path.join(args.data, "test.npz")))
     x = batch(data, records, Words(), np.random.default_rng(0))
-    rating = jnp.asarray(np.where(x["point_target"], 1.0, -1.0), jnp.float32)
+    rating = jnp.asarray(np.where(x["point_target"] > 0, 1.0, -1.0), jnp.float32)
     truth = np.array([r["box"] for r in records], float)
     voxels = x["voxels"].astype(int)
     for radius in (16, 32, 48, None):
         if radius is None:
-            inside = x["point_target"]
+            inside = x["point_target"] > 0
         else:
             inside = np.asarray(llm3d.rated_region(rating, x["voxels"], x["point_mask"], radius))
         lo = np.where(inside[..., None], voxels, 255).min(1)

@@ -71,6 +71,7 @@ GROUNDING_SETTINGS = (
     "--config.model.target_tokens=32",
     "--config.model.target_layers=1",
     "--config.model.loc_table_dim=21",
+    "--config.model.object_roles=3",
 )
 GROUNDING_LR = 5e-4
 

@@ -297,7 +297,8 @@ def _name_or_label(facts: Facts, o: Obj) -> str:
 
 
 # ---------------------------------------------------------------------------------- tasks
-# Each returns a list of (prompt, answer, object_ids, qtype).
+# Each returns a list of (prompt, answer, object_ids, qtype); object_ids in the order the prompt
+# names the objects, then the answer's (what LLM3DConfig.object_roles learns roles from).
 
 
 def captions(facts: Facts, rng) -> list:
@@ -451,7 +452,7 @@ def _qa_size(facts: Facts, rng) -> list:
                 first, second = (a, b) if rng.random() < 0.5 else (b, a)
                 big = a if va > vb else b
                 q = f"Which is bigger, the {facts.names[first.id]} or the {facts.names[second.id]}?"
-                bigger.append((q, facts.names[big.id], [a.id, b.id], "bigger"))
+                bigger.append((q, facts.names[big.id], [first.id, second.id], "bigger"))
             if abs(height(a.box) - height(b.box)) >= TALLER_MARGIN:
                 x, y = (a, b) if rng.random() < 0.5 else (b, a)
                 q = f"Is the {facts.names[x.id]} taller than the {facts.names[y.id]}?"
@@ -528,9 +529,9 @@ def _qa_between(facts: Facts, rng) -> list:
                     continue
                 q = f"Is the {facts.names[c.id]} between {pair}?"
                 if _strictly_between(*td):
-                    yes.append((q, "yes", [a.id, b.id, c.id], "between_yn"))
+                    yes.append((q, "yes", [c.id, a.id, b.id], "between_yn"))
                 elif _clearly_not_between(*td):
-                    no.append((q, "no", [a.id, b.id, c.id], "between_yn"))
+                    no.append((q, "no", [c.id, a.id, b.id], "between_yn"))
     return sample(rng, which, 2) + _balanced(rng, yes, no, 2)
 
 

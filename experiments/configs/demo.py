@@ -62,6 +62,9 @@ def get_config():
     c.model.target_tokens = config_dict.placeholder(int)
     c.model.target_layers = config_dict.placeholder(int)
     c.model.target_context = config_dict.placeholder(bool)
+    # Roles of the named objects and their boxes' geometry as tokens (LLM3DConfig.object_roles;
+    # assets/demo: 3): what relational questions are answered from.
+    c.model.object_roles = config_dict.placeholder(int)
     # The rating above which a point joins the box the LLM is shown (LLM3DConfig, default -1).
     c.model.target_threshold = config_dict.placeholder(float)
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,

@@ -40,9 +40,10 @@ Entry points (all keyword options also accepted from a config's `data` ConfigDic
 default, is the stored precision and skips the host conversion that dominates at 5000 x 1408),
 "voxels" int32 [B,N,3], "point_mask" bool [B,N], "prompt_ids" int32 [B,Lp], "prompt_mask" bool
 [B,Lp], "answer_ids" int32 [B,La] (ends with eos; the model shifts it right for the T5 decoder),
-"answer_mask" bool [B,La], "point_target" bool [B,N]}: the model's keywords plus the points of
-the objects the record names. With the device scene cache: {"scene" int32 [B], "sample_key"
-uint32 [B,2], "object_mask" bool [B,M], and the four text arrays};
+"answer_mask" bool [B,La], "point_target" int8 [B,N]}: the model's keywords plus the points of
+the objects the record names (k > 0: the k-th object the record names). With the device scene
+cache: {"scene" int32 [B], "sample_key" uint32 [B,2], "object_mask" int8 [B,M], and the four
+text arrays};
 `scene_cache.model_batch(it.scene_cache.arrays, batch, it.scene_cache.spec)` (inside jit) turns
 it into the former, bit for bit. `it.last_metadata`: this host's rows' {id, scene_id, dataset,
 task, prompt, answers, object_ids, grid_origin, grid_voxel, valid}. `it.get_state()` /

@@ -45,7 +45,9 @@ MODEL_KEYS = (
     "prompt_mask",
     "answer_ids",
     "answer_mask",
-    "point_target",  # bool [P]: the point belongs to an object the record names (object_ids)
+    # int8 [P]: k > 0 when the point belongs to the k-th object the record names (its object_ids,
+    # in the order the prompt names them), else 0
+    "point_target",
 )
 
 
@@ -53,7 +55,7 @@ MODEL_KEYS = (
 CACHED_KEYS = (
     "scene",  # int32 []: the scene's index in the cache (llm3d_jax.data.scene_cache)
     "sample_key",  # uint32 [2]: the point-sampling key (`sample_key`)
-    "object_mask",  # bool [M]: which of the scene's distinct instance ids the record names
+    "object_mask",  # int8 [M]: per distinct instance id of the scene, as point_target
     "prompt_ids",
     "prompt_mask",
     "answer_ids",
@@ -213,14 +215,26 @@ def fill_points(scene: dict, keep: np.ndarray | None, features, voxels) -> np.nd
     return np.arange(num_points) < n
 
 
+def named_order(instance: np.ndarray, object_ids) -> np.ndarray:
+    """int8 like `instance`: k where the value is the k-th of `object_ids` (1-based, the first
+    127), else 0."""
+    ids = np.asarray(object_ids, np.int64).reshape(-1)[:127]
+    instance = np.asarray(instance)
+    if not len(ids):
+        return np.zeros(instance.shape, np.int8)
+    match = instance[..., None] == ids  # [..., K]
+    return np.where(match.any(-1), match.argmax(-1) + 1, 0).astype(np.int8)
+
+
 def target_points(scene: dict, keep: np.ndarray | None, object_ids, num_points: int) -> np.ndarray:
-    """bool [P]: which of the chosen points (as `fill_points` lays them out) belong to one of
-    `object_ids` (the scene's per-point `instance`); False on padding and for a record that
-    names no object. What `LLM3DConfig.target_tokens`' point ratings learn to pick."""
-    out = np.zeros(num_points, bool)
+    """int8 [P]: k > 0 where the chosen point (as `fill_points` lays them out) belongs to the k-th
+    of `object_ids` (the scene's per-point `instance`); 0 elsewhere, on padding and for a record
+    that names no object. What `LLM3DConfig.target_tokens`' point ratings learn to pick (any
+    k), and its `object_roles` (the k-th)."""
+    out = np.zeros(num_points, np.int8)
     if len(object_ids):
         instance = scene["instance"] if keep is None else scene["instance"][keep]
-        out[: len(instance)] = np.isin(instance, np.asarray(object_ids))
+        out[: len(instance)] = named_order(instance, object_ids)
     return out
 
 
@@ -287,9 +301,9 @@ class Preprocess:
             answer = answers[0]
         key = sample_key(rng)
         if self.object_slots:  # the scene's points stay in the cache: name them
-            named = np.zeros(self.object_slots, bool)
+            named = np.zeros(self.object_slots, np.int8)
             ids = scene["instance_ids"]
-            named[: len(ids)] = np.isin(ids, record["object_ids"])
+            named[: len(ids)] = named_order(ids, record["object_ids"])
             points = {"scene": np.int32(scene["index"]), "sample_key": key, "object_mask": named}
         else:
             # Gathered straight into the batch array by `collate`: no per-example copy.

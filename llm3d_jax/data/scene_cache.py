@@ -106,7 +106,9 @@ class Scenes:
         for i, s in enumerate(arrays["scene"]):
             scene = self.view(int(s))
             keep = fn.keep(len(scene["features"]), arrays["sample_key"][i])
-            named = np.flatnonzero(arrays["object_mask"][i])  # the named ids, as slots
+            order = arrays["object_mask"][i]
+            named = np.flatnonzero(order)
+            named = named[np.argsort(order[named], kind="stable")]  # the named ids, as slots
             example = {k: arrays[k][i] for k in TEXT_KEYS}
             examples.append({**example, "points": (scene, keep), "meta": {"object_ids": named}})
         host, _ = dataclasses.replace(fn, object_slots=0).collate(examples)
@@ -304,7 +306,7 @@ def model_batch(arrays: dict, batch: dict, spec: CacheSpec) -> dict:
         "features": features,
         "voxels": voxels,
         "point_mask": point_mask,
-        "point_target": named & valid,
+        "point_target": jnp.where(valid, named, jnp.int8(0)),
     }
     return {**out, **{k: batch[k] for k in TEXT_KEYS}}
 

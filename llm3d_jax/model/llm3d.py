@@ -113,8 +113,21 @@ class LLM3DConfig:
     # grounding Acc@0.25 28.5 at 0, 34.0 at -0.5, 35.1 at -1, 34.2 at -1.5, 29.8 at -2 (make
     # demo's rooms); 30.1 at 0, 40.7 at -1 (tools/pretrain_demo's held-out rooms, another seed).
     target_threshold: float = -1.0
+    # >0 (with target_tokens): the relevance transformer also rates every point as the r-th
+    # object the prompt names (r < object_roles; `point_target` == r + 1 is its target), the
+    # box of each role's rated region is measured, and `RoleGeometry` turns the boxes into
+    # tokens that follow the target tokens: one per role, one per pair of roles, one over all
+    # pairs, each an MLP of the boxes' coordinates, sizes and differences (centre offsets,
+    # directions, gaps). Relations ("is the X taller than the Y", "standing at the X facing the
+    # Y, is the Z on your left") are comparisons of numbers; as location tokens they are not
+    # learnt, as these they are (docs/architecture.md, "Relations").
+    object_roles: int = 0
 
     def __post_init__(self):
+        if self.object_roles and not self.target_tokens:
+            raise ValueError("object_roles needs target_tokens (the point ratings they extend)")
+        if self.object_roles == 1:
+            raise ValueError("object_roles: 0, or 2 or more (relations are between objects)")
         if self.posembed_mode not in MODES:
             raise ValueError(f"posembed_mode {self.posembed_mode!r} is not one of {MODES}")
         width = output_dim(self.posembed_mode, self.feature_dim)
@@ -238,13 +251,20 @@ class LLM3DConfig:
         return cls(qformer=QFormerConfig(**d.pop("qformer")), llm=llm, **d)
 
 
-def grounding_settings(config: LLM3DConfig) -> tuple[int, int, int, int, bool]:
+def grounding_settings(config: LLM3DConfig) -> tuple[int, int, int, int, bool, int]:
     """What a model grows for grounding: (point_tokens, loc_table_dim, target_tokens,
-    target_layers, target_context); a loaded model whose settings differ is grown
-    (`grow_params`)."""
+    target_layers, target_context, object_roles); a loaded model whose settings differ is
+    grown (`grow_params`)."""
     layers = config.target_layers if config.target_tokens else 0
     context = config.target_context if config.target_tokens else False
-    return config.point_tokens, config.llm.loc_table_dim, config.target_tokens, layers, context
+    return (
+        config.point_tokens,
+        config.llm.loc_table_dim,
+        config.target_tokens,
+        layers,
+        context,
+        config.object_roles,
+    )
 
 
 def with_overrides(
@@ -348,8 +368,12 @@ class LLM3D(nn.Module):
         if c.point_tokens:
             self.point_proj = to_llm()
         if c.target_tokens:
-            self.relevance = PointRelevance(relevance_config(c), context=c.target_context)
+            self.relevance = PointRelevance(
+                relevance_config(c), context=c.target_context, roles=c.object_roles
+            )
             self.target_proj = to_llm()
+            if c.object_roles:
+                self.role_geometry = RoleGeometry(c.llm_width, c.llm.compute_dtype)
             # One learned vector per extent slot (x, y, z minima, then maxima), added to the six
             # location tokens: the answer's t-th location token then finds "slot t" by content.
             # Without them the slots differ only by their bins and their place in the prefix.
@@ -368,8 +392,9 @@ class LLM3D(nn.Module):
     ):
         """-> (the 3D scene as the LLM sees it [B,S,width], its mask bool [B,S]): the projected
         queries [B,Q,width], then with `point_tokens` P projected points [B,P,width], then with
-        `target_tokens` T projected best-rated points [B,T,width] (these need the embedded
-        prompt [B,Lp,width] and its mask)."""
+        `target_tokens` T projected best-rated points [B,T,width] and the six location tokens
+        of their region's box (these need the embedded prompt [B,Lp,width] and its mask), then
+        with `object_roles` R the `RoleGeometry` tokens [B,G,width] of the R roles' boxes."""
         c = self.config
         if c.feature_norm:
             features = self.feature_norm(features.astype(jnp.float32))
@@ -388,6 +413,8 @@ class LLM3D(nn.Module):
             mask = jnp.concatenate([mask, jnp.take_along_axis(point_mask, index, axis=1)], 1)
         if c.target_tokens:
             rating = self.relevance(points, point_mask, prompt_embeds, prompt_mask, deterministic)
+            if c.object_roles:
+                rating, roles = rating  # [B,N], [B,N,R]
             rating = jnp.where(point_mask, rating, -1e9)  # [B,N] float32
             self.sow("intermediates", "point_ratings", rating)
             _, index = jax.lax.top_k(rating, min(c.target_tokens, rating.shape[1]))
@@ -412,6 +439,14 @@ class LLM3D(nn.Module):
                 ],
                 1,
             )
+            if c.object_roles:
+                roles = jnp.where(point_mask[..., None], roles, -1e9)
+                self.sow("intermediates", "role_ratings", roles)
+                boxes = role_boxes(roles, voxels, point_mask, c.target_threshold)  # [B,R,6]
+                presence = jax.nn.sigmoid(jnp.max(roles, axis=1))  # [B,R]
+                geometry = self.role_geometry(boxes, presence)  # [B,G,width]
+                tokens = jnp.concatenate([tokens, geometry.astype(tokens.dtype)], 1)
+                mask = jnp.concatenate([mask, jnp.ones(geometry.shape[:2], bool)], 1)
         return tokens, mask
 
     def query_embeds(self, features, voxels, point_mask, deterministic=True):
@@ -500,10 +535,13 @@ class PointRelevance(nn.Module):
     (the LLM's prompt embeddings), prompt_mask bool [B,Lp] -> ratings float32 [B,N]: a logit of
     each point belonging to what the prompt names. Each layer: self-attention over the points
     (relations between objects), cross-attention to the prompt, feed-forward. With `context`,
-    the words of the direct match are read in context first."""
+    the words of the direct match are read in context first. With `roles` R, also role ratings
+    float32 [B,N,R] (returned after the ratings): each point against the r-th object the prompt
+    names, R learned queries picking their words from the prompt read in context."""
 
     config: QFormerConfig
     context: bool = False
+    roles: int = 0
 
     @nn.compact
     def __call__(self, points, point_mask, prompt, prompt_mask, deterministic=True):
@@ -531,7 +569,34 @@ class PointRelevance(nn.Module):
         for i in range(cfg.num_hidden_layers):
             layer = BertLayer(cfg, has_cross_attention=True, name=f"layer_{i}")
             x = layer(x, point_mask, prompt, prompt_mask, deterministic)
-        return bert_dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32) + match
+        rating = bert_dense(1, ("embed", None), cfg, "rating")(x)[..., 0].astype(jnp.float32)
+        if not self.roles:
+            return rating + match
+        return rating + match, self.role_ratings(points, prompt, prompt_mask, deterministic)
+
+    def role_ratings(self, points, prompt, prompt_mask, deterministic):
+        """-> [B,N,R]: the direct match of each point with the words of each role. The words
+        are read in context (where a noun sits: "standing at the X facing the Y" names X
+        first), and role r's learned query picks its words by attention."""
+        cfg = self.config
+        h = cfg.hidden_size
+        p = bert_dense(h, ("enc_embed", "embed"), cfg, "role_prompt_in")(prompt)
+        p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
+        p = bert_layer_norm(cfg, "role_prompt_norm")(p)
+        p = BertLayer(cfg, name="role_prompt_layer")(p, prompt_mask, deterministic=deterministic)
+        queries = self.param(
+            "role_queries",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
+            (self.roles, h),
+            jnp.float32,
+        )
+        keys = _unit_dense(h, cfg, "role_word_keys", None)(p)  # [B,Lp,H]
+        attend = jnp.einsum("rh,blh->brl", queries.astype(keys.dtype), keys) / np.sqrt(h)
+        attend = jnp.where(prompt_mask[:, None, :], attend.astype(jnp.float32), -1e9)
+        words = _unit_dense(h, cfg, "role_words", None)(p)  # [B,Lp,H]
+        words = jnp.einsum("brl,blh->brh", jax.nn.softmax(attend, -1).astype(words.dtype), words)
+        match = _unit_dense(h, cfg, "role_match")(points)  # [B,N,H]
+        return jnp.einsum("bnh,brh->bnr", match, words).astype(jnp.float32) / np.sqrt(h)
 
 
 def _best_point(rating, point_mask):
@@ -552,11 +617,103 @@ def extent_ids(rating, voxels, point_mask, llm, region: bool = False, threshold:
     else:
         point_mask = jnp.asarray(point_mask, bool)
         inside = ((rating > threshold) & point_mask) | _best_point(rating, point_mask)
+    bins = points_box(inside, voxels) * llm.loc_bins // GRID
+    return (llm.loc_offset + bins).astype(jnp.int32)
+
+
+def points_box(inside, voxels):
+    """inside bool [B,N], voxels int [B,N,3] -> int32 [B,6]: the voxel box (x, y, z minima, then
+    maxima) of the points inside."""
     v = jnp.asarray(voxels, jnp.int32)
     lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
     hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
-    bins = jnp.concatenate([lo, hi], axis=1) * llm.loc_bins // GRID
-    return (llm.loc_offset + bins).astype(jnp.int32)
+    return jnp.concatenate([lo, hi], axis=1)
+
+
+def role_boxes(roles, voxels, point_mask, threshold: float):
+    """role ratings [B,N,R], voxels int [B,N,3] -> int32 [B,R,6]: the voxel box of each role's
+    `rated_region` (no gradient, as `extent_ids`)."""
+    b, n, r = roles.shape
+    flat = jnp.moveaxis(roles, 2, 1).reshape(b * r, n)  # [B*R,N]
+    v = jnp.repeat(jnp.asarray(voxels), r, axis=0)  # [B*R,N,3]
+    m = jnp.repeat(jnp.asarray(point_mask, bool), r, axis=0)
+    inside = rated_region(flat, v, m, threshold=threshold)
+    return points_box(inside, v).reshape(b, r, 6)
+
+
+GEOMETRY_HIDDEN = 256
+
+
+class RoleGeometry(nn.Module):
+    """boxes int [B,R,6] (voxels: x, y, z minima, then maxima), presence [B,R] in [0, 1] ->
+    tokens [B, R + R(R-1)/2 + 1, width]: one per role (its box: corners, centre, size, log
+    volume), one per pair i < j (both roles', the centre offset, its horizontal length and
+    direction, the size difference and the two gaps between the boxes along each axis) and
+    one over all pairs, each a 3-layer MLP, scaled by the roles' presence (a role the prompt
+    does not fill rates no point high)."""
+
+    width: int
+    dtype: object = jnp.float32
+
+    def mlp(self, x, name: str):
+        for i, features in enumerate((GEOMETRY_HIDDEN, GEOMETRY_HIDDEN)):
+            x = nn.gelu(self._dense(features, f"{name}_{i}")(x))
+        return self._dense(self.width, f"{name}_out", (None, "embed"))(x)
+
+    def _dense(self, features, name, axes=(None, None)):
+        return nn.Dense(
+            features,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, boxes, presence):
+        b = jnp.asarray(boxes, jnp.float32) / (GRID / 2) - 1.0  # [B,R,6] in [-1, 1]
+        lo, hi = b[..., :3], b[..., 3:]
+        centre, size = (lo + hi) / 2, hi - lo
+        volume = jnp.log(jnp.prod(size + 1e-2, axis=-1, keepdims=True))
+        role = jnp.concatenate([lo, hi, centre, size, volume], -1)  # [B,R,13]
+        count = boxes.shape[1]
+        pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+        pair_features, pair_presence = [], []
+        for i, j in pairs:
+            offset = centre[:, j] - centre[:, i]  # [B,3]
+            length = jnp.sqrt(jnp.sum(offset[:, :2] ** 2, -1, keepdims=True) + 1e-6)
+            pair_features.append(
+                jnp.concatenate(
+                    [
+                        role[:, i],
+                        role[:, j],
+                        offset,
+                        length,
+                        offset[:, :2] / length,  # the horizontal direction i -> j
+                        size[:, j] - size[:, i],
+                        lo[:, j] - hi[:, i],  # gaps: > 0 where j lies beyond i along an axis
+                        lo[:, i] - hi[:, j],
+                    ],
+                    -1,
+                )
+            )
+            pair_presence.append(presence[:, i] * presence[:, j])
+        pair_features = jnp.stack(pair_features, 1)  # [B,R(R-1)/2,41]
+        pair_presence = jnp.stack(pair_presence, 1)
+        role_embed = self.param(
+            "role_embed",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+            (count, self.width),
+            jnp.float32,
+        )
+        tokens = [
+            (self.mlp(role, "role") + role_embed) * presence[..., None],
+            self.mlp(pair_features, "pair") * pair_presence[..., None],
+            self.mlp(pair_features.reshape(b.shape[0], -1), "pairs")[:, None]
+            * jnp.prod(presence, axis=1)[:, None, None],
+        ]
+        return jnp.concatenate([t.astype(self.dtype) for t in tokens], 1)
 
 
 def rated_region(

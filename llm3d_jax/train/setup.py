@@ -72,6 +72,7 @@ def build_model(config, with_optimizer: bool = False):
         "target_layers",
         "target_context",
         "target_threshold",
+        "object_roles",
     )
     for key in ("prefix_causal", "scan_layers", "attention_impl", "dropout", *grounding):
         if m.get(key) is not None:
@@ -361,7 +362,7 @@ def abstract_batch(config, model_config, mesh, batch_size: int | None = None) ->
     n, lp, la = config.data.num_points, config.data.prompt_len, config.data.answer_len
     shapes = llm3d.example_inputs(model_config, batch=batch, points=n, prompt_len=lp, answer_len=la)
     if config.data_source == "tfds":  # the pipeline's per-point targets (data.preprocess)
-        shapes["point_target"] = jax.ShapeDtypeStruct((batch, n), jnp.bool_)
+        shapes["point_target"] = jax.ShapeDtypeStruct((batch, n), jnp.int8)
     data_sh = sharding.batch_sharding(mesh)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh) for k, v in shapes.items()}
 

@@ -52,12 +52,19 @@ def _model_inputs(batch):
     return {k: batch[k] for k in MODEL_INPUTS}
 
 
-def rating_loss_sums(ratings, point_target, point_mask, answer_mask):
+def rating_loss_sums(ratings, point_target, point_mask, answer_mask, role_ratings=None):
     """-> (sum of per-point binary cross-entropy, number of points) of the point ratings
-    [B,N] (`LLM3DConfig.target_tokens`) against `point_target` [B,N], over the real points of
-    rows that carry an answer (eval padding rows carry none)."""
+    [B,N] (`LLM3DConfig.target_tokens`) against `point_target` [B,N] (> 0: a named object's
+    point), over the real points of rows that carry an answer (eval padding rows carry none).
+    With `role_ratings` [B,N,R] (`object_roles`), each point adds the cross-entropy of its R
+    role ratings, role r's target `point_target == r + 1`."""
     weight = point_mask.astype(jnp.float32) * jnp.any(answer_mask, axis=1, keepdims=True)
-    bce = optax.sigmoid_binary_cross_entropy(ratings, point_target.astype(jnp.float32))
+    target = jnp.asarray(point_target)
+    bce = optax.sigmoid_binary_cross_entropy(ratings, (target > 0).astype(jnp.float32))
+    if role_ratings is not None:
+        roles = jnp.arange(1, role_ratings.shape[-1] + 1, dtype=target.dtype)
+        role_target = (target[..., None] == roles).astype(jnp.float32)  # [B,N,R]
+        bce = bce + jnp.sum(optax.sigmoid_binary_cross_entropy(role_ratings, role_target), -1)
     return jnp.sum(bce * weight), jnp.sum(weight)
 
 
@@ -97,8 +104,9 @@ def make_train_step(
             variables, **inputs, deterministic=False, rngs={"dropout": rng}, mutable="intermediates"
         )
         ratings = inter["intermediates"]["point_ratings"][0]
+        roles = inter["intermediates"].get("role_ratings", (None,))[0]
         rating = rating_loss_sums(
-            ratings, batch["point_target"], batch["point_mask"], batch["answer_mask"]
+            ratings, batch["point_target"], batch["point_mask"], batch["answer_mask"], roles
         )
         return (*answer_loss_sums(logits, batch["answer_ids"], batch["answer_mask"]), *rating)
 

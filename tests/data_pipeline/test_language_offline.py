@@ -126,21 +126,25 @@ def check_record(scene, r):
         base = named[re.fullmatch(r"What is on the (.+)\?", q).group(1)]
         tops = sorted({o.label for o in objs if o is not base and on(o, base)})
         assert re.split(r", | and ", a) == tops, q
+        assert r["object_ids"][0] == base.id  # named objects first, in the prompt's order
     elif kind == "on_yn":
         m = re.fullmatch(r"Is the (.+) on the (.+)\?", q)
         assert a == ("yes" if on(named[m.group(1)], named[m.group(2)]) else "no"), q
+        assert r["object_ids"] == [named[m.group(1)].id, named[m.group(2)].id]
     elif kind == "bigger":
         m = re.fullmatch(r"Which is bigger, the (.+) or the (.+)\?", q)
         x, y = named[m.group(1)], named[m.group(2)]
         vol = lambda o: np.prod(np.asarray(o.box[3:], float) - np.asarray(o.box[:3], float))
         big, small = (x, y) if vol(x) > vol(y) else (y, x)
         assert named[a] is big and vol(big) >= 2 * vol(small), q
+        assert r["object_ids"] == [x.id, y.id]
     elif kind == "taller":
         m = re.fullmatch(r"Is the (.+) taller than the (.+)\?", q)
         h = lambda o: o.box[5] - o.box[2]
         x, y = named[m.group(1)], named[m.group(2)]
         assert abs(h(x) - h(y)) >= 0.2 - 1e-6
         assert a == ("yes" if h(x) > h(y) else "no"), q
+        assert r["object_ids"] == [x.id, y.id]
     elif kind == "side":
         m = re.fullmatch(
             r"Standing at the (.+) facing the (.+), is the (.+) on your left or right\?", q
@@ -149,6 +153,7 @@ def check_record(scene, r):
         f, v = pb - pa, pc - pa
         cross = (f[0] * v[1] - f[1] * v[0]) / np.linalg.norm(f)
         assert abs(cross) >= 0.3 and a == ("left" if cross > 0 else "right"), q
+        assert r["object_ids"] == [named[m.group(i)].id for i in (1, 2, 3)]
     elif kind == "near":
         x = named[re.fullmatch(r"What is closest to the (.+)\?", q).group(1)]
         ranked = sorted((gap(x, o), o.id) for o in objs if o is not x)
@@ -157,6 +162,7 @@ def check_record(scene, r):
             a in (nearest.label, f"{nearest.color} {nearest.label}")
             and ranked[1][0] - ranked[0][0] >= 0.3
         )
+        assert r["object_ids"] == [x.id, nearest.id]
     elif kind in ("between", "between_yn"):
         m = re.fullmatch(r"(?:What is|Is the (.+)) between the (.+) and the (.+)\?", q)
         x, y = named[m.group(2)], named[m.group(3)]
@@ -170,11 +176,13 @@ def check_record(scene, r):
                 inside[0].label,
                 f"{inside[0].color} {inside[0].label}",
             ), q
+            assert r["object_ids"] == [x.id, y.id, inside[0].id]
         else:
             t, d = seg(x, y, named[m.group(1)])
             assert a == ("yes" if 0.2 <= t <= 0.8 and d <= 0.5 else "no"), q
             if a == "no":
                 assert t < -0.1 or t > 1.1 or d > 1.2
+            assert r["object_ids"] == [named[m.group(1)].id, x.id, y.id]
     elif kind.startswith("ground"):
         forms = "|".join(re.escape(f.split("{}")[0]) for f in offline.GROUNDING_FORMS)
         phrase = re.fullmatch(rf"(?:{forms})(.+?)(?: is)?[?.]", q).group(1)

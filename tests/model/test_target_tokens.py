@@ -132,11 +132,11 @@ def test_rating_loss_sums_count_real_points_of_answered_rows():
 def test_target_points_follow_the_chosen_points_and_padding():
     scene = {"instance": np.array([-1, 3, 3, 7, 2], np.int32)}
     keep = np.array([1, 3, 4])
+    # k: the point's object is the k-th the record names
+    np.testing.assert_array_equal(preprocess.target_points(scene, keep, [3, 2], 3), [1, 0, 2])
+    np.testing.assert_array_equal(preprocess.target_points(scene, keep, [2, 3], 3), [2, 0, 1])
     np.testing.assert_array_equal(
-        preprocess.target_points(scene, keep, [3, 2], 3), [True, False, True]
-    )
-    np.testing.assert_array_equal(
-        preprocess.target_points(scene, None, [7], 7), [False, False, False, True, False, 0, 0]
+        preprocess.target_points(scene, None, [7], 7), [0, 0, 0, 1, 0, 0, 0]
     )
     assert not preprocess.target_points(scene, None, [], 5).any()
 
