@@ -1,5 +1,6 @@
 """The committed pieces `make demo` starts from (assets/demo, built by tools/pretrain_demo.py)."""
 
+import dataclasses
 import json
 import os
 
@@ -20,12 +21,14 @@ def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
         bundles["3d"],
         bundles["blind"],
     )
-    # One model, two trainings: the same shapes, the same tokenizer, different weights.
-    assert module.config == blind_module.config
+    # One model, two trainings: the same shapes, the same tokenizer, different weights; only the
+    # 3D model has object roles (rated points of zero features give the blind model no boxes).
+    assert module.config == dataclasses.replace(blind_module.config, object_roles=3)
     assert tokenizer.get_vocab() == blind_tokenizer.get_vocab()
     flat = exported._flat(params)
     blind_flat = exported._flat(blind_params)
-    assert flat.keys() == blind_flat.keys()
+    roles = {k for k in flat if k.startswith(("relevance/role_", "role_geometry/"))}
+    assert roles and flat.keys() - roles == blind_flat.keys()
     assert any(not np.array_equal(flat[k], blind_flat[k]) for k in flat)
     # The encoder's features are what the model reads; the queries start from points.
     assert module.config.feature_dim == encoder.config.hidden_size
@@ -33,7 +36,7 @@ def test_demo_encoder_and_both_pretrained_models_load_and_fit_together():
     # the demo preset grown by phase (c)'s grounding settings
     grounding = {
         flag.split("=")[0].rsplit(".", 1)[1]: int(flag.split("=")[1])
-        for flag in pretrain_demo.GROUNDING_SETTINGS
+        for flag in pretrain_demo.GROUNDING_SETTINGS + pretrain_demo.ROLE_SETTINGS
     }
     preset = llm3d.LLM3DConfig.demo(vocab_size=module.config.llm.vocab_size)
     assert module.config == llm3d.with_overrides(preset, **grounding)
@@ -152,6 +155,8 @@ def test_pretrain_demo_runs_each_mode_through_the_same_phases(tmp_path, monkeypa
     ]
     grounding = [c[5] for c in calls if c[0] == "train" and c[1].endswith("_grounding")]
     assert all(set(pretrain_demo.GROUNDING_SETTINGS) <= set(extra) for extra in grounding)
+    # object roles for the 3D model only
+    assert [set(pretrain_demo.ROLE_SETTINGS) <= set(extra) for extra in grounding] == [True, False]
     assert [c[2] for c in calls if c[0] == "copy"] == [
         str(out / "pretrained_3d"),
         str(out / "pretrained_blind"),

@@ -67,11 +67,11 @@ from data_pipeline.language import offline  # noqa: E402
 from data_pipeline.lift.voxelize import balanced_sample, grid_for_bounds, voxel_indices  # noqa: E402
 from data_pipeline.scenes import synthetic  # noqa: E402
 from llm3d_jax import tokens  # noqa: E402
+from llm3d_jax.data.preprocess import named_order  # noqa: E402
 from llm3d_jax.evaluate.grounding import box_iou  # noqa: E402
 from llm3d_jax.fileio import InputError, load_npz  # noqa: E402
 from llm3d_jax.infer.decode import DecodeConfig  # noqa: E402
 from llm3d_jax.infer.generate import generate  # noqa: E402
-from llm3d_jax.data.preprocess import named_order  # noqa: E402
 from llm3d_jax.model import llm3d  # noqa: E402
 from llm3d_jax.train.step import rating_loss_sums  # noqa: E402
 

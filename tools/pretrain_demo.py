@@ -19,7 +19,7 @@ synthetic rooms of *another* seed (default 1000; the demo's rooms use seed 0):
         rated as the named object's and the box of the best-rated point's region as six
         location tokens; location rows from the sin/cos table; grown at random init), so the
         model learns *where* (grounding is about a third of the records; --grounding-steps, 0
-        skips it).
+        skips it); the 3D model also grows ROLE_SETTINGS (object roles and their geometry).
   4. tools/export.py --safetensors of each last phase.
 
     python -m tools.pretrain_demo --out assets/demo
@@ -36,7 +36,7 @@ gave 16.7: not used, not understood yet. That phase (c) ran with the box rule of
 (target_threshold 0, REGION_RADIUS 48); the same held-out questions with today's rule on the
 same weights: 43.5. Phase (c) rerun with threshold -1: 41.1 at radius 48 (40.7 for assets/demo's),
 so assets/demo was not rebuilt then. Its pretrained_3d/ was then made by phase (c) once more, from
-itself, with object roles added to GROUNDING_SETTINGS (`--config.model.object_roles=3`: the
+itself, with ROLE_SETTINGS added (`--config.model.object_roles=3`: the
 points rated as the first, second and third object the prompt names, and the geometry of their
 boxes as tokens; docs/architecture.md):
 
@@ -81,8 +81,9 @@ GROUNDING_SETTINGS = (
     "--config.model.target_tokens=32",
     "--config.model.target_layers=1",
     "--config.model.loc_table_dim=21",
-    "--config.model.object_roles=3",
 )
+# and for the 3D model only: the blind model's points are all zero, so no role has a box
+ROLE_SETTINGS = ("--config.model.object_roles=3",)
 GROUNDING_LR = 5e-4
 
 
@@ -111,7 +112,8 @@ def phase_c(work: str, data: dict, args, mode: str, start: str, out: str) -> Non
     """Phase (c) of `mode` from the exported model `start` -> OUT/pretrained_<mode>."""
     demo.banner(f"pretrain {mode}: (c) whole mixture with grounding, {args.grounding_steps} steps")
     run = os.path.join(work, f"run_{mode}_grounding")
-    extra = (*GROUNDING_SETTINGS, f"--config.optim.lr={GROUNDING_LR}")
+    roles = ROLE_SETTINGS if mode == "3d" else ()
+    extra = (*GROUNDING_SETTINGS, *roles, f"--config.optim.lr={GROUNDING_LR}")
     demo.train_and_eval(
         run, data, args.seed, mode == "blind", args.grounding_steps, pretrained=start, extra=extra
     )
