@@ -120,7 +120,8 @@ class LLM3DConfig:
     # pairs, each an MLP of the boxes' coordinates, sizes and differences (centre offsets,
     # directions, gaps). Relations ("is the X taller than the Y", "standing at the X facing the
     # Y, is the Z on your left") are comparisons of numbers; as location tokens they are not
-    # learnt, as these they are (docs/architecture.md, "Relations").
+    # learnt from true boxes, as these they are (docs/architecture.md, "Location tokens in the
+    # model").
     object_roles: int = 0
 
     def __post_init__(self):
