@@ -555,12 +555,8 @@ class PointRelevance(nn.Module):
         # Both factors start at unit scale (LeCun init, not the layers' 0.02): a product of two
         # 0.02-scaled projections starts near zero with near-zero gradients and barely moves.
         if self.context:
-            # one self-attention layer over the words and their positions: which word names
-            # the object and which only relates it to another
-            p = bert_dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, "prompt_in")(prompt)
-            p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
-            p = bert_layer_norm(cfg, "prompt_norm")(p)
-            p = BertLayer(cfg, name="prompt_layer")(p, prompt_mask, deterministic=deterministic)
+            # which word names the object and which only relates it to another
+            p = self.read_in_context(prompt, prompt_mask, deterministic)
             words = _unit_dense(cfg.hidden_size, cfg, "words", None)(p)  # [B,Lp,H]
         else:
             words = _unit_dense(cfg.hidden_size, cfg, "words")(prompt)  # [B,Lp,H]
@@ -575,16 +571,24 @@ class PointRelevance(nn.Module):
             return rating + match
         return rating + match, self.role_ratings(points, prompt, prompt_mask, deterministic)
 
+    def read_in_context(self, prompt, prompt_mask, deterministic, prefix: str = ""):
+        """prompt [B,Lp,width] -> [B,Lp,H]: the words with their sin/cos positions through one
+        self-attention layer (params `{prefix}prompt_in`, `_norm`, `_layer`)."""
+        cfg = self.config
+        p = bert_dense(cfg.hidden_size, ("enc_embed", "embed"), cfg, f"{prefix}prompt_in")(prompt)
+        p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
+        p = bert_layer_norm(cfg, f"{prefix}prompt_norm")(p)
+        return BertLayer(cfg, name=f"{prefix}prompt_layer")(
+            p, prompt_mask, deterministic=deterministic
+        )
+
     def role_ratings(self, points, prompt, prompt_mask, deterministic):
         """-> [B,N,R]: the direct match of each point with the words of each role. The words
         are read in context (where a noun sits: "standing at the X facing the Y" names X
         first), and role r's learned query picks its words by attention."""
         cfg = self.config
         h = cfg.hidden_size
-        p = bert_dense(h, ("enc_embed", "embed"), cfg, "role_prompt_in")(prompt)
-        p = p + jnp.asarray(sincos_table(p.shape[1], p.shape[2]), p.dtype)
-        p = bert_layer_norm(cfg, "role_prompt_norm")(p)
-        p = BertLayer(cfg, name="role_prompt_layer")(p, prompt_mask, deterministic=deterministic)
+        p = self.read_in_context(prompt, prompt_mask, deterministic, "role_")
         queries = self.param(
             "role_queries",
             nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed")),
@@ -601,9 +605,9 @@ class PointRelevance(nn.Module):
 
 
 def _best_point(rating, point_mask):
-    """-> bool [B,N], True at each row's best-rated real point."""
-    best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=1)  # [B]
-    return jnp.arange(rating.shape[1])[None, :] == best[:, None]
+    """ratings [..., N] -> bool [..., N], True at each row's best-rated real point."""
+    best = jnp.argmax(jnp.where(point_mask, rating, -jnp.inf), axis=-1)  # [...]
+    return jnp.arange(rating.shape[-1]) == best[..., None]
 
 
 def extent_ids(rating, voxels, point_mask, llm, region: bool = False, threshold: float = 0.0):
@@ -622,24 +626,26 @@ def extent_ids(rating, voxels, point_mask, llm, region: bool = False, threshold:
     return (llm.loc_offset + bins).astype(jnp.int32)
 
 
+def _per_row(x, inside):
+    """A per-point array [B,N,...] of the scene, with a size-1 axis after B for each axis
+    `inside` ([B,N] or [B,R,N]) has between its batch and its points."""
+    return jnp.expand_dims(x, tuple(range(1, inside.ndim - 1)))
+
+
 def points_box(inside, voxels):
-    """inside bool [B,N], voxels int [B,N,3] -> int32 [B,6]: the voxel box (x, y, z minima, then
-    maxima) of the points inside."""
-    v = jnp.asarray(voxels, jnp.int32)
-    lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=1)  # [B,3]
-    hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=1)
-    return jnp.concatenate([lo, hi], axis=1)
+    """inside bool [B,N] (or [B,R,N]), voxels int [B,N,3] -> int32 [B,6] (or [B,R,6]): the voxel
+    box (x, y, z minima, then maxima) of the points inside."""
+    v = _per_row(jnp.asarray(voxels, jnp.int32), inside)
+    lo = jnp.min(jnp.where(inside[..., None], v, GRID - 1), axis=-2)  # [...,3]
+    hi = jnp.max(jnp.where(inside[..., None], v, 0), axis=-2)
+    return jnp.concatenate([lo, hi], axis=-1)
 
 
 def role_boxes(roles, voxels, point_mask, threshold: float):
     """role ratings [B,N,R], voxels int [B,N,3] -> int32 [B,R,6]: the voxel box of each role's
     `rated_region` (no gradient, as `extent_ids`)."""
-    b, n, r = roles.shape
-    flat = jnp.moveaxis(roles, 2, 1).reshape(b * r, n)  # [B*R,N]
-    v = jnp.repeat(jnp.asarray(voxels), r, axis=0)  # [B*R,N,3]
-    m = jnp.repeat(jnp.asarray(point_mask, bool), r, axis=0)
-    inside = rated_region(flat, v, m, threshold=threshold)
-    return points_box(inside, v).reshape(b, r, 6)
+    inside = rated_region(jnp.moveaxis(roles, 2, 1), voxels, point_mask, threshold=threshold)
+    return points_box(inside, voxels)
 
 
 GEOMETRY_HIDDEN = 256
@@ -728,9 +734,10 @@ def rated_region(
     """ratings [B,N], voxels int [B,N,3] -> bool [B,N]: the best-rated point and the points
     rated > threshold that a chain of such points, each within `radius` voxels of the next,
     links to it (`steps` links at most). One stray point rated high across the room then does
-    not stretch the box to it."""
-    point_mask = jnp.asarray(point_mask, bool)
-    region = _best_point(rating, point_mask)  # [B,N]
+    not stretch the box to it. Ratings [B,R,N] (several per point, e.g. object roles) give
+    [B,R,N], from one distance matrix per scene."""
+    point_mask = _per_row(jnp.asarray(point_mask, bool), rating)
+    region = _best_point(rating, point_mask)  # [...,N]
     rated = ((rating > threshold) & point_mask) | region
     # squared distances as |a|^2 + |b|^2 - 2 a.b: one [B,N,N] array, not an [B,N,N,3] one;
     # voxel coordinates <= 255 keep every term exact in float32 (HIGHEST: no bf16/TF32 matmul)
@@ -738,10 +745,10 @@ def rated_region(
     sq = jnp.sum(v * v, axis=-1)  # [B,N]
     dots = jnp.einsum("bnc,bmc->bnm", v, v, precision=jax.lax.Precision.HIGHEST)
     d2 = sq[:, :, None] + sq[:, None, :] - 2 * dots
-    near = d2 <= radius**2  # [B,N,N]
-    linked = near & rated[:, :, None] & rated[:, None, :]
+    near = _per_row(d2 <= radius**2, rating)  # [B,N,N] (or [B,1,N,N])
+    linked = near & rated[..., :, None] & rated[..., None, :]
     for _ in range(steps):
-        region = region | jnp.any(linked & region[:, None, :], axis=2)
+        region = region | jnp.any(linked & region[..., None, :], axis=-1)
     return region
 
 

@@ -12,6 +12,7 @@ from llm3d_jax.infer.decode import DecodeConfig
 from llm3d_jax.infer.generate import generate
 from llm3d_jax.model import llm3d
 from llm3d_jax.train import step as step_lib
+from tests.model.random_inputs import random_inputs
 
 PREFIX_INPUTS = ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")
 
@@ -19,17 +20,6 @@ PREFIX_INPUTS = ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask"
 def _module(roles=3):
     config = llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1, object_roles=roles)
     return llm3d.LLM3D(config)
-
-
-def _inputs(config, batch=2, points=16, seed=0):
-    rng = np.random.default_rng(seed)
-    inputs = llm3d.example_inputs(config, batch=batch, points=points, prompt_len=5, answer_len=7)
-    return {
-        **inputs,
-        "features": rng.normal(size=inputs["features"].shape).astype(np.float32),
-        "voxels": rng.integers(0, 256, inputs["voxels"].shape).astype(np.int32),
-        "prompt_ids": rng.integers(2, 500, inputs["prompt_ids"].shape).astype(np.int32),
-    }
 
 
 def test_object_roles_need_target_tokens_and_two_roles():
@@ -97,7 +87,7 @@ def test_rating_loss_sums_add_each_roles_cross_entropy():
 def test_role_ratings_learn_which_points_are_the_first_and_the_second_named_object():
     module = _module(roles=2)
     params = llm3d.init_params(module, seed=0, points=16)
-    x = _inputs(module.config)
+    x = random_inputs(module.config)
     x["point_target"] = np.zeros((2, 16), np.int8)
     x["point_target"][:, :4] = 1
     x["point_target"][:, 8:12] = 2
@@ -119,7 +109,7 @@ def test_prefix_and_generation_carry_the_geometry_tokens():
     module = _module()
     c = module.config
     params = llm3d.init_params(module, seed=0, points=16)
-    x = _inputs(c)
+    x = random_inputs(c)
     inputs = {k: x[k] for k in PREFIX_INPUTS}
     embeds, mask = module.apply({"params": params}, **inputs, method=llm3d.LLM3D.prefix)
     scene = c.qformer.num_query_tokens + c.target_tokens + 6 + (3 + 3 + 1)

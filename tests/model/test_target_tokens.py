@@ -14,22 +14,12 @@ from llm3d_jax.infer.decode import DecodeConfig
 from llm3d_jax.infer.generate import generate
 from llm3d_jax.model import llm3d
 from llm3d_jax.train import step as step_lib
+from tests.model.random_inputs import random_inputs
 
 
 def _module(**overrides):
     config = llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1, **overrides)
     return llm3d.LLM3D(config)
-
-
-def _inputs(config, batch=2, points=16, seed=0):
-    rng = np.random.default_rng(seed)
-    inputs = llm3d.example_inputs(config, batch=batch, points=points, prompt_len=5, answer_len=7)
-    return {
-        **inputs,
-        "features": rng.normal(size=inputs["features"].shape).astype(np.float32),
-        "voxels": rng.integers(0, 256, inputs["voxels"].shape).astype(np.int32),
-        "prompt_ids": rng.integers(2, 500, inputs["prompt_ids"].shape).astype(np.int32),
-    }
 
 
 def test_extent_ids_are_the_box_of_the_points_rated_positive():
@@ -51,7 +41,7 @@ def test_scene_tokens_add_target_and_extent_tokens_and_depend_on_the_prompt():
     module = _module()
     c = module.config
     params = llm3d.init_params(module, seed=0, points=16)
-    x = _inputs(c)
+    x = random_inputs(c)
     embeds, mask = module.apply(
         {"params": params},
         *(x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")),
@@ -89,7 +79,7 @@ def test_generation_runs_with_target_tokens():
     module = _module()
     c = module.config
     params = llm3d.init_params(module, seed=0, points=16)
-    x = _inputs(c)
+    x = random_inputs(c)
     inputs = {k: x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")}
     dc = DecodeConfig(max_new_tokens=8, loc_offset=c.llm.loc_offset, loc_bins=c.llm.loc_bins)
     ids, _ = generate(module, params, inputs, dc)
@@ -102,7 +92,7 @@ def test_the_rating_loss_trains_the_ratings_towards_the_target_points():
     module = _module()
     c = module.config
     params = llm3d.init_params(module, seed=0, points=16)
-    x = _inputs(c)
+    x = random_inputs(c)
     x["point_target"] = np.zeros((2, 16), bool)
     x["point_target"][:, :5] = True
     tx = optax.adam(3e-3)
@@ -187,7 +177,7 @@ def test_the_models_target_threshold_sets_the_box_it_is_shown():
     thresholds, the box is the best point's alone at 100 and a wider region at -100, and only the
     six extent tokens of the LLM input change."""
     c = llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1)
-    x = _inputs(c, batch=1, points=16)
+    x = random_inputs(c, batch=1, points=16)
     args = [x[k] for k in ("features", "voxels", "point_mask", "prompt_ids", "prompt_mask")]
     params = llm3d.init_params(llm3d.LLM3D(c), points=16)
     embeds, regions = [], []
@@ -239,7 +229,7 @@ def test_context_makes_the_ratings_read_word_order():
     """Without `target_context` the ratings see the prompt as a bag of words (the direct match
     sums over them; the cross-attention has no positions): "chair closest to the table" rates
     the points as "table closest to the chair" does. With it, the words are read in order."""
-    x = _inputs(_module().config)
+    x = random_inputs(_module().config)
     swapped = x["prompt_ids"][:, ::-1]
     for context in (False, True):
         module = _module(target_context=context)
