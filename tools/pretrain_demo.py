@@ -41,11 +41,12 @@ points rated as the first, second and third object the prompt names, and the geo
 boxes as tokens; docs/architecture.md):
 
     python -m tools.pretrain_demo --out OUT --from-pretrained assets/demo --scenes 256 \
-        --grounding-steps 3000 --modes 3d
+        --grounding-steps 3000
 
-(pretrained_blind/ is the earlier run's: the blind model's points are zero, so it has nothing to
-rate). Measured after make demo's fine-tuning from it, on make demo's held-out rooms: grounding
-Acc@0.25 48.9 (40.0 before), QA EM 60.9 (57.8), relational QA EM 51.5 (48.8).
+(the blind model gets the same 3000 steps without roles: its points are zero, so it has nothing
+to rate; both models have had phase (c) twice). Measured after make demo's fine-tuning, on make
+demo's held-out rooms: the 3D model's grounding Acc@0.25 48.9 (40.0 before), QA EM 60.9 (57.8),
+relational QA EM 51.5 (48.8); README has the table with both models.
 
 OUT gets encoder/, pretrained_3d/, pretrained_blind/ (what assets/demo holds) and work/ (data,
 runs with their eval/metrics.md; not needed afterwards). Every stage is skipped when its
