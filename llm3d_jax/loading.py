@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -248,6 +249,7 @@ def load_llm3d(
     dtype: str = "float32",
     llm_path: str | os.PathLike | None = None,
     lavis_base: str | os.PathLike | None = None,
+    reinit: tuple[str, ...] = (),
 ) -> tuple[llm3d.LLM3D, dict]:
     """(module, host params) of a whole 3D-LLM, from
     - a directory written by tools/export.py (recognised by its `llm3d_config.json`);
@@ -259,6 +261,8 @@ def load_llm3d(
       `llm3d_jax.tokens.add_location_tokens` puts `<loc0>` in it, else the LLM vocab size.
       `llm_path`: take the LLM (and tokenizer) from this HF T5 / OPT / Llama / Qwen2 / Mistral
       directory instead; the projection is then freshly initialised.
+    `reinit` (regexes over "/"-joined param paths, an export only): those params are not read
+    and need not match (`llm3d.grow_params` initialises them afresh).
     """
     path = os.fspath(path)
     if path.endswith(".pth"):
@@ -271,7 +275,9 @@ def load_llm3d(
         if folder is not None and os.path.isdir(folder):
             tokens.refuse_remote_code(folder)  # model folders come from strangers: never their code
     if os.path.exists(os.path.join(path, llm3d.EXPORTED_CONFIG)):
-        return load_exported(path)
+        return load_exported(path, reinit=reinit)
+    if reinit:
+        raise InputError(path, "reinit: only for an exported model (tools/export.py)")
     if os.path.isdir(os.path.join(path, "checkpoints")):
         raise InputError(
             path, "a training run: restore it with llm3d_jax.infer.restore.load_run (or export it)"
@@ -452,16 +458,18 @@ def check_inference(path: str, inference) -> None:
         raise InputError(path, "inference.prompt_templates: expected {task: template string}")
 
 
-def load_exported(model_dir: str) -> tuple[llm3d.LLM3D, dict]:
-    """-> (module, params) of an exported directory."""
-    module, params, _, _ = load_exported_bundle(model_dir, with_tokenizer=False)
+def load_exported(model_dir: str, reinit=()) -> tuple[llm3d.LLM3D, dict]:
+    """-> (module, params) of an exported directory (`reinit`: load_exported_bundle)."""
+    module, params, _, _ = load_exported_bundle(model_dir, with_tokenizer=False, reinit=reinit)
     return module, params
 
 
-def load_exported_bundle(model_dir: str, with_tokenizer: bool = True):
+def load_exported_bundle(model_dir: str, with_tokenizer: bool = True, reinit=()):
     """-> (module, params, tokenizer or None, config file dict) of an exported directory.
     float32 exports reload bit-identical; bfloat16 ones hold bfloat16 params. The config file is
-    checked field by field and the params against the model's abstract params before use."""
+    checked field by field and the params against the model's abstract params before use.
+    Params whose path matches a `reinit` regex are left out (read from no file, checked
+    against nothing)."""
     # Absolute: orbax refuses relative checkpoint paths, and users type `--model demo_out/model`.
     model_dir = os.path.abspath(os.fspath(model_dir))
     tokens.refuse_remote_code(model_dir)
@@ -476,11 +484,22 @@ def load_exported_bundle(model_dir: str, with_tokenizer: bool = True):
             config_path, f"bad model config ({type(err).__name__}: {problem})"
         ) from None
     params = _read_exported_params(model_dir, description["params_format"])
+    if reinit:
+        params, expected = (_without(tree, reinit) for tree in (params, expected))
     check_params(model_dir, params, expected, description.get("params_dtype", "float32"))
     tokenizer = None
     if with_tokenizer and os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):
         tokenizer = tokens.load_tokenizer(model_dir)
     return module, params, tokenizer, description
+
+
+def _without(params: dict, patterns) -> dict:
+    """params without the leaves whose "/"-joined path fully matches one of `patterns`."""
+    flat = traverse_util.flatten_dict(params)
+    keep = {
+        k: v for k, v in flat.items() if not any(re.fullmatch(p, "/".join(k)) for p in patterns)
+    }
+    return traverse_util.unflatten_dict(keep)
 
 
 def check_params(model_dir: str, params: dict, expected: dict, params_dtype: str) -> None:

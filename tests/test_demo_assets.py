@@ -64,7 +64,7 @@ def test_pretrained_model_answers_from_its_points():
     )
 
 
-def test_attribute_records_keep_only_attribute_questions(tmp_path):
+def test_qa_records_keep_only_the_question_types_asked_for(tmp_path):
     records = tmp_path / "language.jsonl"
     rows = [
         {"id": "a", "task": "qa", "meta": {"qtype": "color"}},
@@ -74,11 +74,14 @@ def test_attribute_records_keep_only_attribute_questions(tmp_path):
     ]
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "attributes.jsonl"
-    assert pretrain_demo.attribute_records(str(records), str(out)) == 2
+    attributes = pretrain_demo.ATTRIBUTE_QUESTIONS
+    assert pretrain_demo.qa_records(str(records), str(out), attributes) == 2
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "d"]
+    assert pretrain_demo.qa_records(str(records), str(out), demo.RELATIONAL) == 1
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["b"]
     records.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(SystemExit, match="no QA records"):
-        pretrain_demo.attribute_records(str(records), str(tmp_path / "none.jsonl"))
+        pretrain_demo.qa_records(str(records), str(tmp_path / "none.jsonl"), attributes)
     assert not (tmp_path / "none.jsonl").exists()
 
 
@@ -96,23 +99,27 @@ def test_attribute_question_types_are_ones_the_language_generator_writes():
 
 def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
     """The script that built assets/demo, at toy size: encoder, data, and the 3D model through
-    all three phases (the optional grounding phase (c) included). The blind model runs the same
+    all four phases (the optional phases (c) and (d) included). The blind model runs the same
     commands with the blind flag (next test); at toy size it would double this test's minutes."""
     out = tmp_path / "assets"
     argv = ["--out", str(out), "--scenes", "8", "--encoder-scenes", "2", "--encoder-steps", "2"]
-    steps = ["--steps", "2", "--attribute-steps", "2", "--grounding-steps", "2", "--modes", "3d"]
+    steps = ["--steps", "2", "--attribute-steps", "2", "--grounding-steps", "2"]
+    steps += ["--relation-steps", "2", "--modes", "3d"]
     assert pretrain_demo.main(argv + steps) == 0
     encoder, _ = features.load_encoder(f"vit:{out / 'encoder'}")
     work = out / "work"
     with open(work / "attributes.jsonl") as f:
         qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
     assert qtypes and qtypes <= set(pretrain_demo.ATTRIBUTE_QUESTIONS)
+    with open(work / "relations.jsonl") as f:
+        qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
+    assert qtypes and qtypes <= set(demo.RELATIONAL)
     module, _, tokenizer, description = loading.load_exported_bundle(out / "pretrained_3d")
     assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
-    # Phase (c) starts from phase (b)'s export and ends at its own last step.
+    # Each phase starts from the one before's export; the model is phase (d)'s last step.
     assert description["source"]["step"] == 2
-    assert description["source"]["run"].endswith("run_3d_grounding")
-    for run in ("run_3d", "run_3d_attributes", "run_3d_grounding"):
+    assert description["source"]["run"].endswith("run_3d_relations")
+    for run in ("run_3d", "run_3d_attributes", "run_3d_grounding", "run_3d_relations"):
         assert (work / run / "eval" / "metrics.json").exists()
     assert module.config.qformer.seeded_queries
     assert module.config.target_tokens and module.config.llm.loc_table_dim
@@ -129,7 +136,7 @@ def test_pretrain_demo_runs_each_mode_through_the_same_phases(tmp_path, monkeypa
     monkeypatch.setattr(pretrain_demo.train_encoder, "main", lambda argv: calls.append("encoder"))
     monkeypatch.setattr(pretrain_demo.demo, "build_data", lambda *a, **k: dict(data))
     monkeypatch.setattr(pretrain_demo.demo, "build_tfds", lambda *a: None)
-    monkeypatch.setattr(pretrain_demo, "attribute_records", lambda records, out: 1)
+    monkeypatch.setattr(pretrain_demo, "qa_records", lambda records, out, qtypes: 1)
     monkeypatch.setattr(pretrain_demo.shutil, "copytree", lambda a, b: calls.append(("copy", a, b)))
 
     def train_and_eval(run, data, seed, blind, steps, pretrained="", extra=()):
@@ -141,25 +148,42 @@ def test_pretrain_demo_runs_each_mode_through_the_same_phases(tmp_path, monkeypa
     )
     out = tmp_path / "o"
     argv = ["--out", str(out), "--steps", "3", "--attribute-steps", "4", "--grounding-steps", "5"]
+    argv += ["--relation-steps", "6"]
     assert pretrain_demo.main(argv) == 0
     trains = [c[1:4] for c in calls if c[0] == "train"]
     assert trains == [
         (f"run_{mode}{phase}", mode == "blind", steps)
         for mode in ("3d", "blind")
-        for phase, steps in (("", 3), ("_attributes", 4), ("_grounding", 5))
+        for phase, steps in (("", 3), ("_attributes", 4), ("_grounding", 5), ("_relations", 6))
     ]
     work = str(out / "work")
     starts = [c[4] for c in calls if c[0] == "train"]
     assert starts == [
-        s for m in ("3d", "blind") for s in ("", f"{work}/mixture_{m}", f"{work}/attributes_{m}")
+        s
+        for m in ("3d", "blind")
+        for s in ("", f"{work}/mixture_{m}", f"{work}/attributes_{m}", f"{work}/grounding_{m}")
     ]
     grounding = [c[5] for c in calls if c[0] == "train" and c[1].endswith("_grounding")]
     assert all(set(pretrain_demo.GROUNDING_SETTINGS) <= set(extra) for extra in grounding)
-    # object roles for the 3D model only
+    # object roles for the 3D model only, and in phase (d) its fresh role geometry and teacher
     assert [set(pretrain_demo.ROLE_SETTINGS) <= set(extra) for extra in grounding] == [True, False]
+    relations = [c[5] for c in calls if c[0] == "train" and c[1].endswith("_relations")]
+    assert [set(pretrain_demo.RELATION_SETTINGS) <= set(e) for e in relations] == [True, False]
+    # both models at the same rate in each phase
+    for phase in (grounding, relations):
+        assert len({tuple(a for a in e if a.startswith("--config.optim.lr")) for e in phase}) == 1
     assert [c[2] for c in calls if c[0] == "copy"] == [
         str(out / "pretrained_3d"),
         str(out / "pretrained_blind"),
+    ]
+    # from pretrained models, phase (d) alone: no phase (c), each model from its own
+    calls.clear()
+    start = tmp_path / "start"
+    argv = ["--out", str(out), "--from-pretrained", str(start), "--grounding-steps", "0"]
+    assert pretrain_demo.main(argv + ["--relation-steps", "6"]) == 0
+    assert [c[1:5] for c in calls if c[0] == "train"] == [
+        (f"run_{m}_relations", m == "blind", 6, str(start / f"pretrained_{m}"))
+        for m in ("3d", "blind")
     ]
     with pytest.raises(SystemExit, match="--modes"):
         pretrain_demo.main(["--out", str(out), "--modes", "3d,other"])

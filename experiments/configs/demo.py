@@ -31,7 +31,7 @@ def get_config():
         dict(
             datasets="synthetic",
             num_points=256,  # sampled per step from the 1024 stored: half the step time
-            prompt_len=32,
+            prompt_len=40,  # the longest question of the offline generator ("side"): 38
             answer_len=24,
             # The stored precision: no conversion on the host, and the model's first op casts
             # to float32, so the numbers are those of float32 features.
@@ -67,12 +67,18 @@ def get_config():
     c.model.object_roles = config_dict.placeholder(int)
     # The rating above which a point joins the box the LLM is shown (LLM3DConfig, default -1).
     c.model.target_threshold = config_dict.placeholder(float)
+    # Regexes over the pretrained model's param paths that start afresh (random init) instead:
+    # tools/pretrain_demo.py's phase (d) re-initialises the role geometry ("role_geometry/.*").
+    c.model.reinit = ()
     # Regexes over parameter paths; () = the model's default table (Q-Former, queries,
     # projection, location rows). A random-init LLM has nothing to keep frozen: all trains.
     c.trainable = (".*",)
 
     # Weight of the per-point rating loss of a model with target_tokens (train/step.py).
     c.rating_loss_weight = 1.0
+    # Share of training rows whose role geometry tokens come from the true boxes of the named
+    # objects, not the rated ones (a model with object_roles; train/step.py).
+    c.role_teacher = 0.0
 
     c.optim = ml_collections.ConfigDict(
         dict(

@@ -389,7 +389,14 @@ class LLM3D(nn.Module):
         self.llm = LLMS[type(c.llm)](c.llm)
 
     def scene_tokens(
-        self, features, voxels, point_mask, prompt_embeds=None, prompt_mask=None, deterministic=True
+        self,
+        features,
+        voxels,
+        point_mask,
+        prompt_embeds=None,
+        prompt_mask=None,
+        deterministic=True,
+        role_target=None,
     ):
         """-> (the 3D scene as the LLM sees it [B,S,width], its mask bool [B,S]): the projected
         queries [B,Q,width], then with `point_tokens` P projected points [B,P,width], then with
@@ -445,6 +452,8 @@ class LLM3D(nn.Module):
                 self.sow("intermediates", "role_ratings", roles)
                 boxes = role_boxes(roles, voxels, point_mask, c.target_threshold)  # [B,R,6]
                 presence = jax.nn.sigmoid(jnp.max(roles, axis=1))  # [B,R]
+                if role_target is not None:
+                    boxes, presence = taught_roles(role_target, voxels, point_mask, boxes, presence)
                 geometry = self.role_geometry(boxes, presence)  # [B,G,width]
                 tokens = jnp.concatenate([tokens, geometry.astype(tokens.dtype)], 1)
                 mask = jnp.concatenate([mask, jnp.ones(geometry.shape[:2], bool)], 1)
@@ -458,12 +467,21 @@ class LLM3D(nn.Module):
         tokens, _ = self.scene_tokens(features, voxels, point_mask, deterministic=deterministic)
         return tokens[:, : c.qformer.num_query_tokens]
 
-    def prefix(self, features, voxels, point_mask, prompt_ids, prompt_mask, deterministic=True):
+    def prefix(
+        self,
+        features,
+        voxels,
+        point_mask,
+        prompt_ids,
+        prompt_mask,
+        deterministic=True,
+        role_target=None,
+    ):
         """-> ([scene tokens; embedded prompt] [B,S+Lp,width], its mask bool [B,S+Lp])."""
         prompt = self.llm.embed(prompt_ids)
         prompt_mask = prompt_mask.astype(bool)
         scene, scene_mask = self.scene_tokens(
-            features, voxels, point_mask, prompt, prompt_mask, deterministic
+            features, voxels, point_mask, prompt, prompt_mask, deterministic, role_target
         )
         embeds = jnp.concatenate([scene.astype(prompt.dtype), prompt], axis=1)
         mask = jnp.concatenate([scene_mask, prompt_mask], axis=1)
@@ -489,9 +507,12 @@ class LLM3D(nn.Module):
         answer_ids,
         answer_mask,
         deterministic: bool = True,
+        role_target=None,
     ):
+        """role_target int [B,N] (training, `object_roles`): a row >= 0 shows the LLM the true
+        boxes of its roles (points == r + 1) instead of the rated ones; a row of -1 the rated."""
         embeds, mask = self.prefix(
-            features, voxels, point_mask, prompt_ids, prompt_mask, deterministic
+            features, voxels, point_mask, prompt_ids, prompt_mask, deterministic, role_target
         )
         return self.llm.answer_logits(embeds, mask, answer_ids, answer_mask, deterministic)
 
@@ -648,6 +669,22 @@ def role_boxes(roles, voxels, point_mask, threshold: float):
     return points_box(inside, voxels)
 
 
+def taught_roles(role_target, voxels, point_mask, boxes, presence):
+    """role_target int [B,N] (0: no role, r + 1: role r; a row of -1: not taught) -> (boxes
+    [B,R,6], presence [B,R]): in taught rows, each role's true box, and presence 1 where the
+    role has points, else 0 (its box stays the rated one: an empty box has no size); in the
+    others the rated `boxes` and `presence` as given."""
+    target = jnp.asarray(role_target, jnp.int32)
+    roles = jnp.arange(1, boxes.shape[1] + 1)
+    inside = (target[:, None, :] == roles[None, :, None]) & point_mask[:, None, :]  # [B,R,N]
+    has = jnp.any(inside, axis=-1)  # [B,R]
+    taught = jnp.all(target >= 0, axis=1)  # [B]
+    true_boxes = points_box(inside, voxels)
+    boxes = jnp.where((taught[:, None] & has)[..., None], true_boxes, boxes)
+    presence = jnp.where(taught[:, None], has.astype(presence.dtype), presence)
+    return boxes, presence
+
+
 GEOMETRY_HIDDEN = 256
 
 
@@ -656,7 +693,8 @@ class RoleGeometry(nn.Module):
     tokens [B, R + R(R-1)/2 + 1, width]: one per role (its box: corners, centre, size, log
     volume), one per pair i < j (both roles', the centre offset, its horizontal length and
     direction, the size difference and the two gaps between the boxes along each axis) and
-    one over all pairs, each a 3-layer MLP, scaled by the roles' presence (a role the prompt
+    one over all pairs (with, seen from each role, the cross and dot product of the directions
+    to two others: left or right, between or not), each a 3-layer MLP, scaled by the roles' presence (a role the prompt
     does not fill rates no point high)."""
 
     width: int
@@ -708,6 +746,18 @@ class RoleGeometry(nn.Module):
             pair_presence.append(presence[:, i] * presence[:, j])
         pair_features = jnp.stack(pair_features, 1)  # [B,R(R-1)/2,41]
         pair_presence = jnp.stack(pair_presence, 1)
+        # Seen from each role i, the other two j < k: the cross and dot product of the unit
+        # horizontal directions i -> j and i -> k (k on the left of i facing j; i between j
+        # and k): a product the MLPs would otherwise have to learn from few examples.
+        turns = []
+        for i in range(count):
+            others = [j for j in range(count) if j != i]
+            for j, k in [(j, k) for j in others for k in others if j < k]:
+                u, v = (_horizontal_direction(centre[:, i], centre[:, t]) for t in (j, k))
+                turns += [u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], jnp.sum(u * v, -1)]
+        all_pairs = pair_features.reshape(b.shape[0], -1)
+        if turns:
+            all_pairs = jnp.concatenate([all_pairs, jnp.stack(turns, -1)], -1)
         role_embed = self.param(
             "role_embed",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
@@ -717,10 +767,15 @@ class RoleGeometry(nn.Module):
         tokens = [
             (self.mlp(role, "role") + role_embed) * presence[..., None],
             self.mlp(pair_features, "pair") * pair_presence[..., None],
-            self.mlp(pair_features.reshape(b.shape[0], -1), "pairs")[:, None]
-            * jnp.prod(presence, axis=1)[:, None, None],
+            self.mlp(all_pairs, "pairs")[:, None] * jnp.prod(presence, axis=1)[:, None, None],
         ]
         return jnp.concatenate([t.astype(self.dtype) for t in tokens], 1)
+
+
+def _horizontal_direction(a, b):
+    """centres [B,3] -> the unit vector [B,2] from a to b in the horizontal plane."""
+    offset = b[:, :2] - a[:, :2]
+    return offset / jnp.sqrt(jnp.sum(offset**2, -1, keepdims=True) + 1e-6)
 
 
 def rated_region(

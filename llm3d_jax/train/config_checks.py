@@ -86,6 +86,11 @@ def check_config(config) -> None:
             else:
                 bounds = ">= 0" if low_ok else "> 0"
             raise InputError(None, f"config.{name} must be {bounds}, got {value}")
+    teacher = _get(config, "role_teacher")  # a share of rows: 1 included
+    if teacher is not None and (
+        isinstance(teacher, bool) or not isinstance(teacher, (int, float)) or not 0 <= teacher <= 1
+    ):
+        raise InputError(None, f"config.role_teacher must be in [0, 1], got {teacher!r}")
     lr, min_lr = _get(config, "optim.lr"), _get(config, "optim.min_lr")
     if lr is not None and min_lr is not None and min_lr > lr:
         raise InputError(None, f"config.optim.min_lr {min_lr} must be <= config.optim.lr {lr}")

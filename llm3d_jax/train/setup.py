@@ -78,6 +78,9 @@ def build_model(config, with_optimizer: bool = False):
         if m.get(key) is not None:
             overrides[key] = m[key]
     llm_path = m.get("llm_pretrained") or None
+    reinit = tuple(m.get("reinit", ()))
+    if reinit and (not m.pretrained or is_lavis_checkpoint(m.pretrained)):
+        raise InputError(None, "config.model.reinit: only with an exported model as pretrained")
     if m.pretrained:
         moments = None
         if is_lavis_checkpoint(m.pretrained):
@@ -100,7 +103,7 @@ def build_model(config, with_optimizer: bool = False):
             for path in (m.pretrained, llm_path):
                 if path and not os.path.isdir(path):
                     raise InputError(path, "pretrained model directory not found")
-            module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path)
+            module, params = loading.load_llm3d(m.pretrained, llm_path=llm_path, reinit=reinit)
         model_config = _with_overrides(config, module.config, overrides)
         # HF / BLIP-2 loads give one subtree per block; nn.scan wants them stacked (and an
         # exported scanned model may be trained unscanned). Moments follow their params.
@@ -118,7 +121,7 @@ def build_model(config, with_optimizer: bool = False):
         params = relayout(params)
         loaded = module.config
         module = llm3d.LLM3D(model_config)
-        if llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
+        if reinit or llm3d.grounding_settings(loaded) != llm3d.grounding_settings(model_config):
             params, new = llm3d.grow_params(module, params, seed=config.seed)
             # one entry per module (relevance/... has dozens of arrays)
             grown = sorted(
@@ -389,6 +392,7 @@ def compile_train_step(
         training.schedule,
         config.microbatches,
         rating_weight=config.get("rating_loss_weight", 1.0),
+        role_teacher=config.get("role_teacher", 0.0),
     )
     in_shardings = (training.state_sh, training.frozen_sh, data_sh, sharding.replicated(mesh))
     cache_args = ()

@@ -74,6 +74,7 @@ def make_train_step(
     schedule,
     microbatches: int,
     rating_weight: float = 1.0,
+    role_teacher: float = 0.0,
 ):
     """-> train_step(state, frozen, batch, rng) -> (state, metrics).
 
@@ -100,6 +101,12 @@ def make_train_step(
                 zero,
                 zero,
             )
+        if role_teacher > 0 and getattr(config, "object_roles", 0):
+            # this share of rows shows the LLM its roles' true boxes: it learns to read the
+            # geometry while the role ratings are still learning to find the objects
+            rows = batch["point_target"].shape[0]
+            taught = jax.random.bernoulli(jax.random.fold_in(rng, 1), role_teacher, (rows,))
+            inputs["role_target"] = jnp.where(taught[:, None], batch["point_target"], -1)
         logits, inter = module.apply(
             variables, **inputs, deterministic=False, rngs={"dropout": rng}, mutable="intermediates"
         )

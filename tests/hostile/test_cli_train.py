@@ -49,6 +49,7 @@ def _config(**overrides):
         ({"optim.warmup_steps": -5}, "config.optim.warmup_steps must be >= 0"),
         ({"optim.b2": 1.5}, r"config.optim.b2 must be in \[0, 1\)"),
         ({"model.dropout": 1.0}, r"config.model.dropout must be in \[0, 1\)"),
+        ({"role_teacher": 1.5}, r"config.role_teacher must be in \[0, 1\], got 1.5"),
         ({"optim.grad_clip": -1.0}, "config.optim.grad_clip must be >= 0"),  # 0: none
         ({"optim.weight_decay": -0.1}, "config.optim.weight_decay must be >= 0"),
         ({"eval_batch_size": 0}, "config.eval_batch_size must be >= 1"),

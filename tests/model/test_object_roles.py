@@ -134,3 +134,41 @@ def test_a_grounding_model_grows_object_roles_and_keeps_the_rest():
         new_params["relevance"]["match"]["kernel"], params["relevance"]["match"]["kernel"]
     )
     assert llm3d.grounding_settings(small.config) != llm3d.grounding_settings(grown.config)
+
+
+def test_taught_rows_take_each_roles_true_box_and_the_others_keep_the_rated_ones():
+    voxels = np.array([[[10, 10, 10], [20, 12, 14], [200, 200, 5], [205, 190, 9]]] * 2, np.int32)
+    point_mask = np.ones((2, 4), bool)
+    target = np.array([[1, 1, 2, 0], [-1, -1, -1, -1]], np.int32)  # row 1: not taught
+    rated = np.full((2, 3, 6), 7, np.int32)
+    presence = np.full((2, 3), 0.3, np.float32)
+    boxes, shown = llm3d.taught_roles(target, voxels, point_mask, rated, presence)
+    boxes, shown = np.asarray(boxes), np.asarray(shown)
+    np.testing.assert_array_equal(boxes[0, 0], [10, 10, 10, 20, 12, 14])
+    np.testing.assert_array_equal(boxes[0, 1], [200, 200, 5, 200, 200, 5])
+    # a role the question does not fill keeps its rated box (an empty box has no size), silenced
+    np.testing.assert_array_equal(boxes[0, 2], rated[0, 2])
+    np.testing.assert_array_equal(shown[0], [1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(boxes[1], rated[1])
+    np.testing.assert_array_equal(shown[1], presence[1])
+
+
+def test_the_role_teacher_shows_true_boxes_in_training_only():
+    """With role_teacher 1 the train step shows the LLM the true role boxes: its gradient
+    differs from the rated boxes' step; the loss stays finite where a role has no points."""
+    module = _module()
+    params = llm3d.init_params(module, seed=0, points=16)
+    x = random_inputs(module.config)
+    x["point_target"] = np.zeros((2, 16), np.int8)
+    x["point_target"][:, :4] = 1
+    x["point_target"][0, 8:12] = 2  # row 1 names one object: roles 1 and 2 are empty
+    tx = optax.sgd(1e-3)
+    state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+
+    def updated(teacher):
+        train_step = step_lib.make_train_step(module, tx, lambda s: 1e-3, 1, role_teacher=teacher)
+        new, metrics = jax.jit(train_step)(state, {}, x, jax.random.key(0))
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+        return new.params["role_geometry"]["role_out"]["kernel"]
+
+    assert not np.allclose(updated(1.0), updated(0.0))

@@ -91,3 +91,30 @@ def test_demo_config_keeps_a_pretrained_models_grounding_settings_unless_set(tmp
     fresh.data_source = "synthetic"
     module, _ = setup.build_model(fresh)
     assert module.config.target_tokens == 0  # the preset's: none
+
+
+def test_reinit_starts_the_matching_params_afresh_and_keeps_the_rest(tmp_path):
+    """config.model.reinit (tools/pretrain_demo's phase (d): the role geometry): the matching
+    params are a new random init, every other param is the pretrained model's."""
+    import numpy as np
+
+    from llm3d_jax.infer.exported import export
+    from llm3d_jax.model import llm3d
+
+    roles = llm3d.LLM3D(llm3d.LLM3DConfig.tiny(target_tokens=4, target_layers=1, object_roles=3))
+    saved = llm3d.init_params(roles, seed=3)
+    export(str(tmp_path / "model"), roles, saved, params_format="safetensors")
+    config = _config("demo")
+    config.data_source = "synthetic"
+    config.model.pretrained = str(tmp_path / "model")
+    config.model.reinit = ("role_geometry/.*",)
+    _, params = setup.build_model(config)
+    fresh = params["role_geometry"]["pair_0"]["kernel"]
+    assert fresh.shape == saved["role_geometry"]["pair_0"]["kernel"].shape
+    assert not np.allclose(fresh, saved["role_geometry"]["pair_0"]["kernel"])
+    np.testing.assert_array_equal(
+        params["relevance"]["match"]["kernel"], saved["relevance"]["match"]["kernel"]
+    )
+    config.model.pretrained = ""
+    with pytest.raises(InputError, match="reinit: only with an exported model"):
+        setup.build_model(config)
