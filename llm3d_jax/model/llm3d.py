@@ -694,8 +694,8 @@ class RoleGeometry(nn.Module):
     volume), one per pair i < j (both roles', the centre offset, its horizontal length and
     direction, the size difference and the two gaps between the boxes along each axis) and
     one over all pairs (with, seen from each role, the cross and dot product of the directions
-    to two others: left or right, between or not), each a 3-layer MLP, scaled by the roles' presence (a role the prompt
-    does not fill rates no point high)."""
+    to two others: left or right, between or not), each a 3-layer MLP, scaled by the roles'
+    presence (a role the prompt does not fill rates no point high)."""
 
     width: int
     dtype: object = jnp.float32
