@@ -690,12 +690,13 @@ GEOMETRY_HIDDEN = 256
 
 class RoleGeometry(nn.Module):
     """boxes int [B,R,6] (voxels: x, y, z minima, then maxima), presence [B,R] in [0, 1] ->
-    tokens [B, R + R(R-1)/2 + 1, width]: one per role (its box: corners, centre, size, log
+    tokens [B, R + R(R-1)/2 + 1 (+ R), width]: one per role (its box: corners, centre, size, log
     volume), one per pair i < j (both roles', the centre offset, its horizontal length and
     direction, the size difference and the two gaps between the boxes along each axis) and
     one over all pairs (with, seen from each role, the cross and dot product of the directions
-    to two others: left or right, between or not), each a 3-layer MLP, scaled by the roles'
-    presence (a role the prompt does not fill rates no point high)."""
+    to two others: left or right, between or not), and with R >= 3 one per role of those
+    products alone, each a 3-layer MLP, scaled by the roles' presence (a role the prompt does
+    not fill rates no point high)."""
 
     width: int
     dtype: object = jnp.float32
@@ -749,15 +750,17 @@ class RoleGeometry(nn.Module):
         # Seen from each role i, the other two j < k: the cross and dot product of the unit
         # horizontal directions i -> j and i -> k (k on the left of i facing j; i between j
         # and k): a product the MLPs would otherwise have to learn from few examples.
-        turns = []
+        turns = []  # per role [B, (R-1)(R-2)]
         for i in range(count):
             others = [j for j in range(count) if j != i]
+            seen = []
             for j, k in [(j, k) for j in others for k in others if j < k]:
                 u, v = (_horizontal_direction(centre[:, i], centre[:, t]) for t in (j, k))
-                turns += [u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], jnp.sum(u * v, -1)]
+                seen += [u[:, 0] * v[:, 1] - u[:, 1] * v[:, 0], jnp.sum(u * v, -1)]
+            turns.append(jnp.stack(seen, -1) if seen else jnp.zeros((b.shape[0], 0)))
+        turns = jnp.stack(turns, 1)  # [B,R,(R-1)(R-2)]
         all_pairs = pair_features.reshape(b.shape[0], -1)
-        if turns:
-            all_pairs = jnp.concatenate([all_pairs, jnp.stack(turns, -1)], -1)
+        all_pairs = jnp.concatenate([all_pairs, turns.reshape(b.shape[0], -1)], -1)
         role_embed = self.param(
             "role_embed",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
@@ -769,6 +772,9 @@ class RoleGeometry(nn.Module):
             self.mlp(pair_features, "pair") * pair_presence[..., None],
             self.mlp(all_pairs, "pairs")[:, None] * jnp.prod(presence, axis=1)[:, None, None],
         ]
+        if turns.shape[-1]:  # three roles or more: one token per role of what it sees
+            everyone = jnp.prod(presence, axis=1)[:, None, None]
+            tokens.append((self.mlp(turns, "turn") + role_embed) * everyone)
         return jnp.concatenate([t.astype(self.dtype) for t in tokens], 1)
 
 

@@ -56,9 +56,9 @@ def test_role_geometry_gives_one_token_per_role_pair_and_all_and_silences_absent
     presence = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
     params = geometry.init(jax.random.key(0), boxes, presence)
     tokens = np.asarray(geometry.apply(params, boxes, presence))
-    assert tokens.shape == (2, 3 + 3 + 1, 16)
+    assert tokens.shape == (2, 3 + 3 + 1 + 3, 16)
     # row 0 has no third object: its role token, its two pairs and the all-pairs token are zero
-    silent = [2, 4, 5, 6]  # role 2; pairs (0, 2), (1, 2); all pairs
+    silent = [2, 4, 5, 6, 7, 8, 9]  # role 2; pairs (0, 2), (1, 2); all pairs; each role's turns
     np.testing.assert_array_equal(tokens[0, silent], 0.0)
     assert np.abs(tokens[0, [0, 1, 3]]).min(axis=-1).max() > 0
     # the same two objects give the same role and pair tokens in both rows
@@ -112,12 +112,12 @@ def test_prefix_and_generation_carry_the_geometry_tokens():
     x = random_inputs(c)
     inputs = {k: x[k] for k in PREFIX_INPUTS}
     embeds, mask = module.apply({"params": params}, **inputs, method=llm3d.LLM3D.prefix)
-    scene = c.qformer.num_query_tokens + c.target_tokens + 6 + (3 + 3 + 1)
+    scene = c.qformer.num_query_tokens + c.target_tokens + 6 + (3 + 3 + 1 + 3)
     assert embeds.shape[1] == scene + x["prompt_ids"].shape[1] and np.asarray(mask).all()
     # the geometry tokens follow the points: moving the points moves them
     moved = dict(inputs, voxels=(x["voxels"] + 17) % 256)
     embeds2, _ = module.apply({"params": params}, **moved, method=llm3d.LLM3D.prefix)
-    geometry = slice(scene - 7, scene)
+    geometry = slice(scene - 10, scene)
     assert not np.allclose(np.asarray(embeds)[:, geometry], np.asarray(embeds2)[:, geometry])
     config = DecodeConfig(max_new_tokens=6, loc_offset=c.llm.loc_offset, loc_bins=256)
     ids, _ = generate(module, params, inputs, config)
