@@ -74,7 +74,7 @@ def test_qa_records_keep_only_the_question_types_asked_for(tmp_path):
     ]
     records.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "attributes.jsonl"
-    attributes = pretrain_demo.ATTRIBUTE_QUESTIONS
+    attributes = demo.ATTRIBUTE_QUESTIONS
     assert pretrain_demo.qa_records(str(records), str(out), attributes) == 2
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "d"]
     assert pretrain_demo.qa_records(str(records), str(out), demo.RELATIONAL) == 1
@@ -93,8 +93,8 @@ def test_attribute_question_types_are_ones_the_language_generator_writes():
     for index in range(4):
         for record in offline.generate(make_scene(1000, index), seed=1000, tasks=("qa",)):
             qtypes.add(record["meta"]["qtype"])
-    assert set(pretrain_demo.ATTRIBUTE_QUESTIONS) <= qtypes, qtypes
-    assert qtypes - set(pretrain_demo.ATTRIBUTE_QUESTIONS)  # and not all of them
+    assert set(demo.ATTRIBUTE_QUESTIONS) <= qtypes, qtypes
+    assert qtypes - set(demo.ATTRIBUTE_QUESTIONS)  # and not all of them
 
 
 def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
@@ -110,10 +110,11 @@ def test_pretrain_demo_runs_end_to_end_at_toy_size(tmp_path):
     work = out / "work"
     with open(work / "attributes.jsonl") as f:
         qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
-    assert qtypes and qtypes <= set(pretrain_demo.ATTRIBUTE_QUESTIONS)
-    with open(work / "relations.jsonl") as f:
+    assert qtypes and qtypes <= set(demo.ATTRIBUTE_QUESTIONS)
+    with open(work / "relations_attributes.jsonl") as f:  # phase (d): both kinds
         qtypes = {json.loads(line)["meta"]["qtype"] for line in f}
-    assert qtypes and qtypes <= set(demo.RELATIONAL)
+    assert qtypes & set(demo.RELATIONAL) and qtypes & set(demo.ATTRIBUTE_QUESTIONS)
+    assert qtypes <= set(demo.RELATIONAL) | set(demo.ATTRIBUTE_QUESTIONS)
     module, _, tokenizer, description = loading.load_exported_bundle(out / "pretrained_3d")
     assert tokenizer is not None and module.config.feature_dim == encoder.config.hidden_size
     # Each phase starts from the one before's export; the model is phase (d)'s last step.

@@ -144,6 +144,7 @@ def test_grounding_table_against_the_category_prior(tmp_path):
     assert [c.strip(" |") for c in cells["Acc@0.25"]] == ["50.0", "0.0", "50.0"]
     assert [c.strip(" |") for c in cells["answers without a box (%)"]] == ["50.0", "100.0", "-"]
     assert [c.strip(" |") for c in cells["relational QA EM"]] == ["100.0", "0.0", "-"]
+    assert [c.strip(" |") for c in cells["attribute QA EM"]] == ["100.0", "100.0", "-"]
     # boxes.png: the right and the wrong answer of one room
     right, wrong = demo.right_and_wrong(f"{runs['3D-LLM']}/eval/predictions.jsonl")
     assert (right["id"], wrong["id"]) == ("v1", "v2")

@@ -158,6 +158,17 @@ def table(runs: dict[str, str]) -> str:
 
 # QA question types about where objects are relative to each other (the offline generator's)
 RELATIONAL = ("between", "between_yn", "near", "on", "on_yn", "bigger", "taller", "side")
+# and those that ask what one object (or the room's floor / walls) is like: colour, existence,
+# count
+ATTRIBUTE_QUESTIONS = (
+    "color",
+    "exist",
+    "exist_color",
+    "count",
+    "count_color",
+    "floor_color",
+    "wall_color",
+)
 
 
 def category_prior_boxes(records: str, features: str) -> dict[str, list[float]]:
@@ -190,7 +201,8 @@ def category_prior_boxes(records: str, features: str) -> dict[str, list[float]]:
 
 def grounding_table(runs: dict[str, str], records: str, features: str) -> str:
     """Markdown: held-out grounding of each run next to the category-prior baseline, and QA
-    exact match over the relational question types as one group."""
+    exact match over the relational and over the attribute question types, each as one
+    group."""
     import numpy as np
 
     from llm3d_jax import tokens
@@ -201,18 +213,22 @@ def grounding_table(runs: dict[str, str], records: str, features: str) -> str:
     columns: dict[str, dict[str, float]] = {}
     with open(records, encoding="utf-8") as f:
         types = {r["id"]: r["meta"].get("qtype", "") for r in map(json.loads, f)}
+
+    def exact_match_of(rows, qtypes) -> float:
+        group = [r for r in rows if r["task"] == "qa" and types.get(r["id"]) in qtypes]
+        return 100.0 * np.mean([exact_match(r["prediction"], r["answers"]) for r in group])
+
     for name, workdir in runs.items():
         with open(os.path.join(workdir, "eval", "predictions.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         ground = [r for r in rows if r["task"] == "grounding"]
         gt = np.asarray([tokens.parse_boxes(r["answers"][0])[0] for r in ground])
         pred = [r["boxes"][0] if r["boxes"] else None for r in ground]
-        relational = [r for r in rows if r["task"] == "qa" and types.get(r["id"]) in RELATIONAL]
         columns[name] = {
             **grounding_metrics(pred, gt),
             "answers without a box (%)": 100.0 * sum(p is None for p in pred) / max(len(pred), 1),
-            "relational QA EM": 100.0
-            * np.mean([exact_match(r["prediction"], r["answers"]) for r in relational]),
+            "relational QA EM": exact_match_of(rows, RELATIONAL),
+            "attribute QA EM": exact_match_of(rows, ATTRIBUTE_QUESTIONS),
             "n": len(ground),
         }
     ids = [r["id"] for r in ground]
@@ -223,7 +239,8 @@ def grounding_table(runs: dict[str, str], records: str, features: str) -> str:
         f"| held-out grounding ({len(ids)} questions) | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for key in ("Acc@0.25", "Acc@0.5", "mIoU", "answers without a box (%)", "relational QA EM"):
+    grounding = ("Acc@0.25", "Acc@0.5", "mIoU", "answers without a box (%)")
+    for key in (*grounding, "relational QA EM", "attribute QA EM"):
         cells = [f"{columns[n][key]:.1f}" if key in columns[n] else "-" for n in names]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -736,7 +736,7 @@ class RoleGeometry(nn.Module):
                         role[:, j],
                         offset,
                         length,
-                        offset[:, :2] / length,  # the horizontal direction i -> j
+                        _horizontal_direction(centre[:, i], centre[:, j]),
                         size[:, j] - size[:, i],
                         lo[:, j] - hi[:, i],  # gaps: > 0 where j lies beyond i along an axis
                         lo[:, i] - hi[:, j],
@@ -767,13 +767,13 @@ class RoleGeometry(nn.Module):
             (count, self.width),
             jnp.float32,
         )
+        everyone = jnp.prod(presence, axis=1)[:, None, None]  # [B,1,1]
         tokens = [
             (self.mlp(role, "role") + role_embed) * presence[..., None],
             self.mlp(pair_features, "pair") * pair_presence[..., None],
-            self.mlp(all_pairs, "pairs")[:, None] * jnp.prod(presence, axis=1)[:, None, None],
+            self.mlp(all_pairs, "pairs")[:, None] * everyone,
         ]
         if turns.shape[-1]:  # three roles or more: one token per role of what it sees
-            everyone = jnp.prod(presence, axis=1)[:, None, None]
             tokens.append((self.mlp(turns, "turn") + role_embed) * everyone)
         return jnp.concatenate([t.astype(self.dtype) for t in tokens], 1)
 
