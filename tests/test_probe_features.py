@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from data_pipeline import feature_probe
 from data_pipeline.language.records import make_record
-from tools import probe_features
 
 CATEGORIES = ["chair", "table", "lamp", "bed"]
 COLOURS = ["red", "blue", "green"]
@@ -53,7 +53,7 @@ def write_scenes(root, carries: str, scenes: int = 12, seed: int = 0):
 
 @pytest.mark.parametrize("carries, absent", [("category", "colour"), ("colour", "category")])
 def test_the_probe_recovers_what_the_features_carry_and_not_more(tmp_path, carries, absent):
-    results = probe_features.probe_features(*write_scenes(tmp_path, carries))
+    results = feature_probe.probe_features(*write_scenes(tmp_path, carries))
     assert results[carries]["held_out"] > 0.95
     assert results[absent]["held_out"] < 0.6  # chance is 1/4 or 1/3; noise features
     assert results[carries]["objects"] == "48 / 24"
@@ -61,7 +61,7 @@ def test_the_probe_recovers_what_the_features_carry_and_not_more(tmp_path, carri
 
 def test_colour_is_left_out_without_scene_colours_and_bad_records_fail(tmp_path):
     features, _, records = write_scenes(tmp_path, "category")
-    assert list(probe_features.probe_features(features, None, records)) == ["category"]
+    assert list(feature_probe.probe_features(features, None, records)) == ["category"]
     all_train = tmp_path / "all_train.jsonl"
     record = make_record("synth_0000", "qa", "Is there a chair?", ["yes"], meta={"split": "train"})
     all_train.write_text(json.dumps(record) + "\n")

@@ -384,8 +384,8 @@ def main(argv=None) -> int:
     for line in describe_boxes(answer, scene):
         print(line)
     if args.png:
-        from tools.visualize import load_scene as load_for_render
-        from tools.visualize import render
+        from llm3d_jax.evaluate.picture import load_scene as load_for_render
+        from llm3d_jax.evaluate.picture import render
 
         render(
             load_for_render(args.scene),

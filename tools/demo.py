@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from tools import probe_features
+from data_pipeline import feature_probe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -496,7 +496,7 @@ def main() -> None:
     text += (
         "\n\nWhat the point features carry (tools/probe_features.py: a linear read-out of each "
         "object's mean feature, fitted on the training scenes):\n\n"
-        + probe_features.markdown(probe_features.probe_features(features, data["scenes"], records))
+        + feature_probe.markdown(feature_probe.probe_features(features, data["scenes"], records))
     )
     print(text)
     with open(f"{out}/results.md", "w", encoding="utf-8") as f:
